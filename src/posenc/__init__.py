@@ -1,0 +1,29 @@
+"""posenc: a positional-encoding laboratory for PyTorch.
+
+>>> import posenc
+>>> posenc.available()
+>>> pe = posenc.create("sinusoidal", dim=64)
+"""
+
+from posenc import encodings  # noqa: F401  (registers every encoding)
+from posenc.attention import Attention, KVCache, LayerCache
+from posenc.base import AdditiveEncoding, Params, PositionalEncoding
+from posenc.model import Transformer, TransformerConfig
+from posenc.registry import available, create, get, register
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "AdditiveEncoding",
+    "Attention",
+    "KVCache",
+    "LayerCache",
+    "Params",
+    "PositionalEncoding",
+    "Transformer",
+    "TransformerConfig",
+    "available",
+    "create",
+    "get",
+    "register",
+]

@@ -1,0 +1,6 @@
+"""Encodings as ``nn.Module``s, one file per family; importing registers them."""
+
+from posenc.encodings import absolute, bias, contextual, rotary  # noqa: F401  (registers)
+from posenc.encodings.absolute import Binary, Integer, Learned, NoPE, Normalized, Sine, Sinusoidal
+
+__all__ = ["Binary", "Integer", "Learned", "NoPE", "Normalized", "Sine", "Sinusoidal"]

@@ -1,0 +1,1 @@
+"""The bias family (to be filled in by its issue)."""

@@ -1,0 +1,1 @@
+"""The contextual family (to be filled in by its issue)."""

@@ -1,0 +1,1 @@
+"""The rotary family (to be filled in by its issue)."""
