@@ -81,9 +81,7 @@ def _cat_positions(old: torch.Tensor, new: torch.Tensor) -> torch.Tensor:
     return torch.cat([old.expand(b, -1), new.expand(b, -1)], dim=-1)
 
 
-def default_positions(
-    batch_positions: torch.Tensor | None, seq: int, past: int, device
-) -> torch.Tensor:
+def default_positions(batch_positions: torch.Tensor | None, seq: int, past: int, device) -> torch.Tensor:
     """``positions`` as given, or ``arange(past, past + seq)`` ``[s]``."""
     if batch_positions is None:
         return torch.arange(past, past + seq, device=device)
@@ -161,19 +159,13 @@ class Attention(nn.Module):
         super().__init__()
         positive_int("dim", dim)
         positive_int("num_heads", num_heads)
-        num_kv_heads = (
-            num_heads if num_kv_heads is None else positive_int("num_kv_heads", num_kv_heads)
-        )
+        num_kv_heads = num_heads if num_kv_heads is None else positive_int("num_kv_heads", num_kv_heads)
         if dim % num_heads:
             raise ValueError(f"dim={dim} is not divisible by num_heads={num_heads}")
         if num_heads % num_kv_heads:
-            raise ValueError(
-                f"num_heads={num_heads} is not divisible by num_kv_heads={num_kv_heads}"
-            )
+            raise ValueError(f"num_heads={num_heads} is not divisible by num_kv_heads={num_kv_heads}")
         if pe is not None and not isinstance(pe, PositionalEncoding):
-            raise TypeError(
-                f"pe must be a posenc.PositionalEncoding or None, got {type(pe).__name__}"
-            )
+            raise TypeError(f"pe must be a posenc.PositionalEncoding or None, got {type(pe).__name__}")
         if not 0.0 <= dropout < 1.0:
             raise ValueError(f"dropout must be in [0, 1), got {dropout}")
         self.backend = one_of("backend", backend, BACKENDS)
@@ -221,9 +213,7 @@ class Attention(nn.Module):
                 raise ValueError("segment_ids (packing) cannot be combined with a KV cache")
             check_positions(segment_ids, "segment_ids")
             if segment_ids.shape != (b, s):
-                raise ValueError(
-                    f"segment_ids must have shape {(b, s)}, got {tuple(segment_ids.shape)}"
-                )
+                raise ValueError(f"segment_ids must have shape {(b, s)}, got {tuple(segment_ids.shape)}")
 
         q = rearrange(self.q_proj(x), "b s (h d) -> b h s d", h=self.num_heads)
         k = rearrange(self.k_proj(x), "b s (h d) -> b h s d", h=self.num_kv_heads)
@@ -238,11 +228,7 @@ class Attention(nn.Module):
                 old = cache.padding
                 if old is None:
                     old = torch.ones(b, past, dtype=torch.bool, device=x.device)
-                new = (
-                    padding_mask
-                    if padding_mask is not None
-                    else torch.ones(b, s, dtype=torch.bool, device=x.device)
-                )
+                new = padding_mask if padding_mask is not None else torch.ones(b, s, dtype=torch.bool, device=x.device)
                 padding = torch.cat([old, new], dim=1)  # [b, s_k]
             if cache.length:
                 k = torch.cat([cache.k, k], dim=2)  # [b, h_kv, s_k, d]
@@ -266,9 +252,7 @@ class Attention(nn.Module):
             return F.scaled_dot_product_attention(q, k, v, dropout_p=dropout, enable_gqa=gqa)
         if plain and s_q == s_k:
             # The kernel's own causal mask: no [s, s] tensor.
-            return F.scaled_dot_product_attention(
-                q, k, v, is_causal=True, dropout_p=dropout, enable_gqa=gqa
-            )
+            return F.scaled_dot_product_attention(q, k, v, is_causal=True, dropout_p=dropout, enable_gqa=gqa)
         mask = build_mask(
             b,
             s_q,
@@ -285,15 +269,11 @@ class Attention(nn.Module):
                 attn = attn.masked_fill(~mask, float("-inf"))
         else:
             attn = mask
-        return F.scaled_dot_product_attention(
-            q, k, v, attn_mask=attn, dropout_p=dropout, enable_gqa=gqa
-        )
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=attn, dropout_p=dropout, enable_gqa=gqa)
 
 
 def _check_bias(bias: torch.Tensor, b: int, h: int, s_q: int, s_k: int) -> None:
-    ok = bias.shape[-3:] == (h, s_q, s_k) and (
-        bias.dim() == 3 or (bias.dim() == 4 and bias.shape[0] in (1, b))
-    )
+    ok = bias.shape[-3:] == (h, s_q, s_k) and (bias.dim() == 3 or (bias.dim() == 4 and bias.shape[0] in (1, b)))
     if not ok:
         raise ValueError(
             f"the encoding's bias has shape {tuple(bias.shape)}; attention expects [{h}, {s_q}, {s_k}] "

@@ -87,9 +87,7 @@ class PositionalEncoding(nn.Module):
         missing = [
             f.name
             for f in dataclasses.fields(cls.Params)
-            if f.name not in params
-            and f.default is dataclasses.MISSING
-            and f.default_factory is dataclasses.MISSING
+            if f.name not in params and f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING
         ]
         if missing:
             raise TypeError(f"{cls.name or cls.__name__} needs parameter(s) {missing}")

@@ -10,9 +10,7 @@ from rich.table import Table
 
 import posenc
 
-app = typer.Typer(
-    help="posenc: a positional-encoding laboratory for PyTorch.", no_args_is_help=True
-)
+app = typer.Typer(help="posenc: a positional-encoding laboratory for PyTorch.", no_args_is_help=True)
 console = Console()
 
 

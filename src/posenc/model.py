@@ -53,9 +53,7 @@ class TransformerConfig:
         if self.dim % self.num_heads:
             raise ValueError(f"dim={self.dim} is not divisible by num_heads={self.num_heads}")
         if self.num_heads % (self.num_kv_heads or self.num_heads):
-            raise ValueError(
-                f"num_heads={self.num_heads} is not divisible by num_kv_heads={self.num_kv_heads}"
-            )
+            raise ValueError(f"num_heads={self.num_heads} is not divisible by num_kv_heads={self.num_kv_heads}")
         if not self.mlp_ratio > 0:
             raise ValueError(f"mlp_ratio must be > 0, got {self.mlp_ratio}")
         if self.max_len is not None:
@@ -63,9 +61,7 @@ class TransformerConfig:
         if not 0.0 <= self.dropout < 1.0:
             raise ValueError(f"dropout must be in [0, 1), got {self.dropout}")
         if not isinstance(self.encoding_params, dict):
-            raise TypeError(
-                f"encoding_params must be a dict, got {type(self.encoding_params).__name__}"
-            )
+            raise TypeError(f"encoding_params must be a dict, got {type(self.encoding_params).__name__}")
         get(self.encoding)  # unknown names fail here, listing the valid ones
         one_of("backend", self.backend, ("sdpa", "flex"))
 
@@ -145,9 +141,7 @@ class Transformer(nn.Module):
             raise TypeError(f"pe must be a posenc.PositionalEncoding, got {type(pe).__name__}")
         self.config = config
         self.pe = pe if pe is not None else config.build_encoding()
-        self.embed_scale = (
-            config.embed_scale if config.embed_scale is not None else math.sqrt(config.dim)
-        )
+        self.embed_scale = config.embed_scale if config.embed_scale is not None else math.sqrt(config.dim)
         self.tok_emb = nn.Embedding(config.vocab_size, config.dim)
         self.drop = nn.Dropout(config.dropout)
         self.blocks = nn.ModuleList(Block(config, self.pe) for _ in range(config.num_layers))
@@ -189,23 +183,14 @@ class Transformer(nn.Module):
             padding_mask: ``[b, s]`` bool, True for real tokens.
             segment_ids: ``[b, s]`` document ids of packed sequences.
         """
-        if (
-            not isinstance(tokens, torch.Tensor)
-            or tokens.dtype.is_floating_point
-            or tokens.dim() != 2
-        ):
+        if not isinstance(tokens, torch.Tensor) or tokens.dtype.is_floating_point or tokens.dim() != 2:
             raise TypeError("tokens must be an integer tensor [b, s]")
-        if tokens.numel() and (
-            int(tokens.min()) < 0 or int(tokens.max()) >= self.config.vocab_size
-        ):
+        if tokens.numel() and (int(tokens.min()) < 0 or int(tokens.max()) >= self.config.vocab_size):
             raise ValueError(
-                f"tokens must be in [0, {self.config.vocab_size}), got range "
-                f"[{int(tokens.min())}, {int(tokens.max())}]"
+                f"tokens must be in [0, {self.config.vocab_size}), got range [{int(tokens.min())}, {int(tokens.max())}]"
             )
         if cache is not None and not isinstance(cache, KVCache):
-            raise TypeError(
-                f"cache must be a KVCache (model.new_cache()), got {type(cache).__name__}"
-            )
+            raise TypeError(f"cache must be a KVCache (model.new_cache()), got {type(cache).__name__}")
         b, s = tokens.shape
         past = 0 if cache is None else cache.length
         positions = default_positions(positions, s, past, tokens.device)

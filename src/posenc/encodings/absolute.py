@@ -104,9 +104,7 @@ class Normalized(AdditiveEncoding):
         if self.params.length is not None and positions.numel():
             top = int(positions.max())
             if top >= self.params.length:
-                raise ValueError(
-                    f"normalized encoding built with length={self.params.length} got position {top}"
-                )
+                raise ValueError(f"normalized encoding built with length={self.params.length} got position {top}")
         return F.normalized_table(positions, self.params.dim, self.params.length).float()
 
 
@@ -141,9 +139,7 @@ class SineParams(Params):
         positive_int("dim", self.dim)
         # Period 2 samples sin(pi * pos) = 0 at every integer: a dead dimension.
         if positive_int("min_period", self.min_period) < 3:
-            raise ValueError(
-                f"min_period must be >= 3 (period 2 is zero at every integer), got {self.min_period}"
-            )
+            raise ValueError(f"min_period must be >= 3 (period 2 is zero at every integer), got {self.min_period}")
         if positive_int("ratio", self.ratio) < 2:
             raise ValueError(f"ratio must be >= 2, got {self.ratio}")
         if self.min_period * float(self.ratio) ** (self.dim - 1) > 2.0**62:

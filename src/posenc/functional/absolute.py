@@ -62,14 +62,10 @@ def binary_table(positions: torch.Tensor, dim: int) -> torch.Tensor:
 def sine_periods(dim: int, min_period: int = 4, ratio: int = 2) -> torch.Tensor:
     """Periods ``P_i = min_period * ratio**i`` (float64 ``[dim]``), the continuous
     analogue of binary's bit periods 2, 4, 8, ..."""
-    return min_period * torch.pow(
-        torch.tensor(float(ratio), dtype=torch.float64), torch.arange(dim)
-    )
+    return min_period * torch.pow(torch.tensor(float(ratio), dtype=torch.float64), torch.arange(dim))
 
 
-def sine_table(
-    positions: torch.Tensor, dim: int, min_period: int = 4, ratio: int = 2
-) -> torch.Tensor:
+def sine_table(positions: torch.Tensor, dim: int, min_period: int = 4, ratio: int = 2) -> torch.Tensor:
     """``PE(pos, i) = sin(2 pi pos / P_i)`` with ``P_i = min_period * ratio**i``.
 
     No cosines: the vector repeats with period ``P_{dim-1}`` and, inside one period,
@@ -89,9 +85,7 @@ def sinusoidal_table(positions: torch.Tensor, dim: int, base: float = 10000.0) -
 
     Shapes: positions ``[...]`` -> ``[..., dim]`` (``dim`` even).
     """
-    inv_freq = base ** (
-        -torch.arange(0, dim, 2, dtype=torch.float64, device=positions.device) / dim
-    )
+    inv_freq = base ** (-torch.arange(0, dim, 2, dtype=torch.float64, device=positions.device) / dim)
     angles = _pos(positions).unsqueeze(-1) * inv_freq  # [..., dim/2]
     # Interleave: sin at even, cos at odd dimensions.
     return torch.stack((angles.sin(), angles.cos()), dim=-1).flatten(-2)  # [..., dim]

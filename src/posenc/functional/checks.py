@@ -20,21 +20,11 @@ def check_positions(positions: object, name: str = "positions") -> torch.Tensor:
         the same tensor (unchanged).
     """
     if not isinstance(positions, torch.Tensor):
-        raise TypeError(
-            f"{name} must be a torch.Tensor of integer indices, got {type(positions).__name__}"
-        )
-    if (
-        positions.dtype.is_floating_point
-        or positions.dtype.is_complex
-        or positions.dtype == torch.bool
-    ):
-        raise TypeError(
-            f"{name} must have an integer dtype (e.g. torch.long), got {positions.dtype}"
-        )
+        raise TypeError(f"{name} must be a torch.Tensor of integer indices, got {type(positions).__name__}")
+    if positions.dtype.is_floating_point or positions.dtype.is_complex or positions.dtype == torch.bool:
+        raise TypeError(f"{name} must have an integer dtype (e.g. torch.long), got {positions.dtype}")
     if positions.dim() not in (1, 2):
-        raise ValueError(
-            f"{name} must have shape [s] or [b, s], got shape {tuple(positions.shape)}"
-        )
+        raise ValueError(f"{name} must have shape [s] or [b, s], got shape {tuple(positions.shape)}")
     if positions.numel() and int(positions.min()) < 0:
         raise ValueError(f"{name} must be non-negative, got minimum {int(positions.min())}")
     return positions
@@ -49,22 +39,16 @@ def check_hidden(x: object, dim: int | None = None, name: str = "x") -> torch.Te
     if x.dim() != 3:
         raise ValueError(f"{name} must have shape [b, s, d], got shape {tuple(x.shape)}")
     if dim is not None and x.shape[-1] != dim:
-        raise ValueError(
-            f"{name} has last dimension {x.shape[-1]}, but the encoding was built with dim={dim}"
-        )
+        raise ValueError(f"{name} has last dimension {x.shape[-1]}, but the encoding was built with dim={dim}")
     return x
 
 
-def check_positions_match(
-    positions: torch.Tensor, batch: int, seq: int, name: str = "positions"
-) -> None:
+def check_positions_match(positions: torch.Tensor, batch: int, seq: int, name: str = "positions") -> None:
     """Check that ``positions`` ``[s]`` or ``[b, s]`` fits a ``[batch, seq, ...]`` input."""
     if positions.shape[-1] != seq:
         raise ValueError(f"{name} has length {positions.shape[-1]} but the input has {seq} tokens")
     if positions.dim() == 2 and positions.shape[0] not in (1, batch):
-        raise ValueError(
-            f"{name} has batch size {positions.shape[0]} but the input has batch size {batch}"
-        )
+        raise ValueError(f"{name} has batch size {positions.shape[0]} but the input has batch size {batch}")
 
 
 def positive_int(name: str, value: object) -> int:
@@ -85,9 +69,7 @@ def nonnegative_int(name: str, value: object) -> int:
     return int(value)
 
 
-def positive_float(
-    name: str, value: object, *, minimum: float = 0.0, inclusive: bool = False
-) -> float:
+def positive_float(name: str, value: object, *, minimum: float = 0.0, inclusive: bool = False) -> float:
     """``value`` as a finite float > ``minimum`` (or >= when ``inclusive``)."""
     if isinstance(value, bool) or not isinstance(value, Real):
         raise TypeError(f"{name} must be a number, got {value!r}")
