@@ -176,7 +176,8 @@ def test_packed_sequences_equal_separate_forwards():
 
 
 def test_one_encoding_instance_is_shared_by_every_layer():
-    model = posenc.Transformer(posenc.TransformerConfig(vocab_size=16, dim=16, num_heads=2, num_layers=3, encoding="sinusoidal"))
+    cfg = posenc.TransformerConfig(vocab_size=16, dim=16, num_heads=2, num_layers=3, encoding="sinusoidal")
+    model = posenc.Transformer(cfg)
     assert all(block.attn.pe is model.pe for block in model.blocks)
     pe = posenc.create("learned", dim=16, max_len=8)
     model = posenc.Transformer(posenc.TransformerConfig(vocab_size=16, dim=16, num_heads=2, encoding="learned"), pe=pe)
@@ -243,6 +244,6 @@ def test_model_bad_inputs():
     with pytest.raises(TypeError, match="tokens must be an integer tensor"):
         model(torch.randn(1, 3))
     with pytest.raises(ValueError, match="learned encoding has max_len=4"):
-        posenc.Transformer(
-            posenc.TransformerConfig(vocab_size=10, dim=16, num_heads=2, encoding="learned", max_len=4)
-        )(torch.zeros(1, 5, dtype=torch.long))
+        posenc.Transformer(posenc.TransformerConfig(vocab_size=10, dim=16, num_heads=2, encoding="learned", max_len=4))(
+            torch.zeros(1, 5, dtype=torch.long)
+        )

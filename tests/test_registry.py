@@ -25,7 +25,8 @@ def test_unknown_name_lists_valid_ones_and_suggests():
 
 
 def test_unknown_parameter_lists_valid_ones_and_suggests():
-    with pytest.raises(TypeError, match=r"no parameter 'bse'; valid parameters: \['dim', 'base'\]\. Did you mean 'base'"):
+    match = r"no parameter 'bse'; valid parameters: \['dim', 'base'\]\. Did you mean 'base'"
+    with pytest.raises(TypeError, match=match):
         posenc.create("sinusoidal", dim=4, bse=10.0)
 
 

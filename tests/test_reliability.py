@@ -21,9 +21,7 @@ DIM, HEADS = 16, 4
 
 
 def build(name: str, *, causal: bool = True, max_len: int = 4096) -> posenc.PositionalEncoding:
-    return create_for_model(
-        name, {}, dim=DIM, num_heads=HEADS, head_dim=DIM // HEADS, max_len=max_len, causal=causal
-    )
+    return create_for_model(name, {}, dim=DIM, num_heads=HEADS, head_dim=DIM // HEADS, max_len=max_len, causal=causal)
 
 
 @st.composite
