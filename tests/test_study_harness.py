@@ -290,3 +290,20 @@ def test_cli_study_end_to_end(tmp_path):
     assert "copy: exact match by length" in (out / "results.md").read_text()
     code, text = _cli(args)  # re-run: everything skipped, same file
     assert code == 0 and len(read_results(out)) == 2
+
+
+@pytest.mark.parametrize("encoding", ["sinusoidal", "learned", "none", "normalized"])
+def test_padding_after_an_example_does_not_change_it(encoding):
+    # Training mixes lengths in one right-padded batch: with the causal mask, the real
+    # tokens' logits must equal those of the example alone (normalized needs per-row positions).
+    from posenc.experiments.train import build_model
+
+    cfg = _cfg(model={"encoding": encoding})
+    task = SyntheticTask("copy", num_symbols=4)
+    torch.manual_seed(0)
+    model = build_model(cfg, task.vocab_size, 64).eval()
+    ex, pos = task.sample_mixed(torch.tensor([2, 5]), torch.Generator().manual_seed(1))
+    shared = torch.arange(ex.tokens.shape[1])
+    batch = model(ex.tokens, pos if encoding == "normalized" else shared)
+    alone = model(ex.tokens[:1, :6])
+    torch.testing.assert_close(batch[:1, :6], alone)

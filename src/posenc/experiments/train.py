@@ -28,6 +28,7 @@ from posenc.experiments.config import RunConfig, config_from_dict
 from posenc.experiments.evaluate import _seed, lm_metrics, synthetic_metrics
 from posenc.experiments.results import append_result, atomic_write_bytes, find_result, git_commit
 from posenc.model import Transformer, TransformerConfig
+from posenc.registry import get as get_encoding
 
 CHECKPOINT_FORMAT = 1
 StepCallback = Callable[[int, int, float], None]
@@ -49,6 +50,7 @@ class Setup:
     max_position: int  # range of randomized positions
     eval_tokens: int = 0
     stride: int = 0
+    length_dependent: bool = False  # the encoding's vectors depend on the sequence length
 
 
 def _default_stride(length: int) -> int:
@@ -76,6 +78,7 @@ def setup(config: RunConfig, corpus_cache: dict | None = None) -> Setup:
         return Setup(config, None, corpus, corpus.vocab_size, lengths, max(longest, max_pos), max_pos, eval_tokens,
                      stride)  # fmt: skip
     task = SyntheticTask(t.name, t.num_symbols)
+    length_dependent = get_encoding(config.model.encoding).length_dependent
     lengths = sorted(set(range(1, L + 1)) | {f * L for f in t.factors})
     longest = task.sequence_length(max(lengths)) - 1  # the last token is only a target
     max_pos = config.train.max_position or longest
@@ -83,7 +86,8 @@ def setup(config: RunConfig, corpus_cache: dict | None = None) -> Setup:
         raise ValueError(
             f"max_position={max_pos} is smaller than the longest training sequence ({task.sequence_length(L) - 1})"
         )
-    return Setup(config, task, None, task.vocab_size, lengths, max(longest, max_pos), max_pos)
+    return Setup(config, task, None, task.vocab_size, lengths, max(longest, max_pos), max_pos,
+                 length_dependent=length_dependent)  # fmt: skip
 
 
 def build_model(config: RunConfig, vocab_size: int, max_len: int) -> Transformer:
@@ -128,12 +132,16 @@ def _batch(s: Setup, gen: torch.Generator) -> tuple[torch.Tensor, torch.Tensor, 
         return inputs, window[:, 1:], None, positions
     ns = torch.randint(1, s.config.task.train_length + 1, (tc.batch_size,), generator=gen)  # [b]
     ex, positions = s.task.sample_mixed(ns, gen)
+    if not tc.randomized_positions and not s.length_dependent:
+        # Padding follows each example and the mask is causal, so shared positions 0..s-1
+        # give the same outputs on real tokens, and bias encodings build [h, s, s], not [b, h, s, s].
+        positions = torch.arange(ex.tokens.shape[1])  # [s]
     if tc.randomized_positions:
         lengths = (ex.tokens != PAD).sum(dim=1)  # [b]; padding only at the end of a row
         for n in lengths.unique().tolist():  # each row: its own sorted draw of s_i positions
             rows = (lengths == n).nonzero().squeeze(1)  # [k]
             positions[rows, :n] = random_positions(len(rows), n, s.max_position, gen)
-    return ex.tokens[:, :-1], ex.tokens[:, 1:], ex.answer_mask[:, 1:], positions[:, :-1]
+    return ex.tokens[:, :-1], ex.tokens[:, 1:], ex.answer_mask[:, 1:], positions[..., :-1]
 
 
 def _lr(step: int, tc) -> float:
