@@ -307,3 +307,30 @@ def test_padding_after_an_example_does_not_change_it(encoding):
     batch = model(ex.tokens, pos if encoding == "normalized" else shared)
     alone = model(ex.tokens[:1, :6])
     torch.testing.assert_close(batch[:1, :6], alone)
+
+
+def _rec(task, enc, seed, accs, L=2):
+    metrics = [{"length": n, "exact_match": a, "token_accuracy": a} for n, a in accs.items()]
+    return {"run_id": f"{task}{enc}{seed}", "task": task, "encoding": enc, "seed": seed, "train_length": L,
+            "config": {}, "git_commit": "x", "torch_version": "x", "wall_time_s": 1.0, "metrics": metrics}  # fmt: skip
+
+
+def test_tables_and_mean_ranks_by_hand():
+    from posenc.experiments.summary import mean_ranks, tables
+
+    recs = [
+        _rec("copy", "a", 0, {1: 1.0, 2: 1.0, 4: 0.9}),
+        _rec("copy", "a", 1, {1: 1.0, 2: 0.5, 4: 0.7}),
+        _rec("copy", "b", 0, {1: 1.0, 2: 1.0, 4: 0.2}),
+        _rec("copy", "c", 0, {1: 1.0, 2: 1.0, 4: 0.2}),
+        _rec("sort", "a", 0, {1: 1.0, 2: 1.0, 4: 0.1}),
+        _rec("sort", "b", 0, {1: 1.0, 2: 1.0, 4: 0.3}),
+        _rec("sort", "c", 0, {1: 1.0, 2: 1.0, 4: 0.5}),
+    ]
+    # copy at 2L: a 0.8, b 0.2, c 0.2 -> ranks 1, 2.5, 2.5; sort: a 0.1, b 0.3, c 0.5 -> 3, 2, 1.
+    ranked = mean_ranks(recs)
+    assert [(r[0], r[1]) for r in ranked.rows] == [("a", "2.00"), ("c", "1.75")][::-1] + [("b", "2.25")]
+    em = tables(recs)[0]
+    assert em.columns == ["encoding", "1..2", "2", "4"]
+    # a over two seeds: in-distribution mean of (1.0 + 1.0)/2 and (1.0 + 0.5)/2; std of (1.0, 0.75).
+    assert em.rows[0] == ["a", "0.88 ± 0.18", "0.75 ± 0.35", "0.80 ± 0.14"]

@@ -98,7 +98,53 @@ def tables(records: list[dict[str, Any]]) -> list[TableData]:
                 rows.append([enc, ind.fmt(2), *(c.fmt(2) for c in cells)])
             cols = ["encoding", f"1..{L}", *map(str, lengths)]
             out.append(TableData(f"{task}: {name} by length, trained on 1..{L}{spread}", cols, rows))
+    ranked = mean_ranks(records)
+    if ranked is not None:
+        out.append(ranked)
     return out
+
+
+def mean_ranks(records: list[dict[str, Any]], factor: int = 2, key: str = "token_accuracy") -> TableData | None:
+    """Kazemnejad et al. 2023's summary: rank the encodings on every synthetic task by
+    ``key`` (mean over seeds) averaged over the lengths ``L < n <= factor * L``, then
+    average the ranks over tasks (1 = best; ties share the mean rank). ``None`` if there
+    are no synthetic tasks."""
+    per_task: dict[str, dict[str, float]] = {}
+    for task, by_enc in group(records).items():
+        first = next(iter(by_enc.values()))
+        if is_lm(first):
+            continue
+        scores = {}
+        for enc, recs in by_enc.items():
+            vals = [
+                m[key]
+                for r in recs
+                for m in r["metrics"]
+                if r["train_length"] < m["length"] <= factor * r["train_length"]
+            ]
+            if vals:
+                scores[enc] = statistics.fmean(vals)
+        per_task[task] = scores
+    if not per_task:
+        return None
+    ranks: dict[str, list[float]] = defaultdict(list)
+    for scores in per_task.values():
+        ordered = sorted(scores.values(), reverse=True)
+        for enc, v in scores.items():
+            first = ordered.index(v) + 1
+            ties = ordered.count(v)
+            ranks[enc].append(first + (ties - 1) / 2)
+    rows = [
+        [
+            enc,
+            f"{statistics.fmean(r):.2f}",
+            str(len(r)),
+            *(f"{per_task[t].get(enc, float('nan')):.3f}" for t in per_task),
+        ]
+        for enc, r in sorted(ranks.items(), key=lambda kv: statistics.fmean(kv[1]))
+    ]
+    cols = ["encoding", "mean rank", "tasks", *(f"{t} {key} (L, {factor}L]" for t in per_task)]
+    return TableData(f"mean rank by {key} on lengths (L, {factor}L], over synthetic tasks (1 = best)", cols, rows)
 
 
 def to_markdown(tables_: list[TableData]) -> str:
