@@ -32,13 +32,14 @@ def plot_task(records: list[dict[str, Any]], metric: str, path: str | Path, *, t
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    import matplotlib.ticker
 
     by_task = group(records)
     if len(by_task) != 1:
         raise ValueError(f"plot_task needs the records of one task, got tasks {sorted(by_task)}")
     ((task, by_enc),) = by_task.items()
     L = next(iter(by_enc.values()))[0]["train_length"]
-    fig, ax = plt.subplots(figsize=(7.5, 4.5))
+    fig, ax = plt.subplots(figsize=(8.5, 4.5))
     cmap = plt.get_cmap("tab20")
     for i, (enc, recs) in enumerate(sorted(by_enc.items())):
         lengths = sorted({m["length"] for r in recs for m in r["metrics"]})
@@ -53,6 +54,7 @@ def plot_task(records: list[dict[str, Any]], metric: str, path: str | Path, *, t
     ax.axvline(L, color="grey", lw=1, ls=":")
     ax.text(L, 1.0, " trained up to L", transform=ax.get_xaxis_transform(), va="top", fontsize=8, color="grey")
     ax.set_xscale("log", base=2)
+    ax.xaxis.set_major_formatter(matplotlib.ticker.FuncFormatter(lambda v, _: f"{v:g}"))
     if metric.startswith("ppl"):
         ax.set_yscale("log")
     ax.set_xlabel("evaluation length")
@@ -60,7 +62,7 @@ def plot_task(records: list[dict[str, Any]], metric: str, path: str | Path, *, t
     seeds = max(len(v) for v in by_enc.values())
     ax.set_title(title or f"{task}: {_LABELS.get(metric, metric)} (L={L}, {seeds} seed{'s' if seeds > 1 else ''})")
     ax.grid(alpha=0.3)
-    ax.legend(fontsize=7, ncol=2, loc="best")
+    ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1.0), frameon=False)
     fig.tight_layout()
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
