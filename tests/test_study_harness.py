@@ -334,3 +334,12 @@ def test_tables_and_mean_ranks_by_hand():
     assert em.columns == ["encoding", "1..2", "2", "4"]
     # a over two seeds: in-distribution mean of (1.0 + 1.0)/2 and (1.0 + 0.5)/2; std of (1.0, 0.75).
     assert em.rows[0] == ["a", "0.88 ± 0.18", "0.75 ± 0.35", "0.80 ± 0.14"]
+
+
+def test_documented_configs_load():
+    docs = Path(__file__).resolve().parents[1] / "docs" / "configs"
+    configs = {p.stem: load_config(p) for p in sorted(docs.glob("*.yaml"))}
+    assert len(configs) == 2
+    # The documented copy config is exactly one run of the quick preset.
+    quick, _ = plan_study("quick", encodings=["sinusoidal"], tasks=["copy"])
+    assert configs["copy_sinusoidal"] == quick[0]
