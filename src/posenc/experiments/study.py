@@ -34,7 +34,7 @@ RANDPOS = "+randpos"
 _QUICK_SYNTHETIC = {
     "task": {"train_length": 16, "num_symbols": 16, "eval_samples": 64},
     "model": {"dim": 64, "num_layers": 2, "num_heads": 4},
-    "train": {"steps": 3000, "batch_size": 32, "lr": 3e-3, "warmup": 100},
+    "train": {"steps": 3000, "batch_size": 64, "lr": 3e-3, "warmup": 100},
 }
 _QUICK_LM = {
     "task": {"train_length": 64},
