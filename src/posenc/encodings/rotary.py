@@ -381,7 +381,7 @@ class XPos(_Rotary):
 @dataclasses.dataclass(frozen=True)
 class RoPE2DParams(Params):
     head_dim: int
-    grid_width: int
+    grid_width: int = 16
     base: float = 100.0
     layout: str = "half"
 
@@ -403,7 +403,8 @@ class RoPE2D(_Rotary):
     ``(row_m - row_n, col_m - col_n)``.
 
     Positions: the contract's flat indices ``[s]``/``[b, s]`` are patch indices in
-    row-major order, mapped to ``(p // grid_width, p % grid_width)``; for explicit
+    row-major order, mapped to ``(p // grid_width, p % grid_width)`` (``grid_width``
+    default 16: a 256-patch square image; set it to your grid); for explicit
     coordinates call ``rotate_coords(q, k, q_coords, k_coords)`` with ``[s, 2]`` or
     ``[b, s, 2]`` (row, column) tensors.
     """
