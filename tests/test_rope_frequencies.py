@@ -40,7 +40,7 @@ def ramp(n, lo=1.0, step=0.25):
 # (head_dim, rope_parameters, max_position_embeddings, seq_len)
 CASES = [
     (64, {"rope_type": "default", "rope_theta": 10000.0}, 2048, None),
-    (128, {"rope_type": "default", "rope_theta": 500000.0}, 8192, None),
+    (128, {"rope_type": "default", "rope_theta": 500000.0}, 8192, 100000),
     (80, {"rope_type": "default", "rope_theta": 10000.0, "partial_rotary_factor": 0.25}, 2048, None),
     (64, {"rope_type": "linear", "factor": 4.0, "rope_theta": 10000.0}, 2048, None),
     (128, {"rope_type": "linear", "factor": 8.0, "rope_theta": 1e6}, 4096, 100000),
@@ -191,7 +191,7 @@ CASES = [
     ),
     (64, {"rope_type": "proportional", "partial_rotary_factor": 0.25, "rope_theta": 1e4}, 2048, None),
     (128, {"rope_type": "proportional", "partial_rotary_factor": 0.75, "rope_theta": 1e6, "factor": 2.0}, 8192, None),
-    (64, {"rope_type": "proportional", "rope_theta": 1e4}, 2048, None),
+    (64, {"rope_type": "proportional", "rope_theta": 1e4}, 2048, 9000),
 ]
 
 

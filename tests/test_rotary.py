@@ -347,19 +347,16 @@ def test_proportional_equals_rope_type_and_keeps_nope_pairs():
 
 
 def test_xpos_hand():
-    # head_dim 2, base 100 (inv_freq [1]), gamma 0.4: zeta = 0.4 / 1.4; scale_base 4
+    # head_dim 2, base 100 (inv_freq [1]), gamma 0.4: zeta = 0.4 / 1.4; scale_base 4.
+    # q at m=3, k at n=1: centre c = (1 + 3) / 2 = 2.
     pe = posenc.create("xpos", head_dim=2, base=100.0, scale_base=4.0)
     zeta = 0.4 / 1.4
-    q = torch.tensor([[[[1.0, 0.0]]]], dtype=torch.float64)
-    k = torch.tensor([[[[1.0, 0.0]]]], dtype=torch.float64)
-    qm, _ = pe.rotate(q, k, torch.tensor([3]), torch.tensor([3]))
-    _, kn = pe.rotate(q, k, torch.tensor([3]), torch.tensor([1]))
+    e = torch.tensor([[[[1.0, 0.0]]]], dtype=torch.float64)
+    qm, kn = pe.rotate(e, e, torch.tensor([3]), torch.tensor([1]))
+    torch.testing.assert_close(qm[0, 0, 0], zeta ** ((3 - 2) / 4) * torch.tensor([C(3), S(3)], dtype=torch.float64))
+    torch.testing.assert_close(kn[0, 0, 0], zeta ** (-(1 - 2) / 4) * torch.tensor([C(1), S(1)], dtype=torch.float64))
     # score = zeta^((3 - 1) / 4) cos(3 - 1)
-    _, kn3 = pe.rotate(q, k, torch.tensor([3]), torch.tensor([1]))
-    qm_c, kn_c = pe.rotate(q, k, torch.tensor([3]), torch.tensor([1]))
-    score = (qm_c * kn_c).sum()
-    torch.testing.assert_close(score, torch.tensor(zeta**0.5 * C(2), dtype=torch.float64))
-    assert qm.shape == kn.shape == kn3.shape
+    torch.testing.assert_close((qm * kn).sum(), torch.tensor(zeta**0.5 * C(2), dtype=torch.float64))
 
 
 def test_xpos_relative_and_overflow_error():
@@ -412,6 +409,7 @@ def test_rope2d_depends_on_row_and_column_offsets():
         (dict(head_dim=8, base=100.0, rope_parameters={"rope_theta": 1e4}), ValueError, "base"),
         (dict(head_dim=8, rope_type="yarn", factor=2.0), ValueError, "original_max_position_embeddings"),
         (dict(head_dim=8, rope_type="dynamic", factor=2.0), ValueError, "max_len"),
+        (dict(head_dim=8, rope_type="dynamic", factor=2.0, original_max_len=8), ValueError, "max_len"),
         (dict(head_dim=8, rope_parameters="yarn"), TypeError, "rope_parameters"),
         (dict(head_dim=8, scaling="yarn"), TypeError, "scaling"),
         (dict(head_dim=8, rope_parameters={"beta": 1}), ValueError, "beta"),
