@@ -122,6 +122,18 @@ def test_scores_depend_only_on_offset(params):
     assert abs(float(_scores(pe, q, k, 9, 0) - _scores(pe, q, k, 3, 0))) > 1e-3
 
 
+@pytest.mark.parametrize("name", ["dynamic", "longrope", "interleaved-partial-dynamic"])
+def test_length_dependent_scores_relative_within_a_call(name):
+    # one call = one length L: the same q and k vector at every position give a Toeplitz score matrix
+    pe = posenc.create("rope", head_dim=8, **DECODE[name])
+    n = 3 * ORIG
+    q = torch.randn(1, 1, 1, 8, dtype=torch.float64).expand(1, 1, n, 8)
+    k = torch.randn(1, 1, 1, 8, dtype=torch.float64).expand(1, 1, n, 8)
+    qr, kr = pe.rotate(q, k, torch.arange(n), torch.arange(n))
+    scores = (qr @ kr.transpose(-1, -2))[0, 0]  # [n, n]
+    torch.testing.assert_close(scores[1:, 1:], scores[:-1, :-1])
+
+
 @pytest.mark.parametrize("params", CONFIGS, ids=lambda p: str(p)[:60])
 def test_norms_preserved(params):
     pe = posenc.create("rope", **params)
