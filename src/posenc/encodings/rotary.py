@@ -414,6 +414,7 @@ class RoPE2D(_Rotary):
     formula = "x[:d/2] rotated by row * inv_freq, x[d/2:] by col * inv_freq, inv_freq_i = base^(-4i/d)"
     flaw = "axial: no mixed (diagonal) frequencies, so diagonal offsets are seen only as row + column"
     Params: ClassVar[type[Params]] = RoPE2DParams
+    example_params: ClassVar[dict] = {"grid_width": 4}
 
     def rope_config(self) -> RopeConfig:
         return parse_rope_parameters(self.params.head_dim // 2, {"rope_theta": self.params.base})
