@@ -438,6 +438,8 @@ def test_bad_parameters(params, exc, word):
 def test_bad_other_parameters():
     with pytest.raises(ValueError, match="head_dim"):
         posenc.create("rope2d", head_dim=6, grid_width=2)
+    with pytest.raises(TypeError, match="grid_width"):
+        posenc.create("rope2d", head_dim=8)
     with pytest.raises(ValueError, match="grid_width"):
         posenc.create("rope2d", head_dim=8, grid_width=0)
     with pytest.raises(ValueError, match="gamma"):

@@ -381,7 +381,7 @@ class XPos(_Rotary):
 @dataclasses.dataclass(frozen=True)
 class RoPE2DParams(Params):
     head_dim: int
-    grid_width: int = 16
+    grid_width: int
     base: float = 100.0
     layout: str = "half"
 
@@ -404,7 +404,7 @@ class RoPE2D(_Rotary):
 
     Positions: the contract's flat indices ``[s]``/``[b, s]`` are patch indices in
     row-major order, mapped to ``(p // grid_width, p % grid_width)`` (``grid_width``
-    default 16: a 256-patch square image; set it to your grid); for explicit
+    is required: the number of patch columns); for explicit
     coordinates call ``rotate_coords(q, k, q_coords, k_coords)`` with ``[s, 2]`` or
     ``[b, s, 2]`` (row, column) tensors.
     """
