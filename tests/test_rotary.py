@@ -262,7 +262,7 @@ def _decode_matches_full(model, tokens, exact=True):
 
 
 def _decode_cases():
-    for name, params in DECODE.items():
+    for name in DECODE:
         yield name, 1
         yield name, 2  # length-dependent rules: the exact cache recomputes the prefix
 
