@@ -32,11 +32,19 @@ from posenc.experiments.train import checkpoint_path, train_run
 
 SRC = Path(__file__).resolve().parents[1] / "src"
 RTOL = 1e-5
+DEAD_PEER_TIMEOUT = 5  # POSENC_DIST_TIMEOUT of the spawned ranks, seconds
 TINY = {
     "task": {"name": "copy", "train_length": 3, "num_symbols": 4, "eval_samples": 8, "eval_factors": [2]},
     "model": {"encoding": "rope", "dim": 16, "num_layers": 1, "num_heads": 2},
-    "train": {"steps": 12, "batch_size": 8, "lr": 0.003, "warmup": 3, "checkpoint_every": 5, "threads": 1,
-              "randomized_positions": True},
+    "train": {
+        "steps": 12,
+        "batch_size": 8,
+        "lr": 0.003,
+        "warmup": 3,
+        "checkpoint_every": 5,
+        "threads": 1,
+        "randomized_positions": True,
+    },
 }
 STUDY = {"encodings": ["sinusoidal", "normalized", "rope+randpos"], "steps": 6, "threads": 1}
 
@@ -55,31 +63,47 @@ def _free_port() -> int:
 
 
 def _worker(rank: int, world: int, port: int, out: str) -> None:
-    """One rank: a DDP run (losses to a file), then a sharded study."""
+    """One rank: a DDP run (losses to a file), a sharded study, then a DDP run in which
+    rank 1 hangs (SIGSTOP) after step 3 and rank 0 records the error it gets."""
     os.environ.update(RANK=str(rank), WORLD_SIZE=str(world), LOCAL_RANK=str(rank), MASTER_ADDR="127.0.0.1",
-                      MASTER_PORT=str(port), POSENC_DIST_TIMEOUT="30")  # fmt: skip
+                      MASTER_PORT=str(port), POSENC_DIST_TIMEOUT=str(DEAD_PEER_TIMEOUT))  # fmt: skip
     torch.set_num_threads(1)
     ctx = pd.init("gloo")
+    losses: list[float] = []
+    pd.train_distributed(_cfg(), Path(out) / "ddp", ctx, on_step=lambda s, n, loss: losses.append(loss))
+    (Path(out) / f"losses{rank}.json").write_text(json.dumps(losses))
+    configs, _ = plan_study("smoke", **STUDY)
+    pd.run_study_sharded(configs, Path(out) / "sharded", ctx)
+
+    def hang_at_3(step: int, total: int, loss: float) -> None:
+        if rank == 1 and step == 3:
+            os.kill(os.getpid(), signal.SIGSTOP)  # alive but silent: only the timeout can end the wait
+
+    start = time.time()
     try:
-        losses: list[float] = []
-        pd.train_distributed(_cfg(), Path(out) / "ddp", ctx, on_step=lambda s, n, loss: losses.append(loss))
-        (Path(out) / f"losses{rank}.json").write_text(json.dumps(losses))
-        configs, _ = plan_study("smoke", **STUDY)
-        pd.run_study_sharded(configs, Path(out) / "sharded", ctx)
-    finally:
-        pd.shutdown()
+        pd.train_distributed(_cfg(train={"steps": 50}), Path(out) / "dead", ctx, on_step=hang_at_3)
+    except pd.DistributedError as err:
+        (Path(out) / "dead_error.txt").write_text(f"{time.time() - start:.1f}\n{err}")
+
+
+def _spawn(out: Path) -> None:
+    mpc = mp.get_context("spawn")
+    port = _free_port()
+    procs = [mpc.Process(target=_worker, args=(r, 2, port, str(out))) for r in range(2)]
+    for p in procs:
+        p.start()
+    procs[0].join(timeout=60)
+    for p in procs:  # rank 1 is stopped on purpose; rank 0 only if something hung
+        if p.is_alive():
+            p.kill()
+            p.join()
+    assert procs[0].exitcode == 0, "rank 0 did not finish within 60 s"
 
 
 @pytest.fixture(scope="module")
 def spawned(tmp_path_factory):
     out = tmp_path_factory.mktemp("dist")
-    procs = mp.start_processes(_worker, args=(2, _free_port(), str(out)), nprocs=2, join=False, start_method="spawn")
-    deadline = time.time() + 60
-    while not procs.join(timeout=1):
-        if time.time() > deadline:
-            for p in procs.processes:
-                p.kill()
-            pytest.fail("the spawned ranks did not finish within 60 s")
+    _spawn(out)
     return out
 
 
@@ -131,6 +155,15 @@ def test_batch_not_divisible_and_bad_settings():
 # -- a killed rank ---------------------------------------------------------------------------
 
 
+def test_a_hung_rank_is_an_error_after_the_timeout(spawned):
+    """Rank 1 stopped (not dead: its sockets stay open) and no torchrun to stop rank 0:
+    rank 0's next collective fails after POSENC_DIST_TIMEOUT seconds, not never."""
+    seconds, message = (spawned / "dead_error.txt").read_text().split("\n", 1)
+    assert DEAD_PEER_TIMEOUT - 1 < float(seconds) < DEAD_PEER_TIMEOUT + 5
+    assert message.startswith("rank 0/2: step 4 failed") and "did not answer within 5 s" in message
+    assert "Run the same command again to resume from the last checkpoint" in message
+
+
 def _children_with_rank(parent: int, rank: int) -> list[int]:
     """PIDs of ``parent``'s child processes whose environment has ``RANK=<rank>``."""
     found = []
@@ -157,7 +190,7 @@ def _torchrun(cfg_path: Path, out: Path, timeout_s: int) -> subprocess.Popen:
 @pytest.mark.skipif(not Path("/proc/self/environ").exists(), reason="needs /proc to find the rank's process")
 def test_killed_rank_fails_fast_and_restart_resumes(tmp_path):
     timeout_s = 10
-    cfg = _cfg(train={"steps": 400, "checkpoint_every": 5})
+    cfg = _cfg(train={"steps": 150, "checkpoint_every": 5})
     (tmp_path / "run.yaml").write_text(json.dumps(cfg.to_dict()), encoding="utf-8")  # JSON is YAML
     ckpt = checkpoint_path(tmp_path / "run", cfg.run_id)
     proc = _torchrun(tmp_path / "run.yaml", tmp_path / "run", timeout_s)
@@ -178,7 +211,7 @@ def test_killed_rank_fails_fast_and_restart_resumes(tmp_path):
     assert time.time() - killed_at < timeout_s + 15
     assert "SIGKILL" in output and "posenc.cli" in output, output[-2000:]  # torchrun names the dead rank
     step = torch.load(ckpt, weights_only=True)["step"]
-    assert 0 < step < 400
+    assert 0 < step < 150
 
     proc = _torchrun(tmp_path / "run.yaml", tmp_path / "run", timeout_s)
     output, _ = proc.communicate(timeout=60)
@@ -188,4 +221,4 @@ def test_killed_rank_fails_fast_and_restart_resumes(tmp_path):
     assert int(m.group(1)) >= step and int(m.group(1)) % 5 == 0
     (rec,) = read_results(tmp_path / "run")
     assert rec["run_id"] == cfg.run_id
-    assert torch.load(ckpt, weights_only=True)["step"] == 400
+    assert torch.load(ckpt, weights_only=True)["step"] == 150
