@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import os
 
 import typer
 from rich.console import Console
@@ -226,7 +227,8 @@ def study(
     run_dir = Path(out) if out else Path("runs") / preset
     if missing:
         console.print(f"[yellow]note:[/yellow] not registered in this installation, left out: {', '.join(missing)}")
-    console.print(f"study {preset!r}: {len(configs)} runs into {run_dir}")
+    if os.environ.get("RANK", "0") == "0":  # once under torchrun
+        console.print(f"study {preset!r}: {len(configs)} runs into {run_dir}")
     ctx = None
     try:
         if pd.launched():  # under torchrun: plan entry i is trained by rank i % world size
