@@ -222,3 +222,17 @@ def test_killed_rank_fails_fast_and_restart_resumes(tmp_path):
     (rec,) = read_results(tmp_path / "run")
     assert rec["run_id"] == cfg.run_id
     assert torch.load(ckpt, weights_only=True)["step"] == 150
+
+
+def test_cli_bad_backend_is_one_line(tmp_path):
+    from typer.testing import CliRunner
+
+    from posenc.cli import app
+
+    (tmp_path / "run.yaml").write_text(json.dumps(_cfg().to_dict()), encoding="utf-8")
+    res = CliRunner().invoke(
+        app, ["train", "-c", str(tmp_path / "run.yaml"), "--out", str(tmp_path), "--backend", "mpi"]
+    )
+    assert res.exit_code == 2
+    assert "backend must be one of ['gloo', 'nccl'], got 'mpi'" in res.output and "Traceback" not in res.output
+    assert not (tmp_path / "checkpoints").exists()

@@ -121,7 +121,7 @@ def _print_tables(records: list) -> None:
 def train(
     config: str = typer.Option(..., "--config", "-c", help="YAML run config (task / model / train sections)"),
     out: str = typer.Option("runs/train", "--out", help="run folder: results.jsonl and checkpoints/ go here"),
-    backend: str = typer.Option(None, "--backend", help="under torchrun: gloo or nccl (default nccl with CUDA)"),
+    backend: str = typer.Option(None, "--backend", help="torchrun (>1 process): gloo or nccl (default nccl with CUDA)"),
 ) -> None:
     """Train one model from a YAML config; resumes from its checkpoint, skips if finished.
     Under torchrun: data-parallel (DDP) over the ranks, global batch split (docs/distributed.md)."""
@@ -132,6 +132,8 @@ def train(
     ctx = None
     try:
         cfg = load_config(config)
+        if backend is not None:
+            pd.choose_backend(backend)  # a bad name is an error even without torchrun
         if pd.launched():
             ctx = pd.init(backend)
         show = ctx is None or ctx.is_main
