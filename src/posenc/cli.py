@@ -136,6 +136,9 @@ def train(
             pd.choose_backend(backend)  # a bad name is an error even without torchrun
         if pd.launched():
             ctx = pd.init(backend)
+            note = pd.oversubscription(cfg.train.threads) if ctx.device.type == "cpu" else None
+            if note and ctx.is_main:
+                console.print(f"[yellow]note:[/yellow] {note}")
         show = ctx is None or ctx.is_main
         with _progress() if show else _NoProgress() as progress:
             bar = progress.add_task(cfg.run_id, total=cfg.train.steps, info="")
@@ -235,6 +238,9 @@ def study(
     try:
         if pd.launched():  # under torchrun: plan entry i is trained by rank i % world size
             ctx = pd.init("gloo")
+            note = pd.oversubscription(threads)
+            if note and ctx.is_main:
+                console.print(f"[yellow]note:[/yellow] {note}")
         mine = len(configs) if ctx is None else len(pd.shard(len(configs), ctx.rank, ctx.world_size))
         with _progress() if ctx is None or ctx.is_main else _NoProgress() as progress:
             label = "runs" if ctx is None else f"runs of rank 0/{ctx.world_size}"

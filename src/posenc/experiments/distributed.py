@@ -131,6 +131,18 @@ class DistContext:
         return slice(self.rank * per, (self.rank + 1) * per)
 
 
+def oversubscription(threads: int | None) -> str | None:
+    """A warning when this machine's processes x torch threads exceed its cores, else None.
+    ``threads`` is a run's ``train.threads`` (None: ``min(2, cores)``)."""
+    cores = os.cpu_count() or 1
+    local = int(os.environ.get("LOCAL_WORLD_SIZE", "1") or "1")
+    per = threads or max(1, min(2, cores))
+    if local * per <= cores:
+        return None
+    return (f"{local} processes x {per} threads > {cores} cores on this machine: they will compete; "
+            f"pass --threads {max(1, cores // local)} (or set train.threads)")  # fmt: skip
+
+
 def _env_int(name: str) -> int:
     raw = os.environ.get(name)
     if raw is None:
