@@ -136,6 +136,26 @@ def test_sharded_study_writes_the_single_process_results(spawned, tmp_path):
         assert a == b
 
 
+def test_oversubscription_note(monkeypatch):
+    cores = os.cpu_count() or 1
+    monkeypatch.setenv("LOCAL_WORLD_SIZE", str(cores))
+    assert pd.oversubscription(1) is None
+    note = pd.oversubscription(2)
+    assert note is not None and f"{cores} processes x 2 threads > {cores} cores" in note and "--threads 1" in note
+
+
+def test_lonely_rank_cannot_form_a_group_within_the_timeout(monkeypatch):
+    port = _free_port()
+    monkeypatch.setenv("RANK", "1")  # rank 0 (the store's host) never comes
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    monkeypatch.setenv("MASTER_ADDR", "127.0.0.1")
+    monkeypatch.setenv("MASTER_PORT", str(port))
+    start = time.time()
+    with pytest.raises(pd.DistributedError, match=r"rank 1/2: could not form the gloo process group within 2 s"):
+        pd.init("gloo", timeout_s=2)
+    assert time.time() - start < 10
+
+
 def test_batch_not_divisible_and_bad_settings():
     ctx = pd.DistContext(rank=1, world_size=3, local_rank=1, backend="gloo", device=torch.device("cpu"))
     assert ctx.rows(12) == slice(4, 8)

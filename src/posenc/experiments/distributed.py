@@ -166,7 +166,14 @@ def init(backend: str | None = None, *, timeout_s: float | None = None) -> DistC
         torch.cuda.set_device(device)
     timeout = datetime.timedelta(seconds=timeout_s if timeout_s is not None else collective_timeout())
     if not dist.is_initialized():
-        dist.init_process_group(chosen, rank=rank, world_size=world, timeout=timeout)
+        try:
+            dist.init_process_group(chosen, rank=rank, world_size=world, timeout=timeout)
+        except RuntimeError as err:  # DistStoreError / DistNetworkError: the others never came
+            first = (str(err).strip().splitlines() or [type(err).__name__])[0][:300]
+            raise DistributedError(
+                f"rank {rank}/{world}: could not form the {chosen} process group within {timeout.total_seconds():g} s "
+                f"({first}); start every rank with the same MASTER_ADDR/MASTER_PORT (or rendezvous endpoint)"
+            ) from None
     return DistContext(rank, world, local, chosen, device)
 
 
