@@ -56,6 +56,15 @@ def _cfg(**sections):
     return config_from_dict(d)
 
 
+def _lm_cfg():
+    """Character LM (no loss mask, positions [s]): the other branch of the loss."""
+    return _cfg(
+        task={"name": "stdlib", "train_length": 8, "max_chars": 20_000, "eval_factors": [1, 2], "eval_tokens": 64},
+        model={"encoding": "sinusoidal"},
+        train={"randomized_positions": False},
+    )
+
+
 def _free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -72,6 +81,9 @@ def _worker(rank: int, world: int, port: int, out: str) -> None:
     losses: list[float] = []
     pd.train_distributed(_cfg(), Path(out) / "ddp", ctx, on_step=lambda s, n, loss: losses.append(loss))
     (Path(out) / f"losses{rank}.json").write_text(json.dumps(losses))
+    lm_losses: list[float] = []
+    pd.train_distributed(_lm_cfg(), Path(out) / "lm", ctx, on_step=lambda s, n, loss: lm_losses.append(loss))
+    (Path(out) / f"lm_losses{rank}.json").write_text(json.dumps(lm_losses))
     configs, _ = plan_study("smoke", **STUDY)
     pd.run_study_sharded(configs, Path(out) / "sharded", ctx)
 
@@ -124,6 +136,18 @@ def test_ddp_loss_curve_equals_one_process(spawned, tmp_path):
         torch.testing.assert_close(a["model"][k], b["model"][k], rtol=RTOL, atol=1e-6)
     (ddp_rec,) = read_results(spawned / "ddp")  # only rank 0 wrote it
     assert ddp_rec["run_id"] == rec["run_id"] and ddp_rec["metrics"] == rec["metrics"]
+
+
+def test_ddp_language_model_loss_curve_equals_one_process(spawned, tmp_path):
+    single: list[float] = []
+    rec, _ = train_run(_lm_cfg(), tmp_path, on_step=lambda s, n, loss: single.append(loss))
+    ddp = json.loads((spawned / "lm_losses0.json").read_text())
+    assert len(ddp) == len(single) == 12
+    torch.testing.assert_close(torch.tensor(ddp), torch.tensor(single), rtol=RTOL, atol=0)
+    (ddp_rec,) = read_results(spawned / "lm")
+    for a, b in zip(ddp_rec["metrics"], rec["metrics"], strict=True):
+        assert a["length"] == b["length"]
+        assert a["ppl"] == pytest.approx(b["ppl"], rel=1e-4)
 
 
 def test_sharded_study_writes_the_single_process_results(spawned, tmp_path):
