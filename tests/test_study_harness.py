@@ -343,3 +343,12 @@ def test_documented_configs_load():
     # The documented copy config is exactly one run of the quick preset.
     quick, _ = plan_study("quick", encodings=["sinusoidal"], tasks=["copy"])
     assert configs["copy_sinusoidal"] == quick[0]
+
+
+def test_unbuildable_preset_encoding_is_left_out_with_reason_but_named_one_is_an_error():
+    # sine's periods 4 * 2**i overflow at the quick preset's dim=64 (a limit of the encoding).
+    configs, left_out = plan_study("quick", tasks=["copy"])
+    assert "sine" not in [c.encoding_label for c in configs]
+    assert any(m.startswith("sine (") and "overflow" in m for m in left_out)
+    with pytest.raises(ValueError, match="encoding 'sine' cannot be built for task 'copy'"):
+        plan_study("quick", encodings=["sine"], tasks=["copy"])

@@ -231,7 +231,9 @@ def study(
         raise _fail(err) from None
     run_dir = Path(out) if out else Path("runs") / preset
     if missing:
-        console.print(f"[yellow]note:[/yellow] not registered in this installation, left out: {', '.join(missing)}")
+        console.print(
+            f"[yellow]note:[/yellow] left out (not registered, or not buildable at this size): {'; '.join(missing)}"
+        )
     if os.environ.get("RANK", "0") == "0":  # once under torchrun
         console.print(f"study {preset!r}: {len(configs)} runs into {run_dir}")
     ctx = None

@@ -22,7 +22,7 @@ from posenc.experiments.config import TASKS, RunConfig, config_from_dict
 from posenc.experiments.results import read_results
 from posenc.experiments.summary import tables, to_markdown
 from posenc.experiments.train import StepCallback, train_run
-from posenc.registry import available
+from posenc.registry import available, create_for_model
 
 CLASSIC = ("integer", "normalized", "binary", "sine", "sinusoidal", "t5", "rope")
 QUICK_ENCODINGS = (*CLASSIC, "learned", "alibi", "none")
@@ -114,8 +114,10 @@ def plan_study(
     text_path: str | None = None,
     threads: int | None = None,
 ) -> tuple[list[RunConfig], list[str]]:
-    """The runs of a study and the preset encodings left out because they are not
-    registered in this installation (only possible without ``encodings``)."""
+    """The runs of a study, and the preset encodings left out (only without
+    ``encodings``): those not registered in this installation, and those that cannot be
+    built at the preset's model sizes (with the reason). Encodings named in
+    ``encodings`` are never left out: a bad one is an error."""
     all_presets = presets()
     if preset not in all_presets:
         raise ValueError(f"unknown preset {preset!r}; available: {sorted(all_presets)}")
@@ -140,6 +142,7 @@ def plan_study(
     if not seed_list:
         raise ValueError("no seeds to study")
     configs = []
+    unbuildable: dict[str, str] = {}
     for task in task_names:
         base = p.synthetic if task in SYNTHETIC_TASKS else p.lm
         for name, rand in parsed:
@@ -154,8 +157,27 @@ def plan_study(
                     d["train"]["steps"] = steps
                 if threads is not None:
                     d["train"]["threads"] = threads
-                configs.append(config_from_dict(d))
+                cfg = config_from_dict(d)
+                err = _build_error(cfg)
+                if err is not None:
+                    if encodings is not None:  # asked for by name: an error, not a silent skip
+                        raise ValueError(f"encoding {name!r} cannot be built for task {task!r}: {err}")
+                    unbuildable.setdefault(cfg.encoding_label, err)
+                    continue
+                configs.append(cfg)
+    missing += [f"{label} ({err})" for label, err in unbuildable.items()]
     return configs, missing
+
+
+def _build_error(cfg: RunConfig) -> str | None:
+    """Why the encoding of ``cfg`` cannot be built at the run's model sizes, or ``None``."""
+    m = cfg.model
+    try:
+        create_for_model(m.encoding, dict(m.encoding_params), dim=m.dim, num_heads=m.num_heads,
+                         head_dim=m.dim // m.num_heads, max_len=None, causal=True)  # fmt: skip
+    except (ValueError, TypeError) as err:
+        return str(err)
+    return None
 
 
 def run_study(
