@@ -290,6 +290,11 @@ def test_cli_study_end_to_end(tmp_path):
     assert "copy: exact match by length" in (out / "results.md").read_text()
     code, text = _cli(args)  # re-run: everything skipped, same file
     assert code == 0 and len(read_results(out)) == 2
+    (out / "results.md").unlink()
+    code, text = _cli(["study", "--summarize-only", "--out", str(out)])
+    assert code == 0 and (out / "results.md").exists() and len(read_results(out)) == 2
+    code, text = _cli(["study", "--summarize-only", "--out", str(tmp_path / "empty")])
+    assert code == 2 and "no results" in text
 
 
 @pytest.mark.parametrize("encoding", ["sinusoidal", "learned", "none", "normalized"])

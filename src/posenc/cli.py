@@ -197,6 +197,16 @@ def evaluate(
     _print_tables([record])
 
 
+def _print_outputs(run_dir, outputs) -> None:
+    console.print(f"results: {run_dir / 'results.jsonl'}")
+    console.print(f"tables: {outputs['markdown']}")
+    console.print(f"plots: {run_dir / 'plots'} ({len(outputs['plots'])} files)")
+    if outputs["report"] is None:
+        console.print("[yellow]note:[/yellow] posenc.viz.report is not installed yet: no report.html written")
+    else:
+        console.print(f"report: {outputs['report']}")
+
+
 @app.command("study")
 def study(
     preset: str = typer.Option("quick", "--preset", help="quick (the default, ~15 min on 2 CPU cores) or full"),
@@ -207,6 +217,9 @@ def study(
     text_path: str = typer.Option(None, "--text", help="file or folder for task 'text'"),
     out: str = typer.Option(None, "--out", help="run folder (default runs/<preset>)"),
     threads: int = typer.Option(None, "--threads", help="torch threads (default min(2, cores))"),
+    summarize_only: bool = typer.Option(
+        False, "--summarize-only", help="train nothing: tables, plots and report from the finished runs in --out"
+    ),
 ) -> None:
     """Train encodings x tasks x seeds (skipping finished runs), then write tables, plots
     and the HTML report into the run folder. Under torchrun the runs are sharded across
@@ -214,6 +227,7 @@ def study(
     from pathlib import Path
 
     from posenc.experiments import distributed as pd
+    from posenc.experiments.results import read_results
     from posenc.experiments.study import plan_study, run_study, write_outputs
 
     try:
@@ -230,6 +244,14 @@ def study(
     except (ValueError, TypeError) as err:
         raise _fail(err) from None
     run_dir = Path(out) if out else Path("runs") / preset
+    if summarize_only:
+        try:
+            outputs = write_outputs(run_dir)
+        except (ValueError, TypeError) as err:
+            raise _fail(err) from None
+        _print_tables(read_results(run_dir))
+        _print_outputs(run_dir, outputs)
+        return
     if missing:
         console.print(
             f"[yellow]note:[/yellow] left out (not registered, or not buildable at this size): {'; '.join(missing)}"
@@ -283,13 +305,7 @@ def study(
         raise typer.Exit(130) from None
     finally:
         pd.shutdown()
-    console.print(f"results: {run_dir / 'results.jsonl'}")
-    console.print(f"tables: {outputs['markdown']}")
-    console.print(f"plots: {run_dir / 'plots'} ({len(outputs['plots'])} files)")
-    if outputs["report"] is None:
-        console.print("[yellow]note:[/yellow] posenc.viz.report is not installed yet: no report.html written")
-    else:
-        console.print(f"report: {outputs['report']}")
+    _print_outputs(run_dir, outputs)
 
 
 def main() -> None:  # pragma: no cover
