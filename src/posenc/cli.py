@@ -222,6 +222,90 @@ def study(
         console.print(f"report: {outputs['report']}")
 
 
+@app.command("extend")
+def extend(
+    preset: str = typer.Option("quick", "--preset", help="quick (~30 min on 2 CPU cores) or smoke (seconds)"),
+    tasks: str = typer.Option(None, "--tasks", help="comma-separated, default shakespeare,copy"),
+    seeds: str = typer.Option(None, "--seeds", help="comma-separated ints (default: the preset's)"),
+    checkpoint: str = typer.Option(
+        None,
+        "--checkpoint",
+        help="comma-separated finished rope run checkpoints to extend instead of training the preset's base runs",
+    ),
+    rules: str = typer.Option(
+        ",".join(("none", "linear", "ntk", "dynamic", "yarn", "llama3")),
+        "--rules",
+        help="comma-separated RoPE scaling rules",
+    ),
+    factors: str = typer.Option("2,4,8", "--factors", help="evaluation lengths as multiples of L (integers >= 1)"),
+    finetune_factor: int = typer.Option(None, "--finetune-factor", help="fine-tune at this multiple of L"),
+    finetune_steps: int = typer.Option(None, "--finetune-steps", help="fine-tuning steps per rule (0: no fine-tune)"),
+    baselines: str = typer.Option("alibi,t5", "--baselines", help="comma-separated non-RoPE encodings ('' for none)"),
+    out: str = typer.Option("runs/extend", "--out", help="output folder"),
+    base_dir: str = typer.Option(None, "--base-dir", help="where base runs are trained/reused (default <out>/base)"),
+    threads: int = typer.Option(None, "--threads", help="torch threads (default min(2, cores))"),
+) -> None:
+    """Context extension: a RoPE model trained at L, scored at 2L..8L with each scaling
+    rule zero-shot and after a short fine-tune; baselines; tables, plots, extension.json."""
+    import shlex
+    import sys
+    from pathlib import Path
+
+    from posenc.experiments.extend import PRESETS, Finetune, run_extension, write_outputs
+    from posenc.experiments.extend_summary import extension_tables, ordering_tables
+    from posenc.experiments.summary import to_rich
+
+    try:
+        if preset not in PRESETS:
+            raise ValueError(f"unknown preset {preset!r}; available: {sorted(PRESETS)}")
+        ft = PRESETS[preset][2]
+        if finetune_steps is not None and finetune_steps < 0:
+            raise ValueError(f"--finetune-steps must be >= 0, got {finetune_steps}")
+        finetune = None if finetune_steps == 0 else Finetune(
+            factor=finetune_factor if finetune_factor is not None else ft.factor,
+            steps=finetune_steps or ft.steps, batch_size=ft.batch_size, lr=ft.lr, warmup=ft.warmup)  # fmt: skip
+
+        def ints(name: str, value: str | None) -> list[int] | None:
+            if value is None:
+                return None
+            try:
+                return [int(x) for x in _csv(value)]
+            except ValueError:
+                raise ValueError(f"{name} must be comma-separated integers, got {value!r}") from None
+
+        command = "posenc extend " + " ".join(shlex.quote(a) for a in sys.argv[1:][1:]) if sys.argv[1:2] == [
+            "extend"] else "posenc extend"  # fmt: skip
+        with _progress() as progress:
+            bar = progress.add_task("extend", total=1, info="")
+
+            def on_stage(msg: str) -> None:
+                progress.reset(bar, total=1, description=msg, info="")
+
+            def on_step(step: int, total: int, loss: float) -> None:
+                progress.update(bar, total=total, completed=step, info=f"loss {loss:.3f}")
+
+            data = run_extension(
+                preset, out, tasks=_csv(tasks), seeds=ints("--seeds", seeds),
+                checkpoints=_csv(checkpoint), rules=tuple(_csv(rules)), factors=tuple(ints("--factors", factors)),
+                finetune=finetune, baselines=tuple(_csv(baselines) or ()) if baselines.strip() else (),
+                base_dir=base_dir, threads=threads, command=command, on_stage=on_stage, on_step=on_step,
+            )  # fmt: skip
+        outputs = write_outputs(data, out)
+    except (ValueError, TypeError, FloatingPointError) as err:
+        raise _fail(err) from None
+    except KeyboardInterrupt:
+        console.print("[yellow]interrupted[/yellow]: run the same command again (finished runs are kept)")
+        raise typer.Exit(130) from None
+    for t in extension_tables(data) + ordering_tables(data):
+        console.print(to_rich(t))
+    if data["baselines_missing"]:
+        console.print(f"[yellow]note:[/yellow] not registered, left out: {', '.join(data['baselines_missing'])}")
+    console.print(f"results: {outputs['json']}")
+    console.print(f"tables: {outputs['markdown']}")
+    console.print(f"plots: {', '.join(str(p) for p in outputs['plots'])}")
+    console.print(f"report section: posenc.viz.extension / {Path(out) / 'extension.json'}")
+
+
 def main() -> None:  # pragma: no cover
     app()
 
