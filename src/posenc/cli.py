@@ -251,7 +251,7 @@ def extend(
     import sys
     from pathlib import Path
 
-    from posenc.experiments.extend import PRESETS, Finetune, run_extension, write_outputs
+    from posenc.experiments.extend import PRESETS, Finetune, check_request, run_extension, write_outputs
     from posenc.experiments.extend_summary import extension_tables, ordering_tables
     from posenc.experiments.summary import to_rich
 
@@ -275,6 +275,9 @@ def extend(
 
         command = "posenc extend " + " ".join(shlex.quote(a) for a in sys.argv[1:][1:]) if sys.argv[1:2] == [
             "extend"] else "posenc extend"  # fmt: skip
+        check_request(preset, rules=tuple(_csv(rules)), factors=tuple(ints("--factors", factors)),
+                      baselines=tuple(_csv(baselines) or ()) if baselines.strip() else (),
+                      checkpoints=_csv(checkpoint), tasks=_csv(tasks), seeds=ints("--seeds", seeds))  # fmt: skip
         with _progress() as progress:
             bar = progress.add_task("extend", total=1, info="")
 

@@ -393,6 +393,35 @@ def finetune_config(config: RunConfig, rule: str, finetune: Finetune, checkpoint
     )
 
 
+def check_request(
+    preset: str = "quick",
+    *,
+    rules: tuple[str, ...] = RULES,
+    factors: tuple[int, ...] | None = None,
+    baselines: tuple[str, ...] | None = None,
+    checkpoints: list[str] | None = None,
+    tasks: list[str] | None = None,
+    seeds: list[int] | None = None,
+) -> tuple[tuple[str, ...], tuple[int, ...], tuple[str, ...], list[str]]:
+    """Validate a request before any work: ``(rules, factors, baselines present,
+    baselines not registered)``; a ``ValueError`` names the first bad input."""
+    rules = check_rules(rules)
+    if preset not in PRESETS:
+        raise ValueError(f"unknown preset {preset!r}; available: {sorted(PRESETS)}")
+    factors = check_factors(factors if factors is not None else (2, 4, 8))
+    wanted = BASELINES if baselines is None else tuple(baselines)
+    for b in wanted:
+        if not isinstance(b, str) or b in RULES or b == "rope":
+            raise ValueError(f"baseline {b!r} must be a non-RoPE encoding (e.g. {list(BASELINES)})")
+    registered = available()
+    if checkpoints:
+        for c in checkpoints:
+            load_base(c)  # a missing, unfinished or non-RoPE checkpoint fails here
+    else:
+        plan_base(preset, tasks=tasks, seeds=seeds)
+    return rules, factors, tuple(b for b in wanted if b in registered), [b for b in wanted if b not in registered]
+
+
 def run_extension(
     preset: str = "quick",
     out_dir: str | Path = "runs/extend",
@@ -416,27 +445,15 @@ def run_extension(
     (default ``<out>/base``) is where base runs are trained, so pointing it at a study
     folder reuses its finished runs when the configs are equal.
     """
-    rules = check_rules(rules)
-    if preset not in PRESETS:
-        raise ValueError(f"unknown preset {preset!r}; available: {sorted(PRESETS)}")
-    _, _, preset_ft = PRESETS[preset]
-    factors = check_factors(factors if factors is not None else (2, 4, 8))
-    finetune = preset_ft if finetune is None else finetune
-    wanted = BASELINES if baselines is None else tuple(baselines)
-    registered = available()
-    for b in wanted:
-        if not isinstance(b, str) or b in RULES or b == "rope":
-            raise ValueError(f"baseline {b!r} must be a non-RoPE encoding (e.g. {list(BASELINES)})")
-    present = tuple(b for b in wanted if b in registered)
-    missing = [b for b in wanted if b not in registered]
+    rules, factors, present, missing = check_request(preset, rules=rules, factors=factors, baselines=baselines,
+                                                     checkpoints=checkpoints, tasks=tasks, seeds=seeds)  # fmt: skip
+    finetune = PRESETS[preset][2] if finetune is None else finetune
     out_dir = Path(out_dir)
     base_dir = Path(base_dir) if base_dir is not None else out_dir / "base"
     stage = on_stage or (lambda _msg: None)
     cache: dict = {}
     if checkpoints:
         ckpts = [Path(c) for c in checkpoints]
-        for c in ckpts:
-            load_base(c)  # fail before any work on a missing or non-RoPE checkpoint
     else:
         ckpts = []
         for cfg in plan_base(preset, tasks=tasks, seeds=seeds, threads=threads):
