@@ -147,6 +147,15 @@ def test_cli_extend_tiny_writes_outputs(tmp_path):
     md = (out / "extension.md").read_text()
     assert "copy: per-token accuracy" in md and "published orderings" in md
     assert (out / "plots" / "extension_copy.png").stat().st_size > 1000
+    # the HTML report's section (posenc.viz.report.write_report(extra_sections=[...]))
+    from posenc.viz.extension import report_section
+
+    sec = report_section(out / "extension.json")
+    assert set(sec) == {"title", "text", "tables", "figures"} and "posenc extend" in sec["text"]
+    assert sec["tables"][0]["columns"] == ["rule / stage", "3 (1L)", "6 (2L)"] and len(sec["tables"][0]["rows"]) == 7
+    assert [cap for cap, _ in sec["figures"]] == ["copy: each rule against evaluation length"]
+    with pytest.raises(ValueError, match="does not exist"):
+        report_section(tmp_path / "nope.json")
     # running again reuses every finished run (nothing retrained) and gives the same numbers
     code, _ = _cli(args)
     assert code == 0

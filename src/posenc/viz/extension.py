@@ -23,8 +23,8 @@ def _line(ax, by_seed: dict[int, dict[int, float]], style: str, color, label: st
         ax.fill_between(lengths, [min(v) for v in per_len], [max(v) for v in per_len], color=color, alpha=0.2)
 
 
-def plot_task(data: dict[str, Any], task: str, path: str | Path, metric: str | None = None) -> Path:
-    """One figure for ``task``: a panel per rule. Returns the path written (PNG)."""
+def figure_task(data: dict[str, Any], task: str, metric: str | None = None):
+    """The matplotlib figure of ``task``: a panel per rule (caller closes it)."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -74,6 +74,14 @@ def plot_task(data: dict[str, Any], task: str, path: str | Path, metric: str | N
     fig.legend(handles, [lb if not lb.startswith("fine-tuned") else "fine-tuned" for lb in labels], fontsize=8,
                loc="upper left", bbox_to_anchor=(0.87, 0.9), frameon=False)  # fmt: skip
     fig.tight_layout(rect=(0, 0, 0.87, 0.95))
+    return fig
+
+
+def plot_task(data: dict[str, Any], task: str, path: str | Path, metric: str | None = None) -> Path:
+    """One PNG for ``task``: a panel per rule. Returns the path written."""
+    import matplotlib.pyplot as plt
+
+    fig = figure_task(data, task, metric)
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, dpi=110)
@@ -86,3 +94,39 @@ def plot_extension(data: dict[str, Any], out_dir: str | Path) -> list[Path]:
     out_dir = Path(out_dir)
     tasks = list(dict.fromkeys(r["task"] for r in data["records"]))
     return [plot_task(data, t, out_dir / f"extension_{_safe(t)}.png") for t in tasks]
+
+
+def report_section(extension: str | Path | dict[str, Any]) -> dict[str, Any]:
+    """A section for ``posenc.viz.report.write_report(..., extra_sections=[...])`` from an
+    ``extension.json`` path (or its dict): the tables, the ordering checks and one
+    figure per task, in the report's ``{"title", "text", "tables", "figures"}`` form.
+
+    Example:
+        >>> write_report("runs/extend/report.html",
+        ...              extra_sections=[report_section("runs/extend/extension.json")])
+    """
+    import json
+
+    from posenc.experiments.extend import validate_extension
+    from posenc.experiments.extend_summary import extension_tables, ordering_tables
+
+    if isinstance(extension, dict):
+        data = extension
+    else:
+        p = Path(extension)
+        if not p.is_file():
+            raise ValueError(f"extension file {str(p)!r} does not exist (run `posenc extend` first)")
+        data = json.loads(p.read_text(encoding="utf-8"))
+    validate_extension(data)
+    tasks = list(dict.fromkeys(r["task"] for r in data["records"]))
+    tables = [{"caption": t.title, "columns": t.columns, "rows": t.rows}
+              for t in extension_tables(data) + ordering_tables(data)]  # fmt: skip
+    ft = data["finetune"]
+    text = (f"RoPE models trained at L, scored at {', '.join(f'{f}L' for f in data['factors'])} with each scaling "
+            f"rule zero-shot (factor = length / L) and after {ft['steps']} fine-tuning steps at {ft['factor']}L "
+            if ft else "RoPE models trained at L, scored zero-shot with each scaling rule ")  # fmt: skip
+    text += f"({len({r['seed'] for r in data['records']})} seeds). Command: {data['command'] or 'posenc extend'}"
+    if data["baselines_missing"]:
+        text += f". Baselines not registered when run: {', '.join(data['baselines_missing'])}"
+    figures = [(f"{t}: each rule against evaluation length", figure_task(data, t)) for t in tasks]
+    return {"title": "Context extension (RoPE scaling rules)", "text": text, "tables": tables, "figures": figures}
