@@ -53,6 +53,7 @@ report), ``<out>/extension.md`` (tables) and ``<out>/plots/extension_<task>.png`
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import json
 from collections.abc import Callable
 from pathlib import Path
@@ -475,8 +476,18 @@ def run_extension(
                 "wall_time_s": round(float(state["elapsed"]), 1),
             }
         )
-        records += extend_one(c, out_dir, rules=rules, factors=factors, finetune=finetune, baselines=present,
-                              cache=cache, on_stage=stage, on_step=on_step)  # fmt: skip
+        # One base run's records are kept in <out>/records/, keyed by everything that
+        # determines them, so running the command again (or with more seeds) reuses them.
+        key = json.dumps([state["run_id"], list(rules), list(factors), present,
+                          None if finetune is None else dataclasses.asdict(finetune)])  # fmt: skip
+        saved = out_dir / "records" / f"{state['run_id']}__{hashlib.sha256(key.encode()).hexdigest()[:10]}.json"
+        if saved.is_file():
+            records += json.loads(saved.read_text(encoding="utf-8"))
+            continue
+        new = extend_one(c, out_dir, rules=rules, factors=factors, finetune=finetune, baselines=present, cache=cache,
+                         on_stage=stage, on_step=on_step)  # fmt: skip
+        atomic_write_bytes(saved, json.dumps(new).encode())
+        records += new
     return {
         "format": FORMAT,
         "kind": "posenc-extension",
