@@ -152,7 +152,7 @@ class Finetune:
 
 
 PRESETS: dict[str, tuple[dict[str, dict], tuple[int, ...], Finetune]] = {
-    "quick": (_QUICK_TASKS, (0, 1), Finetune()),
+    "quick": (_QUICK_TASKS, (0, 1), Finetune(steps=100)),
     "smoke": (_SMOKE_TASKS, (0,), Finetune(factor=2, steps=4, warmup=1)),
 }
 
