@@ -64,6 +64,7 @@ import torch
 from posenc.data.synthetic import SYNTHETIC_TASKS, SyntheticTask
 from posenc.experiments.config import TASKS, RunConfig, config_from_dict, replace
 from posenc.experiments.evaluate import lm_metrics, synthetic_metrics
+from posenc.experiments.extend_summary import FORMAT, STAGES, validate_extension, write_outputs  # noqa: F401
 from posenc.experiments.results import atomic_write_bytes, git_commit
 from posenc.experiments.train import (
     StepCallback,
@@ -78,8 +79,6 @@ from posenc.registry import available
 
 RULES: tuple[str, ...] = ("none", "linear", "ntk", "dynamic", "yarn", "llama3")
 BASELINES: tuple[str, ...] = ("alibi", "t5")
-FORMAT = 1
-STAGES = ("zero-shot", "fine-tuned", "baseline")
 # Keys a base model's rope parameters may carry (anything else means it was already scaled).
 _KEPT_ROPE_KEYS = ("rope_theta", "partial_rotary_factor")
 _KEPT_FLAT = ("layout", "rotary_dim", "partial_rotary_factor")
@@ -357,14 +356,24 @@ def extend_one(
                             "metrics": metrics})  # fmt: skip
     for name in baselines:
         stage(f"baseline {name}")
-        b_cfg = replace(config, model={"encoding": name, "encoding_params": {}})
-        train_run(b_cfg, out_dir / "base", on_step=on_step, corpus_cache=cache)
-        s = setup(b_cfg, cache)
-        b_model = _load_weights(build_model(b_cfg, s.vocab_size, max(s.max_len, top * C + 1)),
-                                checkpoint_path(out_dir / "base", b_cfg.run_id))  # fmt: skip
-        metrics = _tag(_evaluate(b_model, b_cfg, lengths, cache, top), None)
-        records.append({**common, "rule": name, "stage": "baseline", "finetune_length": None, "metrics": metrics})
+        records.append(baseline_record(config, name, out_dir, factors=factors, cache=cache, on_step=on_step))
     return records
+
+
+def baseline_record(config: RunConfig, encoding: str, out_dir: str | Path, *, factors: tuple[int, ...],
+                    cache: dict | None = None, on_step: StepCallback | None = None) -> dict[str, Any]:  # fmt: skip
+    """Train ``encoding`` with the base run's config (harness, ``<out>/base``) and score
+    it at ``L`` and every ``s * L``: the reference row of a training-free encoding."""
+    cache = {} if cache is None else cache
+    L, C, top = config.task.train_length, trained_context(config), max(factors)
+    b_cfg = replace(config, model={"encoding": encoding, "encoding_params": {}})
+    train_run(b_cfg, Path(out_dir) / "base", on_step=on_step, corpus_cache=cache)
+    s = setup(b_cfg, cache)
+    b_model = _load_weights(build_model(b_cfg, s.vocab_size, max(s.max_len, top * C + 1)),
+                            checkpoint_path(Path(out_dir) / "base", b_cfg.run_id))  # fmt: skip
+    metrics = _tag(_evaluate(b_model, b_cfg, sorted({L, *(f * L for f in factors)}), cache, top), None)
+    return {"task": config.task.label, "seed": config.train.seed, "train_length": L, "context": C, "rule": encoding,
+            "stage": "baseline", "finetune_length": None, "metrics": metrics}  # fmt: skip
 
 
 def finetune_config(config: RunConfig, rule: str, finetune: Finetune, checkpoint: str | Path) -> RunConfig:
@@ -392,6 +401,10 @@ def finetune_config(config: RunConfig, rule: str, finetune: Finetune, checkpoint
             "init_from": str(checkpoint),
         },  # fmt: skip
     )
+
+
+def _saved(out_dir: Path, name: str, key: str) -> Path:
+    return out_dir / "records" / f"{name}__{hashlib.sha256(key.encode()).hexdigest()[:10]}.json"
 
 
 def check_request(
@@ -478,16 +491,26 @@ def run_extension(
         )
         # One base run's records are kept in <out>/records/, keyed by everything that
         # determines them, so running the command again (or with more seeds) reuses them.
-        key = json.dumps([state["run_id"], list(rules), list(factors), present,
+        # Baselines are kept apart, so adding one later reuses the rules' records.
+        key = json.dumps([state["run_id"], list(rules), list(factors), [],
                           None if finetune is None else dataclasses.asdict(finetune)])  # fmt: skip
-        saved = out_dir / "records" / f"{state['run_id']}__{hashlib.sha256(key.encode()).hexdigest()[:10]}.json"
+        saved = _saved(out_dir, state["run_id"], key)
         if saved.is_file():
             records += json.loads(saved.read_text(encoding="utf-8"))
-            continue
-        new = extend_one(c, out_dir, rules=rules, factors=factors, finetune=finetune, baselines=present, cache=cache,
-                         on_stage=stage, on_step=on_step)  # fmt: skip
-        atomic_write_bytes(saved, json.dumps(new).encode())
-        records += new
+        else:
+            new = extend_one(c, out_dir, rules=rules, factors=factors, finetune=finetune, cache=cache, on_stage=stage,
+                             on_step=on_step)  # fmt: skip
+            atomic_write_bytes(saved, json.dumps(new).encode())
+            records += new
+        for name in present:
+            saved = _saved(out_dir, f"{state['run_id']}__{name}", json.dumps([state["run_id"], name, list(factors)]))
+            if saved.is_file():
+                records.append(json.loads(saved.read_text(encoding="utf-8")))
+                continue
+            stage(f"baseline {name}")
+            rec = baseline_record(cfg, name, out_dir, factors=factors, cache=cache, on_step=on_step)
+            atomic_write_bytes(saved, json.dumps(rec).encode())
+            records.append(rec)
     return {
         "format": FORMAT,
         "kind": "posenc-extension",
@@ -502,52 +525,3 @@ def run_extension(
         "base_runs": base_runs,
         "records": records,
     }
-
-
-def validate_extension(data: Any) -> dict[str, Any]:
-    """Check an ``extension.json`` dict against the schema; ``ValueError`` naming what is wrong."""
-    keys = {"format", "kind", "command", "git_commit", "torch_version", "rules", "factors", "baselines",
-            "baselines_missing", "finetune", "base_runs", "records"}  # fmt: skip
-    if not isinstance(data, dict) or set(data) != keys:
-        got = sorted(data) if isinstance(data, dict) else type(data).__name__
-        raise ValueError(f"extension data must have keys {sorted(keys)}, got {got}")
-    if data["format"] != FORMAT or data["kind"] != "posenc-extension":
-        raise ValueError(f"not a posenc extension file (format {data['format']!r}, kind {data['kind']!r})")
-    rec_keys = {"task", "seed", "rule", "stage", "train_length", "context", "finetune_length", "metrics"}
-    for i, r in enumerate(data["records"]):
-        if not isinstance(r, dict) or set(r) != rec_keys:
-            raise ValueError(f"records[{i}] must have keys {sorted(rec_keys)}")
-        if r["stage"] not in STAGES:
-            raise ValueError(f"records[{i}].stage must be one of {STAGES}, got {r['stage']!r}")
-        if not r["metrics"]:
-            raise ValueError(f"records[{i}].metrics is empty")
-        for m in r["metrics"]:
-            if not isinstance(m.get("length"), int) or "factor" not in m:
-                raise ValueError(f"records[{i}] metric {m!r} needs an int length and a factor")
-            if not ({"ppl", "ppl_sliding"} <= set(m) or {"exact_match", "token_accuracy"} <= set(m)):
-                raise ValueError(f"records[{i}] metric {m!r} has neither ppl nor exact_match/token_accuracy")
-    return data
-
-
-def write_outputs(data: dict[str, Any], out_dir: str | Path) -> dict[str, Any]:
-    """``extension.json``, ``extension.md`` (tables + ordering checks) and one plot per task."""
-    from posenc.experiments.extend_summary import extension_tables, ordering_tables
-    from posenc.experiments.summary import to_markdown
-    from posenc.viz.extension import plot_extension
-
-    validate_extension(data)
-    out_dir = Path(out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    json_path = out_dir / "extension.json"
-    atomic_write_bytes(json_path, (json.dumps(data, indent=1) + "\n").encode())
-    plots = plot_extension(data, out_dir / "plots")
-    md = ["# Context extension", ""]
-    if data["command"]:
-        md += ["Command:", "", "```", data["command"], "```", ""]
-    if data["baselines_missing"]:
-        md += [f"Baselines not registered in this installation (left out): {', '.join(data['baselines_missing'])}", ""]
-    md += [to_markdown(extension_tables(data)), to_markdown(ordering_tables(data))]
-    md += [f"![{p.stem}](plots/{p.name})" for p in plots]
-    md_path = out_dir / "extension.md"
-    md_path.write_text("\n".join(md) + "\n", encoding="utf-8")
-    return {"json": json_path, "markdown": md_path, "plots": plots}

@@ -17,11 +17,17 @@ bloc97 2023, NTK-aware scaling), checked at every length ``E > L``:
 
 from __future__ import annotations
 
+import json
 import statistics
 from collections import defaultdict
+from pathlib import Path
 from typing import Any
 
+from posenc.experiments.results import atomic_write_bytes
 from posenc.experiments.summary import TableData, _cell
+
+FORMAT = 1
+STAGES = ("zero-shot", "fine-tuned", "baseline")
 
 
 def primary_metric(data: dict[str, Any], task: str) -> str:
@@ -152,3 +158,51 @@ def ordering_tables(data: dict[str, Any]) -> list[TableData]:
         out.append(TableData(f"{task}: published orderings by {key}, seeds where each holds (means)",
                              ["claim", *map(str, lengths)], rows))  # fmt: skip
     return out
+
+
+def validate_extension(data: Any) -> dict[str, Any]:
+    """Check an ``extension.json`` dict against the schema; ``ValueError`` naming what is wrong."""
+    keys = {"format", "kind", "command", "git_commit", "torch_version", "rules", "factors", "baselines",
+            "baselines_missing", "finetune", "base_runs", "records"}  # fmt: skip
+    if not isinstance(data, dict) or set(data) != keys:
+        got = sorted(data) if isinstance(data, dict) else type(data).__name__
+        raise ValueError(f"extension data must have keys {sorted(keys)}, got {got}")
+    if data["format"] != FORMAT or data["kind"] != "posenc-extension":
+        raise ValueError(f"not a posenc extension file (format {data['format']!r}, kind {data['kind']!r})")
+    rec_keys = {"task", "seed", "rule", "stage", "train_length", "context", "finetune_length", "metrics"}
+    for i, r in enumerate(data["records"]):
+        if not isinstance(r, dict) or set(r) != rec_keys:
+            raise ValueError(f"records[{i}] must have keys {sorted(rec_keys)}")
+        if r["stage"] not in STAGES:
+            raise ValueError(f"records[{i}].stage must be one of {STAGES}, got {r['stage']!r}")
+        if not r["metrics"]:
+            raise ValueError(f"records[{i}].metrics is empty")
+        for m in r["metrics"]:
+            if not isinstance(m.get("length"), int) or "factor" not in m:
+                raise ValueError(f"records[{i}] metric {m!r} needs an int length and a factor")
+            if not ({"ppl", "ppl_sliding"} <= set(m) or {"exact_match", "token_accuracy"} <= set(m)):
+                raise ValueError(f"records[{i}] metric {m!r} has neither ppl nor exact_match/token_accuracy")
+    return data
+
+
+def write_outputs(data: dict[str, Any], out_dir: str | Path) -> dict[str, Any]:
+    """``extension.json``, ``extension.md`` (tables + ordering checks) and one plot per task."""
+    from posenc.experiments.summary import to_markdown
+    from posenc.viz.extension import plot_extension
+
+    validate_extension(data)
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    json_path = out_dir / "extension.json"
+    atomic_write_bytes(json_path, (json.dumps(data, indent=1) + "\n").encode())
+    plots = plot_extension(data, out_dir / "plots")
+    md = ["# Context extension", ""]
+    if data["command"]:
+        md += ["Command:", "", "```", data["command"], "```", ""]
+    if data["baselines_missing"]:
+        md += [f"Baselines not registered in this installation (left out): {', '.join(data['baselines_missing'])}", ""]
+    md += [to_markdown(extension_tables(data)), to_markdown(ordering_tables(data))]
+    md += [f"![{p.stem}](plots/{p.name})" for p in plots]
+    md_path = out_dir / "extension.md"
+    md_path.write_text("\n".join(md) + "\n", encoding="utf-8")
+    return {"json": json_path, "markdown": md_path, "plots": plots}

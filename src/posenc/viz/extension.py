@@ -107,8 +107,7 @@ def report_section(extension: str | Path | dict[str, Any]) -> dict[str, Any]:
     """
     import json
 
-    from posenc.experiments.extend import validate_extension
-    from posenc.experiments.extend_summary import extension_tables, ordering_tables
+    from posenc.experiments.extend_summary import extension_tables, ordering_tables, validate_extension
 
     if isinstance(extension, dict):
         data = extension
