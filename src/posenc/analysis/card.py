@@ -1,0 +1,128 @@
+"""The report card: every measurement of one encoding, and one summary row per encoding."""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from typing import Any
+
+from posenc.analysis import measures as M
+from posenc.analysis.probe import Probe, build
+from posenc.functional.checks import positive_int
+from posenc.registry import available
+
+
+@dataclasses.dataclass(frozen=True)
+class CardConfig:
+    """Sizes at which every encoding is measured (small enough for a CPU in seconds)."""
+
+    dim: int = 32  # sine's geometric periods overflow int64 above dim 61
+    num_heads: int = 2
+    horizon: int = 256
+    train_length: int = 128
+    beyond_horizon: int = 512
+    relative_length: int = 48
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        for f in dataclasses.fields(self):
+            if f.name != "seed":
+                positive_int(f.name, getattr(self, f.name))
+        if self.beyond_horizon <= self.train_length:
+            raise ValueError(f"beyond_horizon must be > train_length, got {self.beyond_horizon}")
+
+
+@dataclasses.dataclass(frozen=True)
+class ReportCard:
+    """All measurements of one encoding built at ``config`` sizes."""
+
+    name: str
+    family: str
+    kind: str
+    params: dict[str, Any]
+    config: CardConfig
+    magnitude: M.Magnitude
+    length: M.LengthDependence
+    continuity: M.Continuity
+    uniqueness: M.Uniqueness
+    relativeness: M.Relativeness
+    profile: M.DistanceProfile
+    beyond: M.Beyond
+    order: M.OrderBlindness
+    order_causal: M.OrderBlindness
+
+    def row(self) -> dict[str, Any]:
+        """One row of the report-card table (plain Python values)."""
+        u, b = self.uniqueness, self.beyond
+        if b.error is not None:
+            past = "error"
+        elif b.saturation is not None and b.saturation < b.train_length:
+            past = f"saturates at {b.saturation}"
+        else:
+            past = f"new vectors (≤{b.max_unseen:.3g} steps away)" if b.max_unseen else "nothing new"
+        return {
+            "encoding": self.name,
+            "family": self.family,
+            "signal": self.kind,
+            f"max |PE| / |token| (≤{self.config.horizon})": (
+                self.magnitude.max_ratio if self.kind == "vector" else None
+            ),
+            "length change": self.length.max_change,
+            "max/median step": self.continuity.ratio,
+            "min distance": u.min_distance,
+            "period": u.period,
+            "relative dev.": self.relativeness.deviation,
+            f"past L={b.train_length}": past,
+            "order-blind (bidir.)": self.order.blind,
+            "order-blind (causal)": self.order_causal.blind,
+        }
+
+
+def report_card(name: str, config: CardConfig | None = None, params: dict[str, Any] | None = None) -> ReportCard:
+    """Measure encoding ``name`` (built with ``posenc.registry.create_for_model``)."""
+    cfg = config or CardConfig()
+    kw = dict(dim=cfg.dim, num_heads=cfg.num_heads, params=params, seed=cfg.seed)
+    # Length-limited encodings (learned) get the trained length as their size.
+    probe = build(name, max_len=cfg.train_length, **kw)
+    probe_causal = build(name, max_len=cfg.train_length, causal=True, **kw)
+    horizon = cfg.horizon
+    limit = getattr(probe.pe.params, "max_len", None)
+    if isinstance(limit, int) and limit < horizon:
+        horizon = limit  # measure inside the table; `beyond` shows what happens past it
+    return ReportCard(
+        name=name,
+        family=probe.family,
+        kind=probe.kind,
+        params=probe.pe.params.asdict(),
+        config=cfg,
+        magnitude=M.magnitude(probe, horizon),
+        length=M.length_dependence(probe, tuple(n for n in (16, 32, 64, horizon) if n <= horizon)),
+        continuity=M.continuity(probe, horizon),
+        uniqueness=M.uniqueness(probe, horizon),
+        relativeness=M.relativeness(probe, min(cfg.relative_length, horizon)),
+        profile=M.distance_profile(probe, horizon),
+        beyond=M.beyond(probe, cfg.train_length, cfg.beyond_horizon),
+        order=M.order_blindness(probe),
+        order_causal=M.order_blindness(probe_causal),
+    )
+
+
+def report_cards(names: list[str] | None = None, config: CardConfig | None = None) -> list[ReportCard]:
+    """Report cards of ``names`` (default: every registered encoding), in order."""
+    names = available() if names is None else list(names)
+    return [report_card(n, config) for n in names]
+
+
+def format_value(value: Any) -> str:
+    """A table cell: floats to 3 significant digits, inf/None/bools spelled out."""
+    if value is None:
+        return "–"
+    if isinstance(value, bool):
+        return "yes" if value else "no"
+    if isinstance(value, float):
+        if math.isinf(value):
+            return "∞"
+        if value == 0.0:
+            return "0"
+        return f"{value:.3g}"
+    return str(value)
