@@ -7,7 +7,7 @@ import math
 from typing import Any
 
 from posenc.analysis import measures as M
-from posenc.analysis.probe import Probe, build
+from posenc.analysis.probe import build
 from posenc.functional.checks import positive_int
 from posenc.registry import available
 
@@ -54,7 +54,9 @@ class ReportCard:
     def row(self) -> dict[str, Any]:
         """One row of the report-card table (plain Python values)."""
         u, b = self.uniqueness, self.beyond
-        if b.error is not None:
+        if self.kind == "none":
+            past = "no position signal"
+        elif b.error is not None:
             past = "error"
         elif b.saturation is not None and b.saturation < b.train_length:
             past = f"saturates at {b.saturation}"

@@ -46,7 +46,9 @@ class Magnitude:
         return float(self.ratio.max())
 
 
-def magnitude(probe: Probe, horizon: int = 256, *, token_std: float = 1.0, token_norm: float | None = None) -> Magnitude:
+def magnitude(
+    probe: Probe, horizon: int = 256, *, token_std: float = 1.0, token_norm: float | None = None
+) -> Magnitude:
     """Norm of each position's signature against a typical token-embedding norm."""
     positive_int("horizon", horizon)
     positive_float("token_std", token_std)

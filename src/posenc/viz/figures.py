@@ -136,7 +136,9 @@ def distance(names: list[str] | None = None, *, max_distance: int = 256, dim: in
         if probe.kind == "vector":
             sig = A.signature(probe, 2 * max_distance).double()  # [2R, dim]
             unit = sig / sig.norm(dim=-1, keepdim=True).clamp_min(1e-12)
-            cos = torch.stack([(unit[: max_distance] * unit[r : r + max_distance]).sum(-1).mean() for r in range(max_distance)])
+            cos = torch.stack(
+                [(unit[:max_distance] * unit[r : r + max_distance]).sum(-1).mean() for r in range(max_distance)]
+            )
             ax1.plot(cos.numpy(), label=n)
             left += 1
         elif probe.kind != "none":
