@@ -47,7 +47,7 @@ def attention_weights(model: Transformer, tokens: torch.Tensor) -> torch.Tensor:
     b, s = tokens.shape
     pos = torch.arange(s, device=tokens.device)
     maps = []
-    for blk, (x, bias) in zip(model.blocks, captured):
+    for blk, (x, bias) in zip(model.blocks, captured, strict=True):
         attn = blk.attn
         q = rearrange(attn.q_proj(x), "b s (h d) -> b h s d", h=attn.num_heads)
         k = rearrange(attn.k_proj(x), "b s (h d) -> b h s d", h=attn.num_kv_heads)

@@ -241,7 +241,7 @@ def rotation(name: str = "rope", *, head_dim: int = 64, positions: int = 24) -> 
     import matplotlib as mpl
 
     norm = mpl.colors.Normalize(0, positions - 1)
-    for ax, (i, j, ang, _) in zip(axes, chosen):
+    for ax, (i, j, ang, _) in zip(axes, chosen, strict=True):
         x, y = q_rot[:, i].numpy(), q_rot[:, j].numpy()
         ax.plot(x, y, color="0.8", lw=1, zorder=1)
         sc = ax.scatter(x, y, c=pos.numpy(), cmap="viridis", norm=norm, s=25, zorder=2)

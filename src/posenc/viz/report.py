@@ -137,7 +137,7 @@ def _study_section(study_dir: pathlib.Path) -> dict[str, Any]:
         )
         fig = go.Figure()
         for enc, tl, cells in t.rows:
-            xs = [n for n, c in zip(t.lengths, cells) if c is not None]
+            xs = [n for n, c in zip(t.lengths, cells, strict=True) if c is not None]
             ys = [c[0] for c in cells if c is not None]
             err = [c[1] for c in cells if c is not None]
             fig.add_trace(go.Scatter(x=xs, y=ys, error_y={"array": err}, mode="lines+markers", name=f"{enc} (L={tl})"))
