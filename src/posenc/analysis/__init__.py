@@ -5,7 +5,7 @@
 >>> card.uniqueness.min_distance, card.continuity.ratio
 """
 
-from posenc.analysis.card import CardConfig, ReportCard, format_value, report_card, report_cards
+from posenc.analysis.card import CardConfig, ReportCard, card_for_probe, format_value, report_card, report_cards
 from posenc.analysis.measures import (
     Beyond,
     Continuity,
@@ -43,6 +43,7 @@ __all__ = [
     "beyond",
     "bias_matrix",
     "build",
+    "card_for_probe",
     "continuity",
     "distance_profile",
     "distinct_counts",

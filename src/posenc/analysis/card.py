@@ -7,7 +7,7 @@ import math
 from typing import Any
 
 from posenc.analysis import measures as M
-from posenc.analysis.probe import build
+from posenc.analysis.probe import Probe, build
 from posenc.functional.checks import positive_int
 from posenc.registry import available
 
@@ -57,9 +57,9 @@ class ReportCard:
         if self.kind == "none":
             past = "no position signal"
         elif b.error is not None:
-            past = "error"
+            past = f"error past L={b.train_length}"
         elif b.saturation is not None and b.saturation < b.train_length:
-            past = f"saturates at {b.saturation}"
+            past = f"saturates at distance {b.saturation}"
         else:
             past = f"new vectors (≤{b.max_unseen:.3g} steps away)" if b.max_unseen else "nothing new"
         return {
@@ -74,7 +74,7 @@ class ReportCard:
             "min distance": u.min_distance,
             "period": u.period,
             "relative dev.": self.relativeness.deviation,
-            f"past L={b.train_length}": past,
+            "past the trained length L": past,
             "order-blind (bidir.)": self.order.blind,
             "order-blind (causal)": self.order_causal.blind,
         }
@@ -87,23 +87,43 @@ def report_card(name: str, config: CardConfig | None = None, params: dict[str, A
     # Length-limited encodings (learned) get the trained length as their size.
     probe = build(name, max_len=cfg.train_length, **kw)
     probe_causal = build(name, max_len=cfg.train_length, causal=True, **kw)
+    return card_for_probe(probe, cfg, probe_causal=probe_causal)
+
+
+def card_for_probe(
+    probe: Probe,
+    config: CardConfig | None = None,
+    *,
+    probe_causal: Probe | None = None,
+    token_norm: float | None = None,
+) -> ReportCard:
+    """Measure an already built encoding (e.g. a pretrained model's table, see
+    ``posenc.analysis.pretrained``). ``token_norm`` replaces the unit-variance token
+    norm of the magnitude ratio; ``probe_causal`` (default: ``probe`` with a causal
+    mask) is used for the causal order-blindness test."""
+    cfg = config or CardConfig()
+    if probe_causal is None:
+        probe_causal = Probe(probe.name, probe.pe, probe.dim, probe.num_heads, causal=True)
     horizon = cfg.horizon
     limit = getattr(probe.pe.params, "max_len", None)
     if isinstance(limit, int) and limit < horizon:
         horizon = limit  # measure inside the table; `beyond` shows what happens past it
+    # A table of max_len rows is trained up to max_len: `beyond` looks past the table.
+    train_length = limit if isinstance(limit, int) else cfg.train_length
+    beyond_horizon = max(cfg.beyond_horizon, train_length + 1)
     return ReportCard(
-        name=name,
+        name=probe.name,
         family=probe.family,
         kind=probe.kind,
         params=probe.pe.params.asdict(),
         config=cfg,
-        magnitude=M.magnitude(probe, horizon),
+        magnitude=M.magnitude(probe, horizon, token_norm=token_norm),
         length=M.length_dependence(probe, tuple(n for n in (16, 32, 64, horizon) if n <= horizon)),
         continuity=M.continuity(probe, horizon),
         uniqueness=M.uniqueness(probe, horizon),
         relativeness=M.relativeness(probe, min(cfg.relative_length, horizon)),
         profile=M.distance_profile(probe, horizon),
-        beyond=M.beyond(probe, cfg.train_length, cfg.beyond_horizon),
+        beyond=M.beyond(probe, train_length, beyond_horizon),
         order=M.order_blindness(probe),
         order_causal=M.order_blindness(probe_causal),
     )

@@ -153,16 +153,18 @@ def uniqueness(probe: Probe, horizon: int = 256, *, rtol: float = 1e-5) -> Uniqu
     if positive_int("horizon", horizon) < 2:
         raise ValueError(f"horizon must be >= 2, got {horizon}")
     sig = signature(probe, horizon).double()
-    dist = torch.cdist(sig, sig)  # [H, H]
-    dist.fill_diagonal_(math.inf)
-    flat = int(dist.argmin())
-    i, j = divmod(flat, horizon)
+    # Exact differences (no matmul shortcut): repeats must come out as 0, not 1e-7.
+    dist = torch.cdist(sig, sig, compute_mode="donot_use_mm_for_euclid_dist")  # [H, H]
     tol = rtol * max(float(sig.norm(dim=-1).max()), 1e-12)
     period = None
     for p in range(1, horizon):
-        if float((sig[p:] - sig[:-p]).norm(dim=-1).max()) <= tol:
+        # sig(i + p) = sig(i) for every i: the p-th diagonal of the distance matrix is 0.
+        if float(torch.diagonal(dist, offset=p).max()) <= tol:
             period = p
             break
+    dist.fill_diagonal_(math.inf)
+    flat = int(dist.argmin())
+    i, j = divmod(flat, horizon)
     return Uniqueness(
         horizon=horizon, min_distance=float(dist[i, j]), pair=(min(i, j), max(i, j)), period=period,
         scale=_median_step(sig),

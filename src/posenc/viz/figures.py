@@ -395,3 +395,38 @@ def plot(name: str, kind: str, **kwargs: Any) -> Figure:
     if kind not in KINDS:
         raise ValueError(f"unknown kind {kind!r}; kinds: {sorted([*KINDS, *GLOBAL_KINDS])}")
     return KINDS[kind](name, **kwargs)
+
+
+def pretrained(model_dir: str | None = None, *, name: str | None = None, horizon: int | None = None) -> Figure:
+    """A pretrained model's learned position table: norms against the mean token norm,
+    and the position × position cosine similarity (default model: all-MiniLM-L6-v2)."""
+    from posenc.analysis import pretrained as P
+
+    try:
+        path = P.minilm_dir() if model_dir is None else model_dir
+    except FileNotFoundError as err:
+        raise FigureUnavailable(str(err)) from None
+    info = P.load_positions(path)
+    if info.kind != "learned" or info.table is None:
+        raise FigureUnavailable(f"{path} uses {info.kind!r} positions, not a learned table")
+    label = name or ("all-MiniLM-L6-v2" if model_dir is None else str(info.model_dir.name))
+    table = info.table.double()[: horizon or None]  # [s, dim]
+    norms = table.norm(dim=-1)
+    unit = table / norms[:, None].clamp_min(1e-12)
+    fig = _figure(13.0, 4.8)
+    ax1, ax2 = fig.subplots(1, 2, width_ratios=[1.3, 1])
+    ax1.plot(norms.numpy(), label="‖PE(pos)‖")
+    if info.token_norm is not None:
+        ax1.axhline(info.token_norm, color="black", ls="--", lw=1, label=f"mean token norm {info.token_norm:.3g}")
+    ax1.set_xlabel("position")
+    ax1.set_ylabel("norm")
+    ax1.set_yscale("log")
+    ax1.set_title(f"norms of the {table.shape[0]} learned position vectors (dim {table.shape[1]})")
+    ax1.legend()
+    im = ax2.imshow((unit @ unit.T).numpy(), origin="lower", cmap="RdBu_r", vmin=-1, vmax=1, interpolation="nearest")
+    fig.colorbar(im, ax=ax2, label="cosine similarity")
+    ax2.set_xlabel("position n")
+    ax2.set_ylabel("position m")
+    ax2.set_title("cos(PE(m), PE(n))")
+    fig.suptitle(f"{label}: learned absolute position embeddings ({info.tensor_name})")
+    return fig
