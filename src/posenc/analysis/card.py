@@ -55,28 +55,26 @@ class ReportCard:
         """One row of the report-card table (plain Python values)."""
         u, b = self.uniqueness, self.beyond
         if self.kind == "none":
-            past = "no position signal"
+            past = "no signal"
         elif b.error is not None:
-            past = f"error past L={b.train_length}"
+            past = f"error (L={b.train_length})"
         elif b.saturation is not None and b.saturation < b.train_length:
-            past = f"saturates at distance {b.saturation}"
+            past = f"saturates at {b.saturation}"
         else:
-            past = f"new vectors (≤{b.max_unseen:.3g} steps away)" if b.max_unseen else "nothing new"
+            past = f"new ({b.max_unseen:.3g} steps)" if b.max_unseen else "nothing new"
         return {
             "encoding": self.name,
             "family": self.family,
             "signal": self.kind,
-            f"max |PE| / |token| (≤{self.config.horizon})": (
-                self.magnitude.max_ratio if self.kind == "vector" else None
-            ),
-            "length change": self.length.max_change,
-            "max/median step": self.continuity.ratio,
-            "min distance": u.min_distance,
+            "|PE|/|tok|": self.magnitude.max_ratio if self.kind == "vector" else None,
+            "len. change": self.length.max_change,
+            "max/med step": self.continuity.ratio,
+            "min dist": u.min_distance,
             "period": u.period,
-            "relative dev.": self.relativeness.deviation,
-            "past the trained length L": past,
-            "order-blind (bidir.)": self.order.blind,
-            "order-blind (causal)": self.order_causal.blind,
+            "rel. dev.": self.relativeness.deviation,
+            "past L": past,
+            "blind": self.order.blind,
+            "blind causal": self.order_causal.blind,
         }
 
 

