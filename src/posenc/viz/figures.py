@@ -174,8 +174,7 @@ def bias_matrix(name: str, *, length: int = 64, num_heads: int = 4, dim: int = 6
         im = ax.imshow(bias[hd], origin="upper", cmap="magma", vmin=vmin, vmax=vmax, interpolation="nearest")
         ax.set_title(f"head {hd}")
         ax.set_xlabel("key position n")
-        if hd == 0:
-            ax.set_ylabel("query position m")
+        ax.set_ylabel("query position m")
     fig.colorbar(im, ax=list(axes), label="bias added to the score")
     fig.suptitle(f"{name}: bias(m, n){' (causal)' if causal else ''}")
     return fig

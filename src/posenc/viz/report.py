@@ -114,12 +114,11 @@ def _card_curves(cards: list[A.ReportCard]) -> list[dict[str, Any]]:
     return out
 
 
-def _study_section(study_dir: pathlib.Path) -> dict[str, Any]:
+def _study_section(study_dir: pathlib.Path, runs: list[dict[str, Any]]) -> dict[str, Any]:
     import plotly.graph_objects as go
 
-    from posenc.viz.study import load_results, summarize
+    from posenc.viz.study import summarize
 
-    runs = load_results(study_dir)
     tables, plots = [], []
     for t in summarize(runs):
         rows = []
@@ -314,6 +313,12 @@ def write_report(
     for n in names:
         posenc.get(n)  # unknown names list the valid ones
     path = pathlib.Path(path)
+    study = None
+    if study_dir is not None:  # read first: a bad study directory fails before the slow work
+        from posenc.viz.study import load_results
+
+        say(f"reading study results from {study_dir}")
+        study = load_results(study_dir)
     say(f"measuring {len(names)} encodings")
     cards = A.report_cards(names, config)
     columns = list(cards[0].row()) if cards else []
@@ -341,9 +346,8 @@ def write_report(
         else:
             say("measuring a pretrained model's positions")
             sections.append(_pretrained_section(model_dir, config or A.CardConfig()))
-    if study_dir is not None:
-        say(f"reading study results from {study_dir}")
-        sections.append(_study_section(pathlib.Path(study_dir)))
+    if study is not None:
+        sections.append(_study_section(pathlib.Path(study_dir), study))
     for i, extra in enumerate(extra_sections or []):
         sections.append(_extra(extra, i))
 
