@@ -65,7 +65,7 @@ def _fail(err: Exception) -> typer.Exit:
 
 @app.command("analyze")
 def analyze(
-    names: list[str] = typer.Argument(None, help="encodings to measure (default: every registered one)"),
+    names: list[str] = typer.Argument(None, help="encodings to measure (default: every registered one)"),  # noqa: B008
     dim: int = typer.Option(32, help="model width"),
     heads: int = typer.Option(2, help="attention heads"),
     horizon: int = typer.Option(256, help="positions measured"),

@@ -7,7 +7,7 @@ import math
 from typing import Any
 
 from posenc.analysis import measures as M
-from posenc.analysis.probe import Probe, build
+from posenc.analysis.probe import Probe, build, supported_length
 from posenc.functional.checks import positive_int
 from posenc.registry import available
 
@@ -102,12 +102,13 @@ def card_for_probe(
     cfg = config or CardConfig()
     if probe_causal is None:
         probe_causal = Probe(probe.name, probe.pe, probe.dim, probe.num_heads, causal=True)
-    horizon = cfg.horizon
-    limit = getattr(probe.pe.params, "max_len", None)
-    if isinstance(limit, int) and limit < horizon:
-        horizon = limit  # measure inside the table; `beyond` shows what happens past it
-    # A table of max_len rows is trained up to max_len: `beyond` looks past the table.
-    train_length = limit if isinstance(limit, int) else cfg.train_length
+    # Encodings that refuse positions past some length (a learned table of max_len rows,
+    # binary's 2**dim): measure inside, and let `beyond` look past that end.
+    limit = supported_length(probe, cfg.beyond_horizon + 1)
+    if limit < 2:
+        raise ValueError(f"{probe.name} supports only {limit} position(s); nothing to measure")
+    horizon = min(cfg.horizon, limit)
+    train_length = limit if limit <= cfg.beyond_horizon else cfg.train_length
     beyond_horizon = max(cfg.beyond_horizon, train_length + 1)
     return ReportCard(
         name=probe.name,

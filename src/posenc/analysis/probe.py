@@ -92,15 +92,17 @@ def build(
 ) -> Probe:
     """Build encoding ``name`` through ``posenc.registry.create_for_model`` so that the
     size parameters it declares (``dim``, ``num_heads``, ``head_dim``, ``max_len``,
-    ``causal``) are filled; ``params`` override them. Seeded, in eval mode."""
+    ``causal``) are filled; the encoding's ``example_params`` (e.g. rope2d's grid width)
+    and then ``params`` override them. Seeded, in eval mode."""
     positive_int("dim", dim)
     positive_int("num_heads", num_heads)
     if dim % num_heads:
         raise ValueError(f"dim={dim} is not divisible by num_heads={num_heads}")
-    get(name)  # unknown names list the valid ones
+    cls = get(name)  # unknown names list the valid ones
     torch.manual_seed(seed)
+    merged = {**getattr(cls, "example_params", {}), **(params or {})}
     pe = create_for_model(
-        name, params, dim=dim, num_heads=num_heads, head_dim=dim // num_heads, max_len=max_len, causal=causal
+        name, merged, dim=dim, num_heads=num_heads, head_dim=dim // num_heads, max_len=max_len, causal=causal
     )
     _randomize_constant_tables(pe, seed)
     return Probe(name=name, pe=pe.eval(), dim=dim, num_heads=num_heads, causal=causal)
@@ -179,6 +181,26 @@ def signature(probe: Probe, positions) -> torch.Tensor:
         top = int(pos.max()) + 1 if pos.numel() else 1
         return rearrange(bias_matrix(probe, top)[:, pos, 0], "h s -> s h")  # bias of query p on key 0
     return torch.zeros(len(pos), 1)
+
+
+def supported_length(probe: Probe, upto: int) -> int:
+    """The largest ``n <= upto`` whose positions ``0..n-1`` the encoding accepts (a
+    learned table stops at ``max_len``, binary at ``2**dim``): ``signature`` raises
+    ``ValueError`` beyond it."""
+    try:
+        signature(probe, upto)
+        return upto
+    except ValueError:
+        pass
+    lo, hi = 0, upto  # signature(lo) works (or lo = 0), signature(hi) raises
+    while hi - lo > 1:
+        mid = (lo + hi) // 2
+        try:
+            signature(probe, mid)
+            lo = mid
+        except ValueError:
+            hi = mid
+    return lo
 
 
 @torch.no_grad()
