@@ -232,7 +232,8 @@ def rotation(name: str = "rope", *, head_dim: int = 64, positions: int = 24) -> 
     if not pairs:
         raise FigureUnavailable(f"{name!r} rotates no plane")
     chosen = [pairs[0], pairs[len(pairs) // 2], pairs[-1]]
-    q = A.probe.fixed_query(probe).expand(1, 1, positions, head_dim).contiguous()  # [1, 1, s, d]
+    # The all-ones query: every plane starts at (1, 1) / sqrt(d), on the same circle.
+    q = torch.full((1, 1, positions, head_dim), 1.0 / math.sqrt(head_dim))  # [1, 1, s, d]
     pos = torch.arange(positions)
     q_rot = probe.pe.rotate(q, q, pos, pos)[0][0, 0]  # [s, d]
     fig = _figure(13.0, 4.6)
@@ -242,10 +243,13 @@ def rotation(name: str = "rope", *, head_dim: int = 64, positions: int = 24) -> 
     norm = mpl.colors.Normalize(0, positions - 1)
     for ax, (i, j, ang, _) in zip(axes, chosen, strict=True):
         x, y = q_rot[:, i].numpy(), q_rot[:, j].numpy()
-        ax.plot(x, y, color="0.8", lw=1, zorder=1)
+        radius = math.sqrt(2.0 / head_dim)
+        t = torch.linspace(0, 2 * math.pi, 200)
+        ax.plot((radius * t.cos()).numpy(), (radius * t.sin()).numpy(), color="0.85", lw=1, ls=":", zorder=0)
+        ax.plot(x, y, color="0.7", lw=1, zorder=1)
         sc = ax.scatter(x, y, c=pos.numpy(), cmap="viridis", norm=norm, s=25, zorder=2)
         ax.annotate("pos 0", (x[0], y[0]), fontsize=8, xytext=(4, 4), textcoords="offset points")
-        r = float(max(abs(x).max(), abs(y).max())) * 1.25 or 1.0
+        r = max(radius, float(abs(x).max()), float(abs(y).max())) * 1.25
         ax.set_xlim(-r, r)
         ax.set_ylim(-r, r)
         ax.set_aspect("equal")
@@ -253,7 +257,8 @@ def rotation(name: str = "rope", *, head_dim: int = 64, positions: int = 24) -> 
         ax.axvline(0, color="0.6", lw=0.5)
         ax.set_xlabel(f"q[{i}]")
         ax.set_ylabel(f"q[{j}]")
-        ax.set_title(f"plane ({i}, {j}): θ = {ang:.3g} rad/pos\nwavelength {2 * math.pi / ang:.3g}")
+        turns = positions * ang / (2 * math.pi)
+        ax.set_title(f"plane ({i}, {j}): θ = {ang:.3g} rad/pos\n{turns:.3g} turns in {positions} positions")
     fig.colorbar(sc, ax=list(axes), label="position")
     fig.suptitle(f"{name}: the query rotates in each plane with its own frequency (head_dim={head_dim})")
     return fig
@@ -303,8 +308,8 @@ def scaling(*, head_dim: int = 128, base: float = 10000.0, factor: float = 8.0, 
         params = {"rope_theta": base, "factor": factor, **extra}
         kw: dict[str, Any] = {"max_position_embeddings": original}
         if rule == "dynamic":
-            kw["seq_len"] = int(factor * original)
-        else:
+            kw["seq_len"] = int(factor * original)  # NTK base grows with the current length
+        elif rule != "linear":
             params["original_max_position_embeddings"] = original
         inv, att = freqs(head_dim, params, **kw)
         ax.plot(wl, (inv.double() / default.double()).numpy(), marker=".", label=f"{rule} (attention ×{att:.3g})")
@@ -334,7 +339,7 @@ def decay(name: str = "rope", *, head_dim: int = 64, max_distance: int = 512) ->
     ax.set_xlabel("distance m − n")
     ax.set_ylabel("relative to distance 0")
     ax.set_title(f"{name}: the bound decays; the mean of random q·k does not")
-    ax.legend(fontsize=8)
+    ax.legend(fontsize=8, loc="upper center", bbox_to_anchor=(0.5, -0.14), ncol=2)
     return fig
 
 
