@@ -122,11 +122,22 @@ def test_scores_depend_only_on_offset(params):
     assert abs(float(_scores(pe, q, k, 9, 0) - _scores(pe, q, k, 3, 0))) > 1e-3
 
 
-@pytest.mark.parametrize("params", CONFIGS, ids=lambda p: str(p)[:60])
+@pytest.mark.parametrize("name", ["dynamic", "longrope", "interleaved-partial-dynamic"])
+def test_length_dependent_scores_relative_within_a_call(name):
+    # one call = one length L: the same q and k vector at every position give a Toeplitz score matrix
+    pe = posenc.create("rope", head_dim=8, **DECODE[name])
+    n = 3 * ORIG
+    q = torch.randn(1, 1, 1, 8, dtype=torch.float64).expand(1, 1, n, 8)
+    k = torch.randn(1, 1, 1, 8, dtype=torch.float64).expand(1, 1, n, 8)
+    qr, kr = pe.rotate(q, k, torch.arange(n), torch.arange(n))
+    scores = (qr @ kr.transpose(-1, -2))[0, 0]  # [n, n]
+    torch.testing.assert_close(scores[1:, 1:], scores[:-1, :-1])
+
+
+@pytest.mark.parametrize("params", [c for c in CONFIGS if c.get("rope_type") != "yarn"], ids=lambda p: str(p)[:60])
 def test_norms_preserved(params):
-    pe = posenc.create("rope", **params)
-    if pe.attention_factor != 1.0:
-        pytest.skip("yarn scales cos/sin by its attention factor")
+    pe = posenc.create("rope", **params)  # (yarn scales cos/sin by its attention factor: next test)
+    assert pe.attention_factor == 1.0
     x = torch.randn(2, 2, 9, params["head_dim"], dtype=torch.float64)
     pos = torch.tensor([0, 1, 7, 100, 4095, 4096, 65535, 65536, 1 << 20])
     out, _ = pe.rotate(x, x, pos, pos)
@@ -241,17 +252,22 @@ def _sharpen(model):
     return model
 
 
-def _decode_matches_full(model, tokens):
+def _decode_matches_full(model, tokens, exact=True):
     with torch.no_grad():
-        cache = model.new_cache()
+        cache = model.new_cache(exact=exact)
         for n in range(1, tokens.shape[1] + 1):
             step = model(tokens[:, n - 1 : n], cache=cache)[:, -1]  # [b, vocab]
             full = model(tokens[:, :n])[:, -1]
             torch.testing.assert_close(step, full, rtol=1e-4, atol=1e-5)
 
 
-@pytest.mark.parametrize("name", list(DECODE))
-@pytest.mark.parametrize("num_layers", [1, 2])
+def _decode_cases():
+    for name in DECODE:
+        yield name, 1
+        yield name, 2  # length-dependent rules: the exact cache recomputes the prefix
+
+
+@pytest.mark.parametrize("name,num_layers", list(_decode_cases()))
 def test_kv_cache_decode_equals_full_forward(name, num_layers):
     """Keys are cached before rotation and re-rotated with the frequencies of the current
     length, so one attention layer decodes exactly as a full forward for every rule.
@@ -261,8 +277,6 @@ def test_kv_cache_decode_equals_full_forward(name, num_layers):
     while the cached layer-2 keys/values of earlier tokens were computed at their own,
     shorter, lengths (see the next test and docs/rotary.md)."""
     pe_params = DECODE[name]
-    if num_layers == 2 and pe_params.get("rope_type") in ("dynamic", "longrope"):
-        pytest.skip("inherent: covered by test_length_dependent_multi_layer_decode_differs_past_threshold")
     torch.manual_seed(0)
     cfg = posenc.TransformerConfig(
         vocab_size=31, dim=32, num_heads=4, num_kv_heads=2, num_layers=num_layers, encoding_params=pe_params
@@ -277,9 +291,12 @@ def test_length_dependent_multi_layer_decode_differs_past_threshold(name):
     cfg = posenc.TransformerConfig(vocab_size=31, dim=32, num_heads=4, num_layers=2, encoding_params=DECODE[name])
     model = _sharpen(posenc.Transformer(cfg).eval())
     tokens = torch.randint(0, 31, (1, 3 * ORIG))
-    _decode_matches_full(model, tokens[:, :ORIG])  # equal while the frequencies do not change
+    # Without recomputation (Hugging Face's behaviour), equal only while the frequencies
+    # do not change: earlier tokens' deeper-layer keys were computed at shorter lengths.
+    _decode_matches_full(model, tokens[:, :ORIG], exact=False)
     with pytest.raises(AssertionError):
-        _decode_matches_full(model, tokens)
+        _decode_matches_full(model, tokens, exact=False)
+    _decode_matches_full(model, tokens, exact=True)  # the exact cache recomputes the prefix
 
 
 def test_rotated_key_cache_would_drift():
@@ -347,19 +364,16 @@ def test_proportional_equals_rope_type_and_keeps_nope_pairs():
 
 
 def test_xpos_hand():
-    # head_dim 2, base 100 (inv_freq [1]), gamma 0.4: zeta = 0.4 / 1.4; scale_base 4
+    # head_dim 2, base 100 (inv_freq [1]), gamma 0.4: zeta = 0.4 / 1.4; scale_base 4.
+    # q at m=3, k at n=1: centre c = (1 + 3) / 2 = 2.
     pe = posenc.create("xpos", head_dim=2, base=100.0, scale_base=4.0)
     zeta = 0.4 / 1.4
-    q = torch.tensor([[[[1.0, 0.0]]]], dtype=torch.float64)
-    k = torch.tensor([[[[1.0, 0.0]]]], dtype=torch.float64)
-    qm, _ = pe.rotate(q, k, torch.tensor([3]), torch.tensor([3]))
-    _, kn = pe.rotate(q, k, torch.tensor([3]), torch.tensor([1]))
+    e = torch.tensor([[[[1.0, 0.0]]]], dtype=torch.float64)
+    qm, kn = pe.rotate(e, e, torch.tensor([3]), torch.tensor([1]))
+    torch.testing.assert_close(qm[0, 0, 0], zeta ** ((3 - 2) / 4) * torch.tensor([C(3), S(3)], dtype=torch.float64))
+    torch.testing.assert_close(kn[0, 0, 0], zeta ** (-(1 - 2) / 4) * torch.tensor([C(1), S(1)], dtype=torch.float64))
     # score = zeta^((3 - 1) / 4) cos(3 - 1)
-    _, kn3 = pe.rotate(q, k, torch.tensor([3]), torch.tensor([1]))
-    qm_c, kn_c = pe.rotate(q, k, torch.tensor([3]), torch.tensor([1]))
-    score = (qm_c * kn_c).sum()
-    torch.testing.assert_close(score, torch.tensor(zeta**0.5 * C(2), dtype=torch.float64))
-    assert qm.shape == kn.shape == kn3.shape
+    torch.testing.assert_close((qm * kn).sum(), torch.tensor(zeta**0.5 * C(2), dtype=torch.float64))
 
 
 def test_xpos_relative_and_overflow_error():
@@ -412,6 +426,7 @@ def test_rope2d_depends_on_row_and_column_offsets():
         (dict(head_dim=8, base=100.0, rope_parameters={"rope_theta": 1e4}), ValueError, "base"),
         (dict(head_dim=8, rope_type="yarn", factor=2.0), ValueError, "original_max_position_embeddings"),
         (dict(head_dim=8, rope_type="dynamic", factor=2.0), ValueError, "max_len"),
+        (dict(head_dim=8, rope_type="dynamic", factor=2.0, original_max_len=8), ValueError, "max_len"),
         (dict(head_dim=8, rope_parameters="yarn"), TypeError, "rope_parameters"),
         (dict(head_dim=8, scaling="yarn"), TypeError, "scaling"),
         (dict(head_dim=8, rope_parameters={"beta": 1}), ValueError, "beta"),
@@ -427,6 +442,8 @@ def test_bad_other_parameters():
         posenc.create("rope2d", head_dim=6, grid_width=2)
     with pytest.raises(TypeError, match="grid_width"):
         posenc.create("rope2d", head_dim=8)
+    with pytest.raises(ValueError, match="grid_width"):
+        posenc.create("rope2d", head_dim=8, grid_width=0)
     with pytest.raises(ValueError, match="gamma"):
         posenc.create("xpos", head_dim=8, gamma=-1.0)
     with pytest.raises(ValueError, match="partial_rotary_factor"):

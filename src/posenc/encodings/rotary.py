@@ -109,6 +109,10 @@ class _Rotary(PositionalEncoding):
             return None, inv_freq, af
         return "main", self.inv_freq, self.attention_factor
 
+    def frequency_state(self, length: int):
+        key, _, _ = self.frequencies_for_length(length)
+        return ("length", length) if key is None else key
+
     def _table(self, key: str, top: int) -> tuple[torch.Tensor, torch.Tensor]:
         cos, sin = getattr(self, f"{key}_cos"), getattr(self, f"{key}_sin")
         if cos.shape[0] <= top:
@@ -403,7 +407,8 @@ class RoPE2D(_Rotary):
     ``(row_m - row_n, col_m - col_n)``.
 
     Positions: the contract's flat indices ``[s]``/``[b, s]`` are patch indices in
-    row-major order, mapped to ``(p // grid_width, p % grid_width)``; for explicit
+    row-major order, mapped to ``(p // grid_width, p % grid_width)`` (``grid_width``
+    is required: the number of patch columns); for explicit
     coordinates call ``rotate_coords(q, k, q_coords, k_coords)`` with ``[s, 2]`` or
     ``[b, s, 2]`` (row, column) tensors.
     """

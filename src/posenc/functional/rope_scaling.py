@@ -189,9 +189,12 @@ def parse_rope_parameters(
     allowed = set(COMMON_KEYS) | set(required) | set(optional)
     for key in raw:
         if key not in allowed:
+            hint = ""
+            if rope_type == "dynamic" and key == "original_max_position_embeddings":
+                hint = "; dynamic's threshold is max_position_embeddings (posenc: max_len)"
             raise ValueError(
                 f"rope_parameters key {key!r} is not used by rope_type {rope_type!r} "
-                f"(it takes {sorted(allowed - {'type'})})"
+                f"(it takes {sorted(allowed - {'type'})}){hint}"
             )
     for key in required:
         if key not in raw:
