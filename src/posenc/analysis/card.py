@@ -9,7 +9,7 @@ from typing import Any
 from posenc.analysis import measures as M
 from posenc.analysis.probe import Probe, build, supported_length
 from posenc.functional.checks import positive_int
-from posenc.registry import available
+from posenc.registry import available, get
 
 
 @dataclasses.dataclass(frozen=True)
@@ -23,10 +23,13 @@ class CardConfig:
     beyond_horizon: int = 512
     relative_length: int = 48
     seed: int = 0
+    #: Build encodings that take ``causal`` with this value; ``None``: each with its own
+    #: default (t5, alibi and cope are causal by default, CoPE is defined causally).
+    causal: bool | None = None
 
     def __post_init__(self) -> None:
         for f in dataclasses.fields(self):
-            if f.name != "seed":
+            if f.name not in ("seed", "causal"):
                 positive_int(f.name, getattr(self, f.name))
         if self.beyond_horizon <= self.train_length:
             raise ValueError(f"beyond_horizon must be > train_length, got {self.beyond_horizon}")
@@ -39,6 +42,7 @@ class ReportCard:
     name: str
     family: str
     kind: str
+    causal: bool  # the measurements' probe was built causal (``order*`` test both)
     params: dict[str, Any]
     config: CardConfig
     magnitude: M.Magnitude
@@ -66,6 +70,7 @@ class ReportCard:
             "encoding": self.name,
             "family": self.family,
             "signal": self.kind,
+            "mask": "causal" if self.causal else "bidir.",
             "|PE|/|tok|": self.magnitude.max_ratio if self.kind == "vector" else None,
             "len. change": self.length.max_change,
             "max/med step": self.continuity.ratio,
@@ -83,23 +88,36 @@ def report_card(name: str, config: CardConfig | None = None, params: dict[str, A
     cfg = config or CardConfig()
     kw = dict(dim=cfg.dim, num_heads=cfg.num_heads, params=params, seed=cfg.seed)
     # Length-limited encodings (learned) get the trained length as their size.
-    probe = build(name, max_len=cfg.train_length, **kw)
+    causal = default_causal(name) if cfg.causal is None else cfg.causal
+    probe = build(name, max_len=cfg.train_length, causal=causal, **kw)
+    probe_bidir = build(name, max_len=cfg.train_length, causal=False, **kw)
     probe_causal = build(name, max_len=cfg.train_length, causal=True, **kw)
-    return card_for_probe(probe, cfg, probe_causal=probe_causal)
+    return card_for_probe(probe, cfg, probe_bidir=probe_bidir, probe_causal=probe_causal)
+
+
+def default_causal(name: str) -> bool:
+    """The default of encoding ``name``'s ``causal`` parameter (False if it has none)."""
+    for f in dataclasses.fields(get(name).Params):
+        if f.name == "causal" and f.default is not dataclasses.MISSING:
+            return bool(f.default)
+    return False
 
 
 def card_for_probe(
     probe: Probe,
     config: CardConfig | None = None,
     *,
+    probe_bidir: Probe | None = None,
     probe_causal: Probe | None = None,
     token_norm: float | None = None,
 ) -> ReportCard:
     """Measure an already built encoding (e.g. a pretrained model's table, see
     ``posenc.analysis.pretrained``). ``token_norm`` replaces the unit-variance token
-    norm of the magnitude ratio; ``probe_causal`` (default: ``probe`` with a causal
-    mask) is used for the causal order-blindness test."""
+    norm of the magnitude ratio; ``probe_bidir``/``probe_causal`` (default: ``probe``
+    without/with a causal mask) are used for the two order-blindness tests."""
     cfg = config or CardConfig()
+    if probe_bidir is None:
+        probe_bidir = Probe(probe.name, probe.pe, probe.dim, probe.num_heads, causal=False)
     if probe_causal is None:
         probe_causal = Probe(probe.name, probe.pe, probe.dim, probe.num_heads, causal=True)
     # Encodings that refuse positions past some length (a learned table of max_len rows,
@@ -114,6 +132,7 @@ def card_for_probe(
         name=probe.name,
         family=probe.family,
         kind=probe.kind,
+        causal=probe.causal,
         params=probe.pe.params.asdict(),
         config=cfg,
         magnitude=M.magnitude(probe, horizon, token_norm=token_norm),
@@ -123,7 +142,7 @@ def card_for_probe(
         relativeness=M.relativeness(probe, min(cfg.relative_length, horizon)),
         profile=M.distance_profile(probe, horizon),
         beyond=M.beyond(probe, train_length, beyond_horizon),
-        order=M.order_blindness(probe),
+        order=M.order_blindness(probe_bidir),
         order_causal=M.order_blindness(probe_causal),
     )
 
