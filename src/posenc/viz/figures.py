@@ -130,6 +130,13 @@ def distance(names: list[str] | None = None, *, max_distance: int = 256, dim: in
     names = [n for n in (names or posenc.available()) if n in posenc.available()]
     fig = _figure(12.0, 4.6)
     ax1, ax2 = fig.subplots(1, 2)
+    import matplotlib as mpl
+    from cycler import cycler
+
+    # 10 colours solid, then the same 10 dashed: 20 distinguishable lines per panel.
+    style = cycler(linestyle=["-", "--"]) * cycler(color=[mpl.colormaps["tab10"](i) for i in range(10)])
+    for ax in (ax1, ax2):
+        ax.set_prop_cycle(style)
     left = right = 0
     for n in names:
         probe = A.build(n, dim=dim, num_heads=num_heads, max_len=2 * max_distance)
@@ -215,6 +222,7 @@ def buckets(name: str = "t5", *, length: int = 256, num_heads: int = 4, dim: int
     if isinstance(md, int):
         ax2.axvline(md, color="black", ls="--", lw=1, label=f"max_distance = {md}")
     ax2.set_xscale("symlog", linthresh=8)
+    ax2.set_xlim(0, length)
     ax2.set_xlabel("distance d = |m − n|")
     ax2.set_ylabel("bucket id")
     ax2.set_title("bucket against distance: exact, then log-spaced, then one bucket")
