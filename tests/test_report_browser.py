@@ -145,3 +145,16 @@ def test_report_renders_in_headless_chromium(report, tmp_path):
         assert browser.errors() == []
     finally:
         browser.close()
+
+
+def test_missing_browser_skips_locally_and_fails_in_ci(monkeypatch):
+    import sys
+
+    module = sys.modules[__name__]
+    monkeypatch.setattr(module, "find_chromium", lambda: None)
+    monkeypatch.setenv("CI", "true")
+    with pytest.raises(pytest.fail.Exception, match="CI must run the browser test: no chromium"):
+        _need_browser()
+    monkeypatch.delenv("CI")
+    with pytest.raises(pytest.skip.Exception, match="no chromium on PATH"):
+        _need_browser()
