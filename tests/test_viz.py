@@ -232,3 +232,13 @@ def test_bound_of_toy_rope_matches_math(toys):
     pairs = A.rotation_pairs(A.build("toy-rope", dim=8, num_heads=1))
     assert [round(a, 6) for *_, a, _ in pairs] == [round(10000.0 ** (-i / 4), 6) for i in range(4)]
     assert math.isclose(pairs[0][2], 1.0, rel_tol=1e-6)
+
+
+def test_bucket_ids_by_hand():
+    # bias = -min(|m - n|, 1): distance 0 is one bucket, every other distance another.
+    m = torch.arange(3)
+    bias = -(m[:, None] - m[None, :]).abs().clamp(max=1).float()[None]  # [1, 3, 3]
+    # Ids in order of first appearance by n - m: n - m = -2 (value -1) comes first.
+    assert F.bucket_ids(bias).tolist() == [[1, 0, 0], [0, 1, 0], [0, 0, 1]]
+    bias[0, 0, 2] = float("-inf")  # a masked entry has no bucket
+    assert F.bucket_ids(bias)[0, 2] == -1

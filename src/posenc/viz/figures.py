@@ -13,6 +13,7 @@ import pathlib
 from typing import TYPE_CHECKING, Any
 
 import torch
+from einops import rearrange
 
 import posenc
 from posenc import analysis as A
@@ -192,19 +193,8 @@ def buckets(name: str = "t5", *, length: int = 256, num_heads: int = 4, dim: int
     recovered from ``bias()`` alone (distances whose bias agrees in every head)."""
     probe = _probe(name, kinds=("bias",), dim=dim, num_heads=num_heads, causal=causal)
     bias = A.bias_matrix(probe, length)  # [h, s, s]
-    ids = torch.full((length, length), -1, dtype=torch.long)
-    # Bucket id = index of the distinct per-head bias vector, in order of first appearance.
-    rel = torch.arange(length)[None, :] - torch.arange(length)[:, None]  # n - m [s, s]
-    order = torch.argsort(rel.flatten(), stable=True)
-    keys: dict[tuple, int] = {}
-    flat_bias = bias.flatten(1).T  # [s*s, h]
-    scale = max(float(flat_bias[torch.isfinite(flat_bias)].abs().max()), 1e-12)
-    for idx in order.tolist():
-        vec = flat_bias[idx]
-        if not torch.isfinite(vec).all():
-            continue
-        key = tuple(torch.round(vec.double() / (1e-5 * scale)).long().tolist())
-        ids.view(-1)[idx] = keys.setdefault(key, len(keys))
+    ids = bucket_ids(bias)  # [s, s], -1 where masked
+    n_buckets = int(ids.max()) + 1
     fig = _figure(12.0, 4.6)
     ax1, ax2 = fig.subplots(1, 2, width_ratios=[1, 1.5])
     masked = ids.double().masked_fill(ids < 0, float("nan")).numpy()
@@ -227,8 +217,34 @@ def buckets(name: str = "t5", *, length: int = 256, num_heads: int = 4, dim: int
     ax2.set_ylabel("bucket id")
     ax2.set_title("bucket against distance: exact, then log-spaced, then one bucket")
     ax2.legend(fontsize=8)
-    fig.suptitle(f"{name}: {len(keys)} distinct biases for {length} positions{' (causal)' if causal else ''}")
+    fig.suptitle(f"{name}: {n_buckets} distinct biases for {length} positions{' (causal)' if causal else ''}")
     return fig
+
+
+def bucket_ids(bias: torch.Tensor, rtol: float = 1e-5) -> torch.Tensor:
+    """Bucket id of each (m, n) of a bias ``[h, s, s]``: entries whose bias agrees in
+    every head (to ``rtol`` of the largest) share an id; ids are numbered in order of
+    first appearance by relative distance ``n − m`` (most negative first); non-finite
+    (masked) entries get -1. Returns ``[s, s]`` int64."""
+    h, s, _ = bias.shape
+    flat = rearrange(bias, "h s t -> (s t) h").double()  # [s*s, h]
+    finite = torch.isfinite(flat).all(-1)  # [s*s]
+    ids = torch.full((s * s,), -1, dtype=torch.long)
+    if not finite.any():
+        return ids.view(s, s)
+    scale = max(float(flat[finite].abs().max()), 1e-12)
+    keys = torch.round(flat[finite] / (rtol * scale)).long()  # [N, h]
+    _, inverse = torch.unique(keys, dim=0, return_inverse=True)  # lexicographic ids [N]
+    rel = (torch.arange(s)[None, :] - torch.arange(s)[:, None]).flatten()[finite]  # n - m [N]
+    # Order of appearance: by n - m, then by flat index (stable sort).
+    rank = torch.empty_like(rel)
+    rank[torch.argsort(rel, stable=True)] = torch.arange(len(rel))
+    first = torch.full((int(inverse.max()) + 1,), len(rel), dtype=torch.long)
+    first = first.scatter_reduce(0, inverse, rank, reduce="amin")
+    relabel = torch.empty_like(first)
+    relabel[torch.argsort(first)] = torch.arange(len(first))
+    ids[finite] = relabel[inverse]
+    return ids.view(s, s)
 
 
 # -- rotary -------------------------------------------------------------------------------------
