@@ -8,7 +8,7 @@ import pytest
 
 from posenc import analysis as A
 from posenc.viz.report import write_report
-from posenc.viz.study import load_results, summarize
+from posenc.viz.study_tables import load_results, summarize
 
 
 def _run(task, enc, seed, metrics, train_length=16):

@@ -117,7 +117,7 @@ def _card_curves(cards: list[A.ReportCard]) -> list[dict[str, Any]]:
 def _study_section(study_dir: pathlib.Path, runs: list[dict[str, Any]]) -> dict[str, Any]:
     import plotly.graph_objects as go
 
-    from posenc.viz.study import summarize
+    from posenc.viz.study_tables import summarize
 
     tables, plots = [], []
     for t in summarize(runs):
@@ -315,7 +315,7 @@ def write_report(
     path = pathlib.Path(path)
     study = None
     if study_dir is not None:  # read first: a bad study directory fails before the slow work
-        from posenc.viz.study import load_results
+        from posenc.viz.study_tables import load_results
 
         say(f"reading study results from {study_dir}")
         study = load_results(study_dir)

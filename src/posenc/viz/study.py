@@ -1,100 +1,84 @@
-"""Study results (``results.jsonl``, one finished run per line) as tables and curves.
-
-Schema of one line (written by ``posenc study``)::
-
-    {"run_id": str, "task": str, "encoding": str, "seed": int, "train_length": int,
-     "config": {...}, "git_commit": str, "torch_version": str, "wall_time_s": float,
-     "metrics": [{"length": int, "exact_match": float, "token_accuracy": float}, ...]}
-
-or, for language modelling, metrics ``[{"length": int, "ppl": float, "ppl_sliding": float}, ...]``.
+"""Plots of train-short/test-long studies: a metric against the evaluation length, one
+line per encoding (mean over seeds), seeds as a band (min..max), the training length
+marked. matplotlib is imported lazily (Agg backend), only here.
 """
 
 from __future__ import annotations
 
-import dataclasses
-import json
-import math
-import pathlib
 import statistics
+from pathlib import Path
 from typing import Any
 
-REQUIRED = {"run_id": str, "task": str, "encoding": str, "seed": int, "train_length": int, "metrics": list}
-#: The metric each table shows, in order of preference: higher is better except ppl.
-PRIMARY = ("exact_match", "ppl", "token_accuracy", "ppl_sliding")
+from posenc.experiments.summary import group, is_lm
+
+_LABELS = {
+    "exact_match": "exact match (answer tokens)",
+    "token_accuracy": "per-token accuracy (answer tokens)",
+    "ppl": "perplexity (non-overlapping)",
+    "ppl_sliding": "perplexity (sliding window)",
+}
 
 
-def load_results(study_dir: str | pathlib.Path) -> list[dict[str, Any]]:
-    """Read ``study_dir/results.jsonl``; malformed lines raise ``ValueError`` naming the
-    file and line. A missing file raises ``FileNotFoundError``."""
-    path = pathlib.Path(study_dir) / "results.jsonl"
-    if not path.is_file():
-        raise FileNotFoundError(f"no study results at {path} (expected results.jsonl in study_dir)")
-    runs = []
-    for lineno, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
-        if not line.strip():
-            continue
-        try:
-            run = json.loads(line)
-        except json.JSONDecodeError as err:
-            raise ValueError(f"{path}:{lineno}: not JSON ({err.msg})") from None
-        if not isinstance(run, dict):
-            raise ValueError(f"{path}:{lineno}: expected a JSON object, got {type(run).__name__}")
-        for key, typ in REQUIRED.items():
-            if key not in run:
-                raise ValueError(f"{path}:{lineno}: run is missing {key!r}")
-            if not isinstance(run[key], typ) or isinstance(run[key], bool):
-                raise ValueError(f"{path}:{lineno}: {key!r} must be {typ.__name__}, got {run[key]!r}")
-        for m in run["metrics"]:
-            if not isinstance(m, dict) or not isinstance(m.get("length"), int):
-                raise ValueError(f"{path}:{lineno}: every metrics entry needs an int 'length', got {m!r}")
-        runs.append(run)
-    return runs
+def _safe(name: str) -> str:
+    return "".join(c if c.isalnum() or c in "-_." else "-" for c in name)
 
 
-@dataclasses.dataclass(frozen=True)
-class StudyTable:
-    """One task: mean (and std over seeds) of ``metric`` per (encoding, train_length) and
-    evaluation length."""
+def plot_task(records: list[dict[str, Any]], metric: str, path: str | Path, *, title: str | None = None) -> Path:
+    """One figure: ``metric`` against length for every encoding in ``records`` (one task).
 
-    task: str
-    metric: str
-    lengths: list[int]
-    rows: list[tuple[str, int, list[tuple[float, float, int] | None]]]  # (encoding, L, [(mean, std, n)])
+    Returns the path written (PNG).
+    """
+    import matplotlib
 
-    @property
-    def higher_is_better(self) -> bool:
-        return not self.metric.startswith("ppl")
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    import matplotlib.ticker
+
+    by_task = group(records)
+    if len(by_task) != 1:
+        raise ValueError(f"plot_task needs the records of one task, got tasks {sorted(by_task)}")
+    ((task, by_enc),) = by_task.items()
+    L = next(iter(by_enc.values()))[0]["train_length"]
+    fig, ax = plt.subplots(figsize=(8.5, 4.5))
+    cmap = plt.get_cmap("tab20")
+    for i, (enc, recs) in enumerate(sorted(by_enc.items())):
+        lengths = sorted({m["length"] for r in recs for m in r["metrics"]})
+        per_len = [[{m["length"]: m[metric] for m in r["metrics"]}[n] for r in recs] for n in lengths]
+        mean = [statistics.fmean(v) for v in per_len]
+        style = "--" if "+randpos" in enc else "-"
+        ax.plot(lengths, mean, style, marker="o", ms=3, color=cmap(i % 20), label=enc)
+        if len(recs) > 1:
+            ax.fill_between(
+                lengths, [min(v) for v in per_len], [max(v) for v in per_len], color=cmap(i % 20), alpha=0.2
+            )
+    ax.axvline(L, color="grey", lw=1, ls=":")
+    ax.text(L, 1.0, " trained up to L", transform=ax.get_xaxis_transform(), va="top", fontsize=8, color="grey")
+    ax.set_xscale("log", base=2)
+    ax.xaxis.set_major_formatter(matplotlib.ticker.FuncFormatter(lambda v, _: f"{v:g}"))
+    if metric.startswith("ppl"):
+        ax.set_yscale("log")
+    ax.set_xlabel("evaluation length")
+    ax.set_ylabel(_LABELS.get(metric, metric))
+    seeds = max(len(v) for v in by_enc.values())
+    ax.set_title(title or f"{task}: {_LABELS.get(metric, metric)} (L={L}, {seeds} seed{'s' if seeds > 1 else ''})")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1.0), frameon=False)
+    fig.tight_layout()
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
 
 
-def summarize(runs: list[dict[str, Any]]) -> list[StudyTable]:
-    """Group runs by task and average each metric over seeds."""
-    tables = []
-    for task in sorted({r["task"] for r in runs}):
-        task_runs = [r for r in runs if r["task"] == task]
-        keys = {k for r in task_runs for m in r["metrics"] for k in m if k != "length"}
-        metric = next((k for k in PRIMARY if k in keys), sorted(keys)[0] if keys else None)
-        if metric is None:
-            continue
-        lengths = sorted({m["length"] for r in task_runs for m in r["metrics"]})
-        groups: dict[tuple[str, int], list[dict]] = {}
-        for r in task_runs:
-            groups.setdefault((r["encoding"], r["train_length"]), []).append(r)
-        rows = []
-        for (enc, tl), group in sorted(groups.items()):
-            cells = []
-            for n in lengths:
-                vals = [
-                    float(m[metric])
-                    for r in group
-                    for m in r["metrics"]
-                    if m["length"] == n and isinstance(m.get(metric), (int, float))
-                ]
-                vals = [v for v in vals if math.isfinite(v)]
-                if vals:
-                    std = statistics.stdev(vals) if len(vals) > 1 else 0.0
-                    cells.append((statistics.fmean(vals), std, len(vals)))
-                else:
-                    cells.append(None)
-            rows.append((enc, tl, cells))
-        tables.append(StudyTable(task=task, metric=metric, lengths=lengths, rows=rows))
-    return tables
+def plot_study(records: list[dict[str, Any]], out_dir: str | Path) -> list[Path]:
+    """Every plot of a study into ``out_dir``: exact match and token accuracy per
+    synthetic task, both perplexities per corpus. Returns the paths written."""
+    out_dir = Path(out_dir)
+    paths = []
+    for task, by_enc in group(records).items():
+        recs = [r for v in by_enc.values() for r in v]
+        metrics = ("ppl", "ppl_sliding") if is_lm(recs) else ("exact_match", "token_accuracy")
+        for metric in metrics:
+            paths.append(plot_task(recs, metric, out_dir / f"{_safe(task)}_{metric}.png"))
+    return paths
