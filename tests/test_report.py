@@ -48,15 +48,26 @@ def test_summarize_means_and_stds_over_seeds(tmp_path):
         _run("copy", "alibi", 0, [{"length": 16, "exact_match": 0.75}]),
         _run("charlm", "rope", 0, [{"length": 64, "ppl": 3.0, "ppl_sliding": 2.5}], train_length=64),
     ]
-    tables = {t.task: t for t in summarize(load_results(_write(tmp_path, runs)))}
-    copy = tables["copy"]
+    tables = {(t.task, t.metric): t for t in summarize(load_results(_write(tmp_path, runs)))}
+    assert list(tables) == [
+        ("charlm", "ppl"),
+        ("charlm", "ppl_sliding"),
+        ("copy", "exact_match"),
+        ("copy", "token_accuracy"),
+    ]
+    copy = tables["copy", "exact_match"]
     assert copy.metric == "exact_match" and copy.higher_is_better and copy.lengths == [16, 32]
     rows = {enc: cells for enc, _, cells in copy.rows}
     # rope at 16: mean(1.0, 0.5) = 0.75, sample std = sqrt(((0.25)^2 * 2) / 1) = 0.353553...
     assert rows["rope"][0][0] == pytest.approx(0.75) and rows["rope"][0][1] == pytest.approx(0.5**0.5 / 2)
     assert rows["rope"][1][0] == pytest.approx(0.3) and rows["rope"][1][2] == 2
     assert rows["alibi"] == [(0.75, 0.0, 1), None]  # alibi was not evaluated at 32
-    lm = tables["charlm"]
+    assert tables["copy", "token_accuracy"].rows[1][2][0] == (
+        pytest.approx(0.95),
+        pytest.approx(0.1 / 2**0.5),
+        2,
+    )  # std of (1.0, 0.9)
+    lm = tables["charlm", "ppl"]
     assert lm.metric == "ppl" and not lm.higher_is_better and lm.rows == [("rope", 64, [(3.0, 0.0, 1)])]
 
 

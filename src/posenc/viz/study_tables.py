@@ -67,34 +67,37 @@ class StudyTable:
 
 
 def summarize(runs: list[dict[str, Any]]) -> list[StudyTable]:
-    """Group runs by task and average each metric over seeds."""
+    """One table per task and metric (metrics in ``PRIMARY`` order, then the rest
+    alphabetically), each metric averaged over seeds."""
     tables = []
     for task in sorted({r["task"] for r in runs}):
         task_runs = [r for r in runs if r["task"] == task]
         keys = {k for r in task_runs for m in r["metrics"] for k in m if k != "length"}
-        metric = next((k for k in PRIMARY if k in keys), sorted(keys)[0] if keys else None)
-        if metric is None:
-            continue
-        lengths = sorted({m["length"] for r in task_runs for m in r["metrics"]})
-        groups: dict[tuple[str, int], list[dict]] = {}
-        for r in task_runs:
-            groups.setdefault((r["encoding"], r["train_length"]), []).append(r)
-        rows = []
-        for (enc, tl), group in sorted(groups.items()):
-            cells = []
-            for n in lengths:
-                vals = [
-                    float(m[metric])
-                    for r in group
-                    for m in r["metrics"]
-                    if m["length"] == n and isinstance(m.get(metric), (int, float))
-                ]
-                vals = [v for v in vals if math.isfinite(v)]
-                if vals:
-                    std = statistics.stdev(vals) if len(vals) > 1 else 0.0
-                    cells.append((statistics.fmean(vals), std, len(vals)))
-                else:
-                    cells.append(None)
-            rows.append((enc, tl, cells))
-        tables.append(StudyTable(task=task, metric=metric, lengths=lengths, rows=rows))
+        for metric in [k for k in PRIMARY if k in keys] + sorted(keys - set(PRIMARY)):
+            tables.append(_table(task, task_runs, metric))
     return tables
+
+
+def _table(task: str, task_runs: list[dict[str, Any]], metric: str) -> StudyTable:
+    lengths = sorted({m["length"] for r in task_runs for m in r["metrics"]})
+    groups: dict[tuple[str, int], list[dict]] = {}
+    for r in task_runs:
+        groups.setdefault((r["encoding"], r["train_length"]), []).append(r)
+    rows = []
+    for (enc, tl), group in sorted(groups.items()):
+        cells = []
+        for n in lengths:
+            vals = [
+                float(m[metric])
+                for r in group
+                for m in r["metrics"]
+                if m["length"] == n and isinstance(m.get(metric), (int, float))
+            ]
+            vals = [v for v in vals if math.isfinite(v)]
+            if vals:
+                std = statistics.stdev(vals) if len(vals) > 1 else 0.0
+                cells.append((statistics.fmean(vals), std, len(vals)))
+            else:
+                cells.append(None)
+        rows.append((enc, tl, cells))
+    return StudyTable(task=task, metric=metric, lengths=lengths, rows=rows)
