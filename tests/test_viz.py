@@ -242,3 +242,28 @@ def test_bucket_ids_by_hand():
     assert F.bucket_ids(bias).tolist() == [[1, 0, 0], [0, 1, 0], [0, 0, 1]]
     bias[0, 0, 2] = float("-inf")  # a masked entry has no bucket
     assert F.bucket_ids(bias)[0, 2] == -1
+
+
+def test_attention_of_a_study_checkpoint(tmp_path):
+    """`posenc plot RUN.pt --kind attention` draws a model trained by the study harness."""
+    from posenc.experiments.config import config_from_dict
+    from posenc.experiments.train import checkpoint_path, train_run
+
+    cfg = config_from_dict(
+        {
+            "task": {"name": "copy", "train_length": 3, "num_symbols": 4, "eval_samples": 4, "eval_factors": [2]},
+            "model": {"encoding": "sinusoidal", "dim": 16, "num_layers": 1, "num_heads": 2},
+            "train": {"steps": 4, "batch_size": 4, "lr": 0.003, "warmup": 1, "checkpoint_every": 4, "threads": 1},
+        }
+    )
+    record, _ = train_run(cfg, tmp_path)
+    ckpt = checkpoint_path(tmp_path, record["run_id"])
+    fig = F.plot(str(ckpt), "attention", length=5)
+    axes = [a for a in fig.axes if a.get_label() != "<colorbar>"]
+    assert len(axes) == 2  # 1 layer x 2 heads
+    # copy of length 5: BOS + 5 + SEP + 5 answer tokens, the last one only a target: 11 queries.
+    assert axes[0].get_images()[0].get_array().shape == (11, 11)
+    res = runner.invoke(app, ["plot", str(ckpt), "--kind", "attention", "-o", str(tmp_path / "a.png")])
+    assert res.exit_code == 0, res.output
+    with pytest.raises(FileNotFoundError, match="no checkpoint"):
+        F.plot(str(tmp_path / "missing.pt"), "attention")

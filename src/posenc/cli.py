@@ -268,7 +268,9 @@ def analyze(
 
 @app.command("plot")
 def plot(
-    name: str = typer.Argument(..., help="encoding name ('all' for magnitude/distance; a model dir for pretrained)"),
+    name: str = typer.Argument(
+        ..., help="encoding name ('all' for magnitude/distance; a model dir for pretrained; a .pt for attention)"
+    ),
     kind: str = typer.Option(
         ...,
         "--kind",
@@ -281,13 +283,14 @@ def plot(
     heads: int = typer.Option(None, "--heads", help="attention heads"),
     horizon: int = typer.Option(None, help="positions drawn"),
     steps: int = typer.Option(None, help="training steps (kind attention)"),
+    length: int = typer.Option(None, help="example length (kind attention of a checkpoint)"),
 ) -> None:
     """Draw one figure of an encoding and write it as PNG or SVG."""
     import inspect
 
     from posenc.viz import figures
 
-    options = {"dim": dim, "num_heads": heads, "horizon": horizon, "steps": steps}
+    options = {"dim": dim, "num_heads": heads, "horizon": horizon, "steps": steps, "length": length}
     try:
         if kind == "pretrained":
             model_dir = None if name.lower() in ("minilm", "all-minilm-l6-v2") else name
@@ -295,6 +298,8 @@ def plot(
         elif kind in figures.GLOBAL_KINDS:
             make = figures.GLOBAL_KINDS[kind]
             args = () if kind == "scaling" else (None if name == "all" else [name],)
+        elif kind == "attention" and name.endswith(".pt"):
+            make, args = figures.checkpoint_attention, (name,)  # a model from `posenc train`/`study`
         elif kind in figures.KINDS:
             make, args = figures.KINDS[kind], (name,)
         else:

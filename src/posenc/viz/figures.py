@@ -400,6 +400,28 @@ def trained_attention(encoding: str = "sinusoidal", *, steps: int = 300, half: i
     return attention(w, title=f"{encoding}: tiny LM after {steps} steps on copy (loss {loss:.2f})")
 
 
+def checkpoint_attention(checkpoint: str, *, length: int | None = None, seed: int = 0) -> Figure:
+    """Attention maps of a model trained by ``posenc train``/``posenc study`` (its
+    checkpoint ``.pt``) on one example of its own task at ``length`` (default: the
+    trained length)."""
+    import pathlib
+
+    from posenc.analysis.attention import attention_weights
+    from posenc.experiments.train import load_trained
+
+    if not pathlib.Path(checkpoint).is_file():
+        raise FileNotFoundError(f"no checkpoint at {checkpoint!r}")
+    config, model, setup = load_trained(checkpoint)
+    n = length or config.task.train_length
+    gen = torch.Generator().manual_seed(seed)
+    if setup.task is not None:
+        tokens = setup.task.sample(n, 1, gen).tokens[:, :-1]  # [1, s] (the last token is only a target)
+    else:
+        tokens = setup.corpus.sample(n, 1, gen)[:, :-1]  # [1, n]
+    w = attention_weights(model, tokens)[:, 0]  # [layers, h, s, s]
+    return attention(w, title=f"{pathlib.Path(checkpoint).stem}: attention at length {n}")
+
+
 KINDS = {
     "heatmap": heatmap,
     "similarity": similarity,
@@ -415,7 +437,10 @@ GLOBAL_KINDS = {"magnitude": magnitude, "distance": distance, "scaling": scaling
 
 def plot(name: str, kind: str, **kwargs: Any) -> Figure:
     """The figure ``kind`` of encoding ``name`` (``name`` is ignored by the global kinds
-    magnitude/distance/scaling, which draw every registered encoding or rule)."""
+    magnitude/distance/scaling, which draw every registered encoding or rule; for kind
+    ``attention`` a checkpoint path draws that trained model)."""
+    if kind == "attention" and name.endswith(".pt"):
+        return checkpoint_attention(name, **kwargs)
     if kind in GLOBAL_KINDS:
         if kind == "scaling":
             return scaling(**kwargs)
