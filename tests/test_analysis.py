@@ -261,3 +261,14 @@ def test_bad_input_names_the_argument():
         A.scores(probe, torch.zeros(1, 8), torch.zeros(1, 8), 4, 4)
     with pytest.raises(ValueError, match="beyond_horizon"):
         A.CardConfig(train_length=64, beyond_horizon=32)
+
+
+@registered("rope")
+def test_dynamic_ntk_rope_changes_with_length_only_past_its_threshold():
+    """Dynamic NTK raises the base once the sequence is longer than max_len: the rotated
+    vectors of early positions change with the length, but only past max_len = 32."""
+    params = {"rope_type": "dynamic", "factor": 2.0, "max_len": 32}
+    probe = A.build("rope", dim=32, num_heads=2, params=params)
+    assert A.length_dependence(probe, lengths=(8, 16, 32)).max_change == 0.0
+    assert A.length_dependence(probe, lengths=(8, 128)).vector_change > 1e-3
+    assert A.length_dependence(A.build("rope", dim=32, num_heads=2), lengths=(8, 128)).max_change == 0.0
