@@ -246,15 +246,18 @@ def _encoding_figures(
     sections = []
     for c in cards:
         figs = _Figures()
-        kw = {} if c.name != "sine" else {"dim": 4, "num_heads": 1}
-        size = {"dim": 32, "num_heads": 2} if not kw else kw
+        # Sine is drawn at dim 4 so its repetition (period 32) is visible within the plot.
+        size = {"dim": 4, "num_heads": 1} if c.name == "sine" else {"dim": 32, "num_heads": 2}
+        opts = " --dim 4 --heads 1" if c.name == "sine" else " --dim 32 --heads 2"
         figs.add(
-            "position × dimension", lambda n=c.name, s=size: F.heatmap(n, **s), f"posenc plot {c.name} --kind heatmap"
+            "position × dimension",
+            lambda n=c.name, s=size: F.heatmap(n, **s),
+            f"posenc plot {c.name} --kind heatmap{opts}",
         )
         figs.add(
             "position × position",
             lambda n=c.name, s=size: F.similarity(n, **s),
-            f"posenc plot {c.name} --kind similarity",
+            f"posenc plot {c.name} --kind similarity{opts}",
         )
         if c.kind == "bias":
             figs.add("bias matrices", lambda n=c.name: F.bias_matrix(n), f"posenc plot {c.name} --kind bias")
