@@ -135,6 +135,9 @@ def _study_section(study_dir: pathlib.Path, runs: list[dict[str, Any]]) -> dict[
                 "rows": rows,
             }
         )
+        # Label powers of two and the trained lengths only: 1..L is often every integer.
+        trained = {tl for _, tl, _ in t.rows}
+        ticks = [n for n in t.lengths if n & (n - 1) == 0 or n in trained]
         fig = go.Figure()
         for enc, tl, cells in t.rows:
             xs = [n for n, c in zip(t.lengths, cells, strict=True) if c is not None]
@@ -147,7 +150,7 @@ def _study_section(study_dir: pathlib.Path, runs: list[dict[str, Any]]) -> dict[
             title=f"{t.task}: {t.metric} against evaluation length",
             xaxis_title="evaluation length",
             yaxis_title=t.metric,
-            xaxis={"type": "log", "tickvals": t.lengths, "ticktext": [str(n) for n in t.lengths]},
+            xaxis={"type": "log", "tickvals": ticks, "ticktext": [str(n) for n in ticks]},
             yaxis_type="log" if t.metric.startswith("ppl") else "linear",
         )
         plots.append({"caption": f"{t.task}: train short (dashed), test long.", "fig": fig})
