@@ -2,5 +2,8 @@
 
 from posenc.encodings import absolute, bias, contextual, rotary  # noqa: F401  (registers)
 from posenc.encodings.absolute import Binary, Integer, Learned, NoPE, Normalized, Sine, Sinusoidal
+from posenc.encodings.bias import FIRE, T5, ALiBi, BiasEncoding, Kerple, Sandwich, Shaw
+from posenc.encodings.contextual import CoPE
 
 __all__ = ["Binary", "Integer", "Learned", "NoPE", "Normalized", "Sine", "Sinusoidal"]
+__all__ += ["ALiBi", "BiasEncoding", "CoPE", "FIRE", "Kerple", "Sandwich", "Shaw", "T5"]
