@@ -174,7 +174,9 @@ class Attention(nn.Module):
         self.backend = one_of("backend", backend, BACKENDS)
         pe_heads = getattr(getattr(pe, "params", None), "num_heads", None)
         if pe_heads is not None and pe_heads != num_heads:
-            raise ValueError(f"the encoding was built with num_heads={pe_heads} but the attention has {num_heads} heads")
+            raise ValueError(
+                f"the encoding was built with num_heads={pe_heads} but the attention has {num_heads} heads"
+            )
         self.dim, self.num_heads, self.num_kv_heads = dim, num_heads, num_kv_heads
         self.head_dim = dim // num_heads
         self.causal = bool(causal)
@@ -279,7 +281,6 @@ class Attention(nn.Module):
         else:
             attn = mask
         return F.scaled_dot_product_attention(q, k, v, attn_mask=attn, dropout_p=dropout, enable_gqa=gqa)
-
 
     def _attend_flex(self, q, k, v, positions, k_positions, bias, padding, segment_ids) -> torch.Tensor:
         """FlexAttention with ``pe.score_mod`` inside the kernel (see ``posenc.flex``)."""

@@ -182,7 +182,9 @@ class ALiBi(BiasEncoding):
     """
 
     name = "alibi"
-    reference = "Press et al. 2022, Train Short, Test Long: Attention with Linear Biases Enables Input Length Extrapolation"
+    reference = (
+        "Press et al. 2022, Train Short, Test Long: Attention with Linear Biases Enables Input Length Extrapolation"
+    )
     formula = "b_h(i, j) = -m_h * (i - j),  m_h = 2^(-8h/H)"
     flaw = "a fixed recency prior: distant tokens are penalised linearly, so long-range retrieval is hard"
     Params: ClassVar[type[Params]] = AlibiParams
@@ -411,7 +413,7 @@ class Shaw(PositionalEncoding):
         return q @ self.weight.to(q.dtype).t() / math.sqrt(self.params.head_dim)
 
     def bias(self, q_positions, k_positions, *, q=None, k=None) -> torch.Tensor:
-        """Bias ``[b, h, s_q, s_k]``."""
+        """Bias ``[b, h, s_q, s_k]`` in the dtype of ``q``."""
         z = self._logits(q)  # [b, h, s_q, 2K + 1]
         b, h, s_q, _ = z.shape
         if q_positions.shape[-1] != s_q:
@@ -420,14 +422,14 @@ class Shaw(PositionalEncoding):
         idx = idx.to(z.device)
         idx = idx[None, None] if idx.dim() == 2 else idx[:, None]  # [b|1, 1, s_q, s_k]
         idx = idx.expand(b, h, s_q, idx.shape[-1])  # [b, h, s_q, s_k]
-        return z.gather(-1, idx).float()
+        return z.gather(-1, idx)
 
     def score_mod(self, q_positions, k_positions, *, q=None, k=None) -> R.ScoreMod:
         """In-kernel lookup of the ``[b, h, s_q, 2K + 1]`` query·embedding scores: the
         content enters through that small tensor, never an ``[h, s_q, s_k]`` one."""
         check_positions(q_positions, "q_positions")
         check_positions(k_positions, "k_positions")
-        z = self._logits(q).float()  # [b, h, s_q, 2K + 1]
+        z = self._logits(q)  # [b, h, s_q, 2K + 1]
         dmax = self.params.max_distance
         q_at, k_at = R.position_lookup(q_positions), R.position_lookup(k_positions)
 

@@ -69,7 +69,9 @@ def t5_max_exact(num_buckets: int, bidirectional: bool) -> int:
     return (num_buckets // 2 if bidirectional else num_buckets) // 2
 
 
-def t5_bucket(relative_position: torch.Tensor, *, bidirectional: bool, num_buckets: int, max_distance: int) -> torch.Tensor:
+def t5_bucket(
+    relative_position: torch.Tensor, *, bidirectional: bool, num_buckets: int, max_distance: int
+) -> torch.Tensor:
     """T5 relative-position bucket (Raffel et al. 2020, Mesh TensorFlow), int64, same shape.
 
     ``relative_position = k_pos - q_pos``. Bidirectional: half the buckets for keys
