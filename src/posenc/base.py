@@ -69,6 +69,10 @@ class PositionalEncoding(nn.Module):
     Params: ClassVar[type[Params]] = Params
     #: True when the vector of a position depends on the sequence length (normalized).
     length_dependent: ClassVar[bool] = False
+    #: Values for required parameters that are not model sizes (e.g. rope2d's
+    #: ``grid_width``), used by ``registry.create_example`` for demos, analysis and
+    #: registry-wide tests. Never used to fill a user's missing parameter silently.
+    example_params: ClassVar[dict[str, Any]] = {}
 
     def __init__(self, **params: Any) -> None:
         super().__init__()
@@ -170,4 +174,11 @@ class AdditiveEncoding(PositionalEncoding):
         check_positions(positions)
         check_positions_match(positions, x.shape[0], x.shape[1])
         table = self.table(positions.to(x.device))  # [s, dim] or [b, s, dim]
+        limit = torch.finfo(x.dtype).max
+        if table.numel() and float(table.abs().max()) > limit:
+            raise ValueError(
+                f"{self.name} encoding values reach {float(table.abs().max()):.4g} at position "
+                f"{int(positions.max())}, beyond the range of {x.dtype} (max {limit:.4g}); "
+                "use a wider dtype (float32/bfloat16) or shorter positions"
+            )
         return x + table.to(x.dtype)

@@ -95,7 +95,7 @@ class MLP(nn.Module):
 class Block(nn.Module):
     def __init__(self, config: TransformerConfig, pe: PositionalEncoding) -> None:
         super().__init__()
-        self.norm1 = nn.LayerNorm(config.dim)
+        self.norm1 = nn.RMSNorm(config.dim)
         self.attn = Attention(
             config.dim,
             config.num_heads,
@@ -105,7 +105,7 @@ class Block(nn.Module):
             backend=config.backend,
             dropout=config.dropout,
         )
-        self.norm2 = nn.LayerNorm(config.dim)
+        self.norm2 = nn.RMSNorm(config.dim)
         self.mlp = MLP(config.dim, int(config.mlp_ratio * config.dim), config.dropout)
 
     def forward(self, x, positions, *, cache, padding_mask, segment_ids, bias):
@@ -145,7 +145,7 @@ class Transformer(nn.Module):
         self.tok_emb = nn.Embedding(config.vocab_size, config.dim)
         self.drop = nn.Dropout(config.dropout)
         self.blocks = nn.ModuleList(Block(config, self.pe) for _ in range(config.num_layers))
-        self.norm = nn.LayerNorm(config.dim)
+        self.norm = nn.RMSNorm(config.dim)
         self.head = nn.Linear(config.dim, config.vocab_size, bias=False)
         self.apply(self._init)
         if config.tie_embeddings:

@@ -1,0 +1,135 @@
+"""Tier 4 and numerics, parametrized over the whole registry and driven by hypothesis.
+
+Valid calls return finite outputs of the right shape and dtype; invalid calls raise
+``ValueError``/``TypeError`` naming the argument. The number of generated cases is
+counted in ``CASES`` and printed at the end of the session (see docs/reliability.md).
+"""
+
+import collections
+
+import pytest
+import torch
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+import posenc
+from posenc.registry import create_example
+
+CASES: collections.Counter = collections.Counter()
+DTYPES = [torch.float16, torch.bfloat16, torch.float32, torch.float64]
+DIM, HEADS = 16, 4
+
+
+def build(name: str, *, causal: bool = True, max_len: int = 4096) -> posenc.PositionalEncoding:
+    return create_example(name, dim=DIM, num_heads=HEADS, head_dim=DIM // HEADS, max_len=max_len, causal=causal)
+
+
+@st.composite
+def layouts(draw):
+    """(b, s, positions) with positions [s] or [b, s], sorted, possibly offset."""
+    b = draw(st.integers(1, 3))
+    s = draw(st.integers(1, 10))
+    offset = draw(st.integers(0, 2000))
+    batched = draw(st.booleans())
+    if batched:
+        starts = torch.tensor(draw(st.lists(st.integers(0, offset), min_size=b, max_size=b)))
+        positions = starts[:, None] + torch.arange(s)  # [b, s]
+    else:
+        positions = offset + torch.arange(s)  # [s]
+    return b, s, positions
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _report_counts():
+    yield
+    print("\nreliability cases tried:", dict(CASES), "total", sum(CASES.values()))
+
+
+@pytest.mark.parametrize("name", posenc.available())
+@settings(max_examples=25, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(layout=layouts(), dtype=st.sampled_from(DTYPES), causal=st.booleans())
+def test_valid_calls_are_finite_with_right_shape_and_dtype(name, layout, dtype, causal):
+    b, s, positions = layout
+    pe = build(name, causal=causal)
+    attn = posenc.Attention(DIM, HEADS, num_kv_heads=2, pe=pe, causal=causal).to(dtype)
+    x = torch.randn(b, s, DIM, dtype=dtype)
+    with torch.no_grad():
+        h = pe.embed(x, positions)
+        out = attn(h, positions)
+    assert h.shape == x.shape and h.dtype == dtype
+    assert out.shape == (b, s, DIM) and out.dtype == dtype
+    assert torch.isfinite(out).all()
+    CASES["valid"] += 1
+
+
+BAD_POSITIONS = [
+    (torch.arange(4.0), TypeError, "positions must have an integer dtype"),
+    (torch.tensor([0, -1, 2, 3]), ValueError, "positions must be non-negative"),
+    (torch.zeros(1, 1, 4, dtype=torch.long), ValueError, r"positions must have shape \[s\] or \[b, s\]"),
+    (torch.arange(3), ValueError, "positions has length 3 but the input has 4 tokens"),
+    (torch.zeros(5, 4, dtype=torch.long), ValueError, "positions has batch size 5"),
+    ([0, 1, 2, 3], TypeError, "positions must be a torch.Tensor"),
+    (torch.ones(4, dtype=torch.bool), TypeError, "positions must have an integer dtype"),
+]
+
+
+@pytest.mark.parametrize("name", posenc.available())
+@pytest.mark.parametrize("bad, exc, match", BAD_POSITIONS)
+def test_bad_positions_raise_a_named_error(name, bad, exc, match):
+    pe = build(name)
+    attn = posenc.Attention(DIM, HEADS, pe=pe)
+    x = torch.randn(2, 4, DIM)
+    with pytest.raises(exc, match=match):
+        attn(pe.embed(x, bad) if pe.family == "additive" else x, bad)
+    CASES["invalid"] += 1
+
+
+@pytest.mark.parametrize("name", posenc.available())
+@pytest.mark.parametrize("dtype, tol", [(torch.float16, 1e-2), (torch.bfloat16, 6e-2), (torch.float32, 1e-5)])
+def test_low_precision_matches_float64_reference(name, dtype, tol):
+    """Attention output in ``dtype`` against the same weights in float64.
+
+    Tolerance is on the error relative to the output's RMS: float16 1e-2, bfloat16
+    6e-2 (8 mantissa bits), float32 1e-5.
+    """
+    torch.manual_seed(1)
+    pe = build(name)
+    attn = posenc.Attention(DIM, HEADS, num_kv_heads=2, pe=pe).double()
+    x = torch.randn(2, 12, DIM, dtype=torch.float64)
+    positions = torch.arange(100, 112)
+    if pe.family == "additive":
+        x = x / x.norm(dim=-1, keepdim=True) * 4  # keep integer/normalized inputs in range
+    with torch.no_grad():
+        ref = attn(pe.embed(x, positions), positions)
+        low = attn.to(dtype)(pe.to(dtype).embed(x.to(dtype), positions), positions)
+    err = (low.double() - ref).pow(2).mean().sqrt() / ref.pow(2).mean().sqrt()
+    assert err < tol, f"{name} {dtype}: relative RMS error {err:.3g} >= {tol}"
+    CASES["numerics"] += 1
+
+
+@pytest.mark.parametrize("name", posenc.available())
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+def test_no_overflow_at_two_to_the_twenty(name, dtype):
+    """Positions near 2**20: finite outputs, or a clear error where the dtype cannot
+    hold the encoding's values (integer in float16) — never a silent inf/NaN."""
+    if name == "binary":
+        pe = create_example(name, dim=24)
+    else:
+        pe = build(name, max_len=2**20 + 8)
+    positions = torch.arange(2**20 - 4, 2**20 + 4)
+    x = torch.randn(1, 8, 24 if name == "binary" else DIM, dtype=dtype)
+    attn = posenc.Attention(x.shape[-1], HEADS, pe=pe).to(dtype)
+    pe.to(dtype)
+    with torch.no_grad():
+        try:
+            h = pe.embed(x, positions)
+        except ValueError as err:
+            assert "beyond the range of" in str(err)
+            CASES["overflow-refused"] += 1
+            return
+        out = attn(h, positions)
+        bias = pe.bias(positions, positions)
+    assert torch.isfinite(out).all()
+    if bias is not None:
+        assert not torch.isnan(bias).any()
+    CASES["overflow"] += 1
