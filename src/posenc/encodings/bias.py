@@ -61,10 +61,32 @@ def _index_grids(
     return h, qp[:, None, :, None], kp.to(device)[:, None, None, :]
 
 
+def _exact(t: torch.Tensor) -> torch.Tensor:
+    """A learned tensor in the dtype the bias math runs in: float32, or float64 when the
+    module was cast to float64 (``model.half()`` must not make 2**20 overflow)."""
+    return t.to(torch.promote_types(t.dtype, torch.float32))
+
+
 class BiasEncoding(PositionalEncoding):
-    """Base of the content-free bias encodings: subclasses implement ``element_fn``."""
+    """Base of the content-free bias encodings: subclasses implement ``element_fn``.
+
+    Precision: the bias is computed in float32 (float64 if the parameters are float64)
+    whatever the activation dtype; float buffers (slopes, frequencies) stay float32
+    under ``model.to(bfloat16)`` (only their device follows) and learned parameters
+    are upcast before use. Attention casts the finished bias to the activation dtype.
+    """
 
     family: ClassVar[str] = "bias"
+
+    def _apply(self, fn, recurse: bool = True):
+        kept = {n: b for n, b in self._buffers.items() if b is not None and b.is_floating_point()}
+        for n in kept:
+            self._buffers.pop(n)
+        super()._apply(fn, recurse)
+        device = fn(torch.empty(0)).device
+        for n, b in kept.items():
+            self._buffers[n] = b.to(device)
+        return self
 
     def element_fn(self, q_positions: torch.Tensor, k_positions: torch.Tensor) -> ElementFn:
         """``f(h, q_pos, k_pos) -> bias`` (float32, broadcasting) for these positions."""
@@ -152,7 +174,7 @@ class T5(BiasEncoding):
         dmax = self.params.max_distance
         # Bias of every relative position -D..D per head: [h, 2 D + 1] (beyond ±D the
         # bucket is that of ±D). Differentiable in the weight.
-        per_distance = self.weight[self.bucket_table.to(self.weight.device)].t()  # [h, 2 D + 1]
+        per_distance = _exact(self.weight)[self.bucket_table.to(self.weight.device)].t()  # [h, 2 D + 1]
 
         def fn(h, qp, kp):
             return per_distance[h, (kp - qp).clamp(-dmax, dmax) + dmax]
@@ -240,8 +262,12 @@ class Kerple(BiasEncoding):
     def positive_params(self) -> tuple[torch.Tensor, torch.Tensor]:
         """The clamped ``(r1, r2)`` actually used, each ``[h]``."""
         eps = self.params.eps
-        r1 = self.r1.clamp(min=eps)
-        r2 = self.r2.clamp(min=eps, max=2.0) if self.params.variant == "power" else self.r2.clamp(min=eps)
+        r1 = _exact(self.r1).clamp(min=eps)
+        r2 = (
+            _exact(self.r2).clamp(min=eps, max=2.0)
+            if self.params.variant == "power"
+            else _exact(self.r2).clamp(min=eps)
+        )
         return r1, r2
 
     def element_fn(self, q_positions, k_positions) -> ElementFn:
@@ -296,12 +322,12 @@ class FIRE(BiasEncoding):
         self.register_buffer("init_L", torch.tensor(float(p.init_L)), persistent=False)
 
     def element_fn(self, q_positions, k_positions) -> ElementFn:
-        w1 = self.mlp[0].weight[:, 0]  # [u]
-        b1 = self.mlp[0].bias  # [u]
-        w2 = self.mlp[2].weight  # [h, u]
-        b2 = self.mlp[2].bias  # [h]
-        c, eps = self.c, self.params.eps
-        threshold = torch.abs(self.L_multiplier * self.init_L)
+        w1 = _exact(self.mlp[0].weight)[:, 0]  # [u]
+        b1 = _exact(self.mlp[0].bias)  # [u]
+        w2 = _exact(self.mlp[2].weight)  # [h, u]
+        b2 = _exact(self.mlp[2].bias)  # [h]
+        c, eps = _exact(self.c), self.params.eps
+        threshold = torch.abs(_exact(self.L_multiplier) * self.init_L)
         width = self.params.mlp_width
 
         def fn(h, qp, kp):
