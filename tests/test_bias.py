@@ -206,11 +206,15 @@ def test_kv_cache_matches_full_forward(name, causal):
     with torch.no_grad():
         full = model(tokens)
         cache = model.new_cache()
-        steps = [model(tokens[:, :4], cache=cache)] + [model(tokens[:, i : i + 1], cache=cache) for i in range(4, 9)]
+        steps = [model(tokens[:, i : i + 1], cache=cache) for i in range(9)]  # token by token
+        chunked = model.new_cache()
+        chunks = [model(tokens[:, :4], cache=chunked), model(tokens[:, 4:], cache=chunked)]  # prefill + chunk
     if causal:
         torch.testing.assert_close(torch.cat(steps, 1), full, rtol=1e-4, atol=1e-5)
+        torch.testing.assert_close(torch.cat(chunks, 1), full, rtol=1e-4, atol=1e-5)
     else:  # a bidirectional model's last step sees every token
         torch.testing.assert_close(steps[-1][:, -1], full[:, -1], rtol=1e-4, atol=1e-5)
+        torch.testing.assert_close(chunks[-1][:, -1], full[:, -1], rtol=1e-4, atol=1e-5)
 
 
 # -- references: Hugging Face transformers -------------------------------------------
