@@ -82,6 +82,25 @@ def test_block_mask_with_padding_and_segments():
     torch.testing.assert_close(out[1], ref[1], rtol=1e-5, atol=1e-5)
 
 
+def test_block_mask_padding_with_padded_cache_keys():
+    """A decode step over a left-padded cache: key padding and the 128-multiple key
+    padding of the backend combine (create_block_mask path)."""
+    pe = _randomized("t5")
+    b, h, n, d = 2, 4, 200, 8
+    q, k, v = torch.randn(b, h, 1, d), torch.randn(b, h, n, d), torch.randn(b, h, n, d)
+    padding = torch.ones(b, n, dtype=torch.bool)
+    padding[1, :7] = False
+    qp, kp = torch.tensor([n - 1]), torch.arange(n)
+    mask = build_mask(b, 1, n, causal=True, padding=padding, segment_ids=None, device=q.device)
+    ref = torch.nn.functional.scaled_dot_product_attention(
+        q, k, v, attn_mask=pe.bias(qp, kp).masked_fill(~mask, float("-inf"))
+    )
+    kk, vv, kpp = flex.pad_keys(k, v, kp)
+    bm = flex.block_mask(b, 1, kk.shape[2], n_keys=n, causal=True, padding=padding, segment_ids=None, device=q.device)
+    out = _eager_flex(q, kk, vv, pe.score_mod(qp, kpp), bm, False)
+    torch.testing.assert_close(out, ref, rtol=1e-5, atol=1e-5)
+
+
 def _models(name: str, **cfg):
     torch.manual_seed(0)
     base = dict(vocab_size=50, dim=32, num_heads=4, num_layers=2, encoding=name, **cfg)
