@@ -290,6 +290,135 @@ def study(
         console.print(f"report: {outputs['report']}")
 
 
+# -- evidence: analyze, plot, report (issue 5) ---------------------------------------------------
+@app.command("analyze")
+def analyze(
+    names: list[str] = typer.Argument(None, help="encodings to measure (default: every registered one)"),  # noqa: B008
+    dim: int = typer.Option(32, help="model width"),
+    heads: int = typer.Option(2, help="attention heads"),
+    horizon: int = typer.Option(256, help="positions measured"),
+    train_length: int = typer.Option(128, help="the 'trained' length for the beyond-L measurements"),
+    pretrained: str = typer.Option(
+        None, help="also measure a local transformers model directory ('minilm': all-MiniLM-L6-v2)"
+    ),
+) -> None:
+    """The report card: every claim of the classic story, measured, one row per encoding."""
+    from posenc import analysis
+
+    try:
+        cfg = analysis.CardConfig(dim=dim, num_heads=heads, horizon=horizon, train_length=train_length,
+                                  beyond_horizon=max(4 * train_length, horizon + 1))  # fmt: skip
+        names = names or posenc.available()
+        for n in names:
+            posenc.get(n)
+        cards = []
+        with console.status("measuring") as status:
+            for n in names:
+                status.update(f"measuring {n}")
+                cards.append(analysis.report_card(n, cfg))
+            if pretrained:
+                from posenc.analysis import pretrained as P
+
+                status.update(f"measuring {pretrained}")
+                path = P.minilm_dir() if pretrained == "minilm" else pretrained
+                info = P.load_positions(path)
+                probe = P.learned_probe(info, name="all-MiniLM-L6-v2" if pretrained == "minilm" else None)
+                cards.append(analysis.card_for_probe(probe, cfg, token_norm=info.token_norm))
+    except (ValueError, TypeError, FileNotFoundError) as err:
+        raise _fail(err) from None
+    table = Table(title=f"posenc report card (dim={dim}, {heads} heads, horizon {horizon}, L={train_length})")
+    for col in cards[0].row():
+        table.add_column(col, overflow="fold")
+    for card in cards:
+        table.add_row(*(analysis.format_value(v) for v in card.row().values()))
+    console.print(table)
+
+
+@app.command("plot")
+def plot(
+    name: str = typer.Argument(
+        ..., help="encoding name ('all' for magnitude/distance; a model dir for pretrained; a .pt for attention)"
+    ),
+    kind: str = typer.Option(
+        ...,
+        "--kind",
+        "-k",
+        help="heatmap, similarity, magnitude, distance, bias, buckets, "
+        "rotation, wavelengths, decay, scaling, attention, pretrained",
+    ),  # fmt: skip
+    output: str = typer.Option(..., "--output", "-o", help="the .png or .svg file to write"),
+    dim: int = typer.Option(None, help="model width"),
+    heads: int = typer.Option(None, "--heads", help="attention heads"),
+    horizon: int = typer.Option(None, help="positions drawn"),
+    steps: int = typer.Option(None, help="training steps (kind attention)"),
+    length: int = typer.Option(None, help="example length (kind attention of a checkpoint)"),
+) -> None:
+    """Draw one figure of an encoding and write it as PNG or SVG."""
+    import inspect
+
+    from posenc.viz import figures
+
+    options = {"dim": dim, "num_heads": heads, "horizon": horizon, "steps": steps, "length": length}
+    try:
+        if kind == "pretrained":
+            model_dir = None if name.lower() in ("minilm", "all-minilm-l6-v2") else name
+            make, args = figures.pretrained, (model_dir,)
+        elif kind in figures.GLOBAL_KINDS:
+            make = figures.GLOBAL_KINDS[kind]
+            args = () if kind == "scaling" else (None if name == "all" else [name],)
+        elif kind == "attention" and name.endswith(".pt"):
+            make, args = figures.checkpoint_attention, (name,)  # a model from `posenc train`/`study`
+        elif kind in figures.KINDS:
+            make, args = figures.KINDS[kind], (name,)
+        else:
+            kinds = sorted([*figures.KINDS, *figures.GLOBAL_KINDS, "pretrained"])
+            raise ValueError(f"unknown kind {kind!r}; kinds: {kinds}")
+        accepted = inspect.signature(make).parameters
+        kwargs = {}
+        for key, value in options.items():
+            if value is None:
+                continue
+            if key not in accepted:
+                raise ValueError(f"--{'heads' if key == 'num_heads' else key} does not apply to kind {kind!r}")
+            kwargs[key] = value
+        with console.status(f"drawing {kind} of {name}"):
+            fig = make(*args, **kwargs)
+            path = figures.save(fig, output)
+    except figures.FigureUnavailable as err:
+        console.print(f"[yellow]skipped:[/yellow] {err}")
+        raise typer.Exit(3) from None
+    except (ValueError, TypeError, FileNotFoundError) as err:
+        raise _fail(err) from None
+    console.print(f"wrote {path}")
+
+
+@app.command("report")
+def report(
+    output: str = typer.Option("report.html", "--output", "-o", help="the HTML file to write"),
+    study: str = typer.Option(None, "--study", help="a study run directory with results.jsonl"),
+    encodings: str = typer.Option(None, help="comma-separated encodings (default: every registered one)"),
+    attention_steps: int = typer.Option(300, help="training steps of the tiny models behind the attention maps"),
+    no_pretrained: bool = typer.Option(False, "--no-pretrained", help="leave out the all-MiniLM-L6-v2 section"),
+) -> None:
+    """Write one self-contained HTML report (report card, figures, study results)."""
+    from posenc.viz.report import write_report
+
+    names = [n.strip() for n in encodings.split(",") if n.strip()] if encodings else None
+    try:
+        with console.status("writing the report") as status:
+            path = write_report(
+                output,
+                study_dir=study,
+                encodings=names,
+                attention_steps=attention_steps,
+                pretrained=not no_pretrained,
+                progress=lambda msg: status.update(msg),
+            )
+    except (ValueError, TypeError, FileNotFoundError) as err:
+        raise _fail(err) from None
+    console.print(f"wrote {path}")
+
+
 @app.command("extend")
 def extend(
     preset: str = typer.Option("quick", "--preset", help="quick (~30 min on 2 CPU cores) or smoke (seconds)"),
