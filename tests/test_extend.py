@@ -126,16 +126,16 @@ def _cli(args):
 def test_cli_extend_tiny_writes_outputs(tmp_path):
     out = tmp_path / "ext"
     args = ["extend", "--preset", "smoke", "--tasks", "copy", "--rules", "none,linear,yarn", "--factors", "2",
-            "--finetune-steps", "2", "--baselines", "sinusoidal", "--out", str(out)]  # fmt: skip
+            "--finetune-steps", "2", "--baselines", "alibi", "--out", str(out)]  # fmt: skip
     code, text = _cli(args)
     assert code == 0, text
     assert str(out / "extension.json") in text.replace("\n", "")
     data = validate_extension(json.loads((out / "extension.json").read_text()))
     assert data["rules"] == ["none", "linear", "yarn"] and data["factors"] == [2]
-    assert data["baselines"] == ["sinusoidal"] and data["finetune"]["factor"] == 2
+    assert data["baselines"] == ["alibi"] and data["finetune"]["factor"] == 2
     stages = [(r["rule"], r["stage"]) for r in data["records"]]
     assert stages == [("none", "zero-shot"), ("linear", "zero-shot"), ("yarn", "zero-shot"), ("none", "fine-tuned"),
-                      ("linear", "fine-tuned"), ("yarn", "fine-tuned"), ("sinusoidal", "baseline")]  # fmt: skip
+                      ("linear", "fine-tuned"), ("yarn", "fine-tuned"), ("alibi", "baseline")]  # fmt: skip
     for r in data["records"]:
         assert [m["length"] for m in r["metrics"]] == [3, 6]
         expected = {"zero-shot": [1, 2], "fine-tuned": [2, 2], "baseline": [None, None]}[r["stage"]]
