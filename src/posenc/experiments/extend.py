@@ -324,9 +324,13 @@ def extend_one(
     cache: dict | None = None,
     on_stage: Progress | None = None,
     on_step: StepCallback | None = None,
+    threads: int | None = None,
 ) -> list[dict[str, Any]]:
-    """Every record of one base checkpoint: zero-shot and fine-tuned per rule, baselines."""
+    """Every record of one base checkpoint: zero-shot and fine-tuned per rule, baselines.
+    ``threads``: torch threads of evaluation and fine-tuning (default: the harness's)."""
     rules, factors = check_rules(rules), check_factors(factors)
+    if threads is not None:
+        torch.set_num_threads(threads)
     out_dir = Path(out_dir)
     cache = {} if cache is None else cache
     config, model = load_base(checkpoint)
@@ -348,6 +352,8 @@ def extend_one(
         for rule in rules:
             stage(f"fine-tune {rule} at {f * L}")
             ft_cfg = finetune_config(config, rule, finetune, checkpoint)
+            if threads is not None:
+                ft_cfg = replace(ft_cfg, train={"threads": threads})
             train_run(ft_cfg, out_dir / "finetune", on_step=on_step, corpus_cache=cache)
             tuned = swap_rule(model, config, rule, f)[1]
             _load_weights(tuned, checkpoint_path(out_dir / "finetune", ft_cfg.run_id))
@@ -499,7 +505,7 @@ def run_extension(
             records += json.loads(saved.read_text(encoding="utf-8"))
         else:
             new = extend_one(c, out_dir, rules=rules, factors=factors, finetune=finetune, cache=cache, on_stage=stage,
-                             on_step=on_step)  # fmt: skip
+                             on_step=on_step, threads=threads)  # fmt: skip
             atomic_write_bytes(saved, json.dumps(new).encode())
             records += new
         for name in present:
@@ -508,7 +514,8 @@ def run_extension(
                 records.append(json.loads(saved.read_text(encoding="utf-8")))
                 continue
             stage(f"baseline {name}")
-            rec = baseline_record(cfg, name, out_dir, factors=factors, cache=cache, on_step=on_step)
+            b_cfg = cfg if threads is None else replace(cfg, train={"threads": threads})
+            rec = baseline_record(b_cfg, name, out_dir, factors=factors, cache=cache, on_step=on_step)
             atomic_write_bytes(saved, json.dumps(rec).encode())
             records.append(rec)
     return {
