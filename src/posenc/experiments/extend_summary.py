@@ -112,8 +112,12 @@ def orderings(data: dict[str, Any], task: str) -> list[dict[str, Any]]:
     # claim 1 holds when a (at E) is *worse* than b (at L): flip the count
     for c in claims:
         c["holds"] = c["seeds"] - c["holds"]
-    compare("2. PI zero-shot beats direct (linear < none)", ("linear", "zero-shot"), ("none", "zero-shot"))
-    compare("3. NTK-aware zero-shot beats PI zero-shot (ntk < linear)", ("ntk", "zero-shot"), ("linear", "zero-shot"))
+    compare("2. PI zero-shot beats direct (linear better than none)", ("linear", "zero-shot"), ("none", "zero-shot"))
+    compare(
+        "3. NTK-aware zero-shot beats PI zero-shot (ntk better than linear)",
+        ("ntk", "zero-shot"),
+        ("linear", "zero-shot"),
+    )
     base, lin, none = ("none", "zero-shot"), ("linear", "fine-tuned"), ("none", "zero-shot")
     if lin in s and base in s:
         for n in lengths:
@@ -127,7 +131,7 @@ def orderings(data: dict[str, Any], task: str) -> list[dict[str, Any]]:
                            "length": n, "holds": sum(r > 0.5 for r in ok), "seeds": len(seeds),
                            "a": statistics.fmean(ok) if ok else float("nan"), "b": None,
                            "recovery": rec})  # fmt: skip
-    compare("5. YaRN fine-tuned at least as good as PI fine-tuned (yarn <= linear)", ("yarn", "fine-tuned"),
+    compare("5. YaRN fine-tuned at least as good as PI fine-tuned", ("yarn", "fine-tuned"),
             ("linear", "fine-tuned"), or_equal=True)  # fmt: skip
     return claims
 
