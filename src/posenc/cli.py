@@ -421,7 +421,9 @@ def report(
 
 @app.command("extend")
 def extend(
-    preset: str = typer.Option("quick", "--preset", help="quick (~30 min on 2 CPU cores) or smoke (seconds)"),
+    preset: str = typer.Option(
+        "quick", "--preset", help="quick (2 tasks x 2 seeds; ~1 h serially on 2 busy cores) or smoke (seconds)"
+    ),
     tasks: str = typer.Option(None, "--tasks", help="comma-separated, default shakespeare,copy"),
     seeds: str = typer.Option(None, "--seeds", help="comma-separated ints (default: the preset's)"),
     checkpoint: str = typer.Option(
@@ -503,7 +505,7 @@ def extend(
     console.print(f"results: {outputs['json']}")
     console.print(f"tables: {outputs['markdown']}")
     console.print(f"plots: {', '.join(str(p) for p in outputs['plots'])}")
-    console.print(f"report section: posenc.viz.extension / {Path(out) / 'extension.json'}")
+    console.print(f"report section: posenc.viz.extension.report_section({str(Path(out) / 'extension.json')!r})")
 
 
 def main() -> None:  # pragma: no cover

@@ -84,8 +84,8 @@ _KEPT_ROPE_KEYS = ("rope_theta", "partial_rotary_factor")
 _KEPT_FLAT = ("layout", "rotary_dim", "partial_rotary_factor")
 
 # -- presets --------------------------------------------------------------------------------
-# Sized for 2 shared CPU cores: the whole quick run (2 tasks x 2 seeds, 6 rules, 2
-# baselines) takes about half an hour. See docs/extension.md.
+# Sized for 2 shared CPU cores: the quick run (2 tasks x 2 seeds, 6 rules, 2
+# baselines) took ~25 min as 4 parallel 1-thread processes. See docs/extension.md.
 _QUICK_TASKS = {
     "shakespeare": {
         "task": {"train_length": 32, "eval_factors": [1, 2, 4, 8], "eval_tokens": 2048, "sliding_stride": 32},
