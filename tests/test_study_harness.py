@@ -282,6 +282,7 @@ def test_load_config_yaml_and_study_plan(tmp_path):
 def test_cli_study_end_to_end(tmp_path):
     out = tmp_path / "study"
     args = ["study", "--preset", "smoke", "--encodings", "sinusoidal,none", "--tasks", "copy", "--out", str(out)]
+    args.append("--no-report")  # the HTML report has its own tests (tests/test_report.py)
     code, text = _cli(args)
     assert code == 0, text
     recs = read_results(out)
@@ -291,9 +292,9 @@ def test_cli_study_end_to_end(tmp_path):
     code, text = _cli(args)  # re-run: everything skipped, same file
     assert code == 0 and len(read_results(out)) == 2
     (out / "results.md").unlink()
-    code, text = _cli(["study", "--summarize-only", "--out", str(out)])
+    code, text = _cli(["study", "--summarize-only", "--no-report", "--out", str(out)])
     assert code == 0 and (out / "results.md").exists() and len(read_results(out)) == 2
-    code, text = _cli(["study", "--summarize-only", "--out", str(tmp_path / "empty")])
+    code, text = _cli(["study", "--summarize-only", "--no-report", "--out", str(tmp_path / "empty")])
     assert code == 2 and "no results" in text
 
 
@@ -351,9 +352,10 @@ def test_documented_configs_load():
 
 
 def test_unbuildable_preset_encoding_is_left_out_with_reason_but_named_one_is_an_error():
-    # sine's periods 4 * 2**i overflow at the quick preset's dim=64 (a limit of the encoding).
-    configs, left_out = plan_study("quick", tasks=["copy"])
-    assert "sine" not in [c.encoding_label for c in configs]
-    assert any(m.startswith("sine (") and "overflow" in m for m in left_out)
-    with pytest.raises(ValueError, match="encoding 'sine' cannot be built for task 'copy'"):
-        plan_study("quick", encodings=["sine"], tasks=["copy"])
+    # rope2d needs grid_width (a 2-D grid), which no sequence preset gives it.
+    configs, left_out = plan_study("full", tasks=["copy"], seeds=[0])
+    assert "rope2d" not in [c.encoding_label for c in configs]
+    assert any(m.startswith("rope2d (") and "grid_width" in m for m in left_out)
+    assert "sinusoidal+randpos" in [c.encoding_label for c in configs]
+    with pytest.raises(ValueError, match="encoding 'rope2d' cannot be built for task 'copy'"):
+        plan_study("quick", encodings=["rope2d"], tasks=["copy"])

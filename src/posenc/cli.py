@@ -202,7 +202,7 @@ def _print_outputs(run_dir, outputs) -> None:
     console.print(f"tables: {outputs['markdown']}")
     console.print(f"plots: {run_dir / 'plots'} ({len(outputs['plots'])} files)")
     if outputs["report"] is None:
-        console.print("[yellow]note:[/yellow] posenc.viz.report is not installed yet: no report.html written")
+        console.print("no report.html written (--no-report, or posenc.viz.report is not installed)")
     else:
         console.print(f"report: {outputs['report']}")
 
@@ -217,6 +217,7 @@ def study(
     text_path: str = typer.Option(None, "--text", help="file or folder for task 'text'"),
     out: str = typer.Option(None, "--out", help="run folder (default runs/<preset>)"),
     threads: int = typer.Option(None, "--threads", help="torch threads (default min(2, cores))"),
+    no_report: bool = typer.Option(False, "--no-report", help="skip report.html (tables and plots only)"),
     summarize_only: bool = typer.Option(
         False, "--summarize-only", help="train nothing: tables, plots and report from the finished runs in --out"
     ),
@@ -246,7 +247,7 @@ def study(
     run_dir = Path(out) if out else Path("runs") / preset
     if summarize_only:
         try:
-            outputs = write_outputs(run_dir)
+            outputs = write_outputs(run_dir, report=not no_report)
         except (ValueError, TypeError) as err:
             raise _fail(err) from None
         _print_tables(read_results(run_dir))
@@ -294,7 +295,7 @@ def study(
             console.print(f"rank {ctx.rank}/{ctx.world_size}: {len(records)} runs done; rank 0 writes the outputs")
             return
         _print_tables(records)
-        outputs = write_outputs(run_dir)
+        outputs = write_outputs(run_dir, report=not no_report)
     except (ValueError, TypeError, FloatingPointError) as err:
         raise _fail(err, ctx) from None
     except pd.DistributedError as err:

@@ -208,7 +208,9 @@ def report_available() -> bool:
     return importlib.util.find_spec("posenc.viz.report") is not None
 
 
-def write_outputs(run_dir: str | Path, records: list[dict[str, Any]] | None = None) -> dict[str, Any]:
+def write_outputs(
+    run_dir: str | Path, records: list[dict[str, Any]] | None = None, *, report: bool = True
+) -> dict[str, Any]:
     """Markdown tables (``results.md``), plots (``plots/*.png``) and, when
     ``posenc.viz.report`` exists, ``report.html``. Returns the paths written."""
     from posenc.viz.study import plot_study
@@ -222,7 +224,7 @@ def write_outputs(run_dir: str | Path, records: list[dict[str, Any]] | None = No
     md += [f"![{p.stem}](plots/{p.name})" for p in plots]
     (run_dir / "results.md").write_text("\n".join(md) + "\n", encoding="utf-8")
     out: dict[str, Any] = {"markdown": run_dir / "results.md", "plots": plots, "report": None}
-    if report_available():
+    if report and report_available():
         from posenc.viz.report import write_report
 
         write_report(run_dir / "report.html", study_dir=run_dir)
