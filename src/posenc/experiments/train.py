@@ -245,7 +245,11 @@ def train_run(
                              f"{str(err).splitlines()[0]}") from None  # fmt: skip
     if ckpt.exists():
         state = load_checkpoint(ckpt)
-        if state["run_id"] != run_id or _without_threads(state["config"]) != _without_threads(config.to_dict()):
+        try:  # normalized through the dataclasses, so fields added since (with defaults) compare equal
+            saved = config_from_dict(state["config"]).to_dict()
+        except (ValueError, TypeError) as err:
+            raise ValueError(f"checkpoint {str(ckpt)!r} has an invalid config ({err}); delete it to restart") from None
+        if state["run_id"] != run_id or _without_threads(saved) != _without_threads(config.to_dict()):
             raise ValueError(f"checkpoint {str(ckpt)!r} belongs to a different config; delete it to restart")
         model.load_state_dict(state["model"])
         opt.load_state_dict(state["optimizer"])
