@@ -359,3 +359,26 @@ def test_unbuildable_preset_encoding_is_left_out_with_reason_but_named_one_is_an
     assert "sinusoidal+randpos" in [c.encoding_label for c in configs]
     with pytest.raises(ValueError, match="encoding 'rope2d' cannot be built for task 'copy'"):
         plan_study("quick", encodings=["rope2d"], tasks=["copy"])
+
+
+def test_resume_from_checkpoint_saved_before_a_config_field_existed(tmp_path):
+    # A checkpoint written before TrainConfig gained a field (here init_from) resumes: the
+    # saved config is normalized through the dataclasses before it is compared.
+    cfg = _cfg()
+
+    class Stop(Exception):
+        pass
+
+    def stop(step, total, loss):
+        if step == 10:
+            raise Stop
+
+    with pytest.raises(Stop):
+        train_run(cfg, tmp_path, on_step=stop)
+    ckpt = checkpoint_path(tmp_path, cfg.run_id)
+    state = torch.load(ckpt, weights_only=True)
+    state["config"]["train"].pop("init_from", None)
+    state["config"]["train"]["threads"] = 2  # and another thread count
+    torch.save(state, ckpt)
+    rec, skipped = train_run(cfg, tmp_path)
+    assert not skipped and rec["metrics"] == train_run(cfg, tmp_path / "clean")[0]["metrics"]
