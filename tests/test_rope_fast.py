@@ -70,7 +70,12 @@ def test_hand_derived_vectors(compiled):
 @pytest.mark.parametrize("rotary_dim", [16, 8])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("inplace", [False, True])
-def test_eager_matches_reference(layout, rotary_dim, dtype, inplace):
+@pytest.mark.parametrize("path", ["small", "large"])
+def test_eager_matches_reference(layout, rotary_dim, dtype, inplace, path, monkeypatch):
+    # "large": the out=/addcmul_ kernels (and the complex multiply for interleaved float32)
+    # that eager uses from AUTO_COMPILE_NUMEL elements on; "small": the three-op decode path.
+    if path == "large":
+        monkeypatch.setattr(rope_fast, "AUTO_COMPILE_NUMEL", 0)
     b, h, h_kv, s, d = 2, 4, 2, 5, 16
     q, k = torch.randn(b, h, s, d, dtype=dtype), torch.randn(b, h_kv, s, d, dtype=dtype)
     cos, sin = tables(torch.arange(3, 3 + s), rotary_dim)
@@ -105,7 +110,9 @@ def test_compiled_matches_reference(layout, rotary_dim, dtype, inplace):
     cos, sin = tables(torch.arange(s), rotary_dim)
     want_q, want_k = reference(q, cos, sin, layout, rotary_dim), reference(k, cos, sin, layout, rotary_dim)
     q_in, k_in = q.clone(), k.clone()
-    got_q, got_k = apply_rotary(q_in, k_in, cos, sin, layout=layout, rotary_dim=rotary_dim, inplace=inplace, compiled=True)
+    got_q, got_k = apply_rotary(
+        q_in, k_in, cos, sin, layout=layout, rotary_dim=rotary_dim, inplace=inplace, compiled=True
+    )
     # compiled: float32 arithmetic, rounded once -> within 1 ulp of the float64 result.
     t = {"rtol": 1e-5, "atol": 1e-5} if dtype == torch.float32 else {"rtol": 8e-3, "atol": 1e-2}
     torch.testing.assert_close(got_q.double(), want_q, **t)
@@ -217,7 +224,10 @@ def test_inside_outer_compile_equals_eager():
         qr, kr = apply_rotary(q, k, cos, sin, layout="half")
         return qr @ kr.transpose(-1, -2)
 
-    torch.testing.assert_close(outer(q, k), reference(q, cos, sin, "half", 8).float() @ reference(k, cos, sin, "half", 8).float().transpose(-1, -2))
+    torch.testing.assert_close(
+        outer(q, k),
+        reference(q, cos, sin, "half", 8).float() @ reference(k, cos, sin, "half", 8).float().transpose(-1, -2),
+    )
 
 
 def test_scores_depend_only_on_offset():

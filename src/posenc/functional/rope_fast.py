@@ -19,21 +19,24 @@ Shapes:
     cos, sin     [s_q, r/2] or [b|1, s_q, r/2]   one angle per pair (the exact cache)
     k_cos, k_sin [s_k, r/2] or [b|1, s_k, r/2]   for the keys; default ``cos``/``sin``
 
-Two paths compute the same function:
+Paths (all compute the same function; ``compiled="auto"`` picks):
 
 * compiled: one ``torch.compile`` graph (inductor, ``dynamic=False``, ``fullgraph``)
-  rotates q and k; each tensor is read once and written once in a single fused loop
-  (multiply by ``[cos, cos]`` and add the partner dimension times ``[-sin, sin]``: no
-  ``rotate_half`` concatenation, no temporaries). One compiled graph per shape, cached
-  here; arithmetic in float32 (float64 for float64 inputs), rounded once.
-* eager: ``out=``/``addcmul_`` into one preallocated output (four passes over halves,
-  no temporaries; one half-size temporary in place), or a single complex multiply for
-  the interleaved layout in float32/float64 (one pass, in place when asked). Arithmetic
-  in the activation dtype, as in transformers.
+  rotates q and k; each tensor is read once and written once by a single fused loop over
+  pairs (no ``rotate_half`` concatenation, no temporaries). One compiled graph per shape,
+  cached here; arithmetic in float32 (float64 for float64 inputs), rounded once. Backward
+  is compiled too. In place, inductor rotates into a buffer and copies back (two passes):
+  it cannot prove that a loop reading a pair and writing it is safe in place.
+* complex (interleaved layout, float32/float64, no autograd): one complex multiply
+  ``(x_a + i x_b) e^{iθ}``, a single vectorized pass, truly in place when asked.
+* eager, large: ``out=``/``addcmul_`` on half-size views of one preallocated output (no
+  full-size temporary; one half-size temporary in place).
+* eager, small (decode, below ``AUTO_COMPILE_NUMEL`` elements): three ops per tensor,
+  ``x·[cos, cos] + partner(x)·[-sin, sin]``, where launch cost, not memory, dominates.
 
-``compiled="auto"`` compiles when the tensors are large enough for the launch cost
-(tens of microseconds per call) to pay, and never inside an outer ``torch.compile``
-trace, where the plain formula is returned for the outer graph to fuse.
+The eager paths compute in the activation dtype (as transformers does). Under autograd
+the eager fallback is the plain differentiable formula; inside an outer
+``torch.compile`` trace the plain formula is returned for the outer graph to fuse.
 """
 
 from __future__ import annotations
@@ -97,7 +100,9 @@ def _check_table(
         if t.device != x.device:
             raise ValueError(f"{name} is on {t.device} but {which} is on {x.device}")
     if cos.shape != sin.shape:
-        raise ValueError(f"{names[0]} and {names[1]} must have the same shape, got {tuple(cos.shape)} and {tuple(sin.shape)}")
+        raise ValueError(
+            f"{names[0]} and {names[1]} must have the same shape, got {tuple(cos.shape)} and {tuple(sin.shape)}"
+        )
     b, s = x.shape[0], x.shape[2]
     ok = (cos.dim() == 2 and cos.shape == (s, half)) or (
         cos.dim() == 3 and cos.shape[0] in (1, b) and cos.shape[1:] == (s, half)
@@ -113,39 +118,29 @@ def _check_table(
 
 
 # -- the math, written once for the compiled path and for outer torch.compile traces ---------
-def _partner(x: torch.Tensor, layout: str) -> torch.Tensor:
-    """Each rotated dimension's pair partner: ``x [..., r]`` -> ``[..., r]``."""
-    r = x.shape[-1]
-    if layout == "half":
-        # [..., 2, r/2]: swap the two halves -> (x_{i+r/2}, x_i)
-        return x.unflatten(-1, (2, r // 2)).flip(-2).flatten(-2)
-    # [..., r/2, 2]: swap within each pair -> (x_{2i+1}, x_{2i})
-    return x.unflatten(-1, (r // 2, 2)).flip(-1).flatten(-2)
-
-
-def _widen(cos: torch.Tensor, sin: torch.Tensor, layout: str) -> tuple[torch.Tensor, torch.Tensor]:
-    """Per-pair tables ``[..., r/2]`` -> per-dimension multipliers ``[..., r]``:
-    ``cos`` for every dimension and ``sin`` signed ``-`` on the first of each pair."""
-    if layout == "half":
-        return torch.cat([cos, cos], -1), torch.cat([-sin, sin], -1)  # [..., r]
-    # [..., r/2, 2] -> [..., r]
-    return torch.stack([cos, cos], -1).flatten(-2), torch.stack([-sin, sin], -1).flatten(-2)
-
-
 def rotate_formula(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, layout: str, rotary_dim: int) -> torch.Tensor:
-    """``x [b, h, s, d]`` rotated out of place as one pointwise expression (what the
-    compiled path fuses): ``x·[cos, cos] + partner(x)·[-sin, sin]`` on the first
-    ``rotary_dim`` dimensions, in float32 (float64 for float64 ``x``), rounded once.
+    """``x [b, h, s, d]`` rotated out of place as one pointwise expression over pairs (what
+    the compiled path fuses into one loop that reads both members of a pair and writes
+    both), in float32 (float64 for float64 ``x``), rounded once.
 
     ``cos``/``sin`` are already shaped to broadcast: ``[s, r/2]`` or ``[b|1, 1, s, r/2]``.
     """
     work = torch.float64 if x.dtype == torch.float64 else torch.float32
-    c, sn = _widen(cos.to(work), sin.to(work), layout)  # [..., s, r]
-    xr = x[..., :rotary_dim]
-    out = (xr.to(work) * c + _partner(xr, layout).to(work) * sn).to(x.dtype)  # [b, h, s, r]
-    if rotary_dim == x.shape[-1]:
+    r = rotary_dim
+    xr = x[..., :r]
+    if layout == "half":
+        pairs = xr.unflatten(-1, (2, r // 2))  # [b, h, s, 2, r/2]
+        x1, x2, pair_dim = pairs[..., 0, :], pairs[..., 1, :], -2
+    else:
+        pairs = xr.unflatten(-1, (r // 2, 2))  # [b, h, s, r/2, 2]
+        x1, x2, pair_dim = pairs[..., 0], pairs[..., 1], -1
+    x1, x2, c, s = x1.to(work), x2.to(work), cos.to(work), sin.to(work)  # [b, h, s, r/2]
+    # Round each member before stacking: the stacked buffer is then written once, in x.dtype.
+    first, second = (x1 * c - x2 * s).to(x.dtype), (x2 * c + x1 * s).to(x.dtype)
+    out = torch.stack([first, second], pair_dim).flatten(-2)  # [b, h, s, r]
+    if r == x.shape[-1]:
         return out
-    return torch.cat([out, x[..., rotary_dim:]], -1)  # [b, h, s, d]
+    return torch.cat([out, x[..., r:]], -1)  # [b, h, s, d]
 
 
 def _rotate_qk(q, k, cq, sq, ck, sk, layout: str, rotary_dim: int):
@@ -206,30 +201,75 @@ def _complex_view(x: torch.Tensor, rotary_dim: int) -> torch.Tensor | None:
     return torch.view_as_complex(xr)
 
 
-def _rotate_eager(x: torch.Tensor, cos, sin, layout: str, rotary_dim: int, inplace: bool) -> torch.Tensor:
-    """One tensor, eager, without full-size temporaries. ``x [b, h, s, d]``."""
-    out = x if inplace else torch.empty_like(x, memory_format=torch.contiguous_format)
-    z = _complex_view(x, rotary_dim) if layout == "interleaved" else None
-    zo = z if inplace else (_complex_view(out, rotary_dim) if z is not None else None)
-    if z is not None and zo is not None:
-        w = torch.complex(cos.to(x.dtype), sin.to(x.dtype))  # [..., s, r/2] e^{iθ}
-        torch.mul(z, w, out=zo)  # one pass: (x_a + i x_b) e^{iθ}
-    else:
-        c, s = cos.to(x.dtype), sin.to(x.dtype)
-        x1, x2 = _pairs(x, layout, rotary_dim)  # [b, h, s, r/2] each
-        if inplace:
-            t = x1 * s  # x_a sin θ, kept before x_a is overwritten (half-size temporary)
-            x1.mul_(c).addcmul_(x2, s, value=-1)
-            x2.mul_(c).add_(t)
-        else:
-            o1, o2 = _pairs(out, layout, rotary_dim)
-            torch.mul(x1, c, out=o1)
-            o1.addcmul_(x2, s, value=-1)
-            torch.mul(x2, c, out=o2)
-            o2.addcmul_(x1, s)
-    if not inplace and rotary_dim < x.shape[-1]:
+def _rotate_complex(x: torch.Tensor, cos, sin, rotary_dim: int, inplace: bool) -> torch.Tensor:
+    """Interleaved layout, float32/float64: one complex multiply ``(x_a + i x_b) e^{iθ}``,
+    a single pass (in place when asked). ``x [b, h, s, d]``."""
+    z = _complex_view(x, rotary_dim)  # [b, h, s, r/2] complex
+    w = torch.complex(cos.to(x.dtype), sin.to(x.dtype))  # [..., s, r/2]: e^{iθ}
+    if inplace:
+        z.mul_(w)
+        return x
+    out = torch.empty_like(x, memory_format=torch.contiguous_format)
+    torch.mul(z, w, out=_complex_view(out, rotary_dim))
+    if rotary_dim < x.shape[-1]:
         out[..., rotary_dim:].copy_(x[..., rotary_dim:])
     return out
+
+
+def _rotate_large(x: torch.Tensor, cos, sin, layout: str, rotary_dim: int, inplace: bool) -> torch.Tensor:
+    """Eager, large tensors: ``out=``/``addcmul_`` on half-size views of one output, no
+    full-size temporary (one half-size temporary in place). ``x [b, h, s, d]``."""
+    c, s = cos.to(x.dtype), sin.to(x.dtype)
+    x1, x2 = _pairs(x, layout, rotary_dim)  # [b, h, s, r/2] each
+    if inplace:
+        t = x1 * s  # x_a sin θ, kept before x_a is overwritten
+        x1.mul_(c).addcmul_(x2, s, value=-1)
+        x2.mul_(c).add_(t)
+        return x
+    out = torch.empty_like(x, memory_format=torch.contiguous_format)
+    o1, o2 = _pairs(out, layout, rotary_dim)
+    torch.mul(x1, c, out=o1)
+    o1.addcmul_(x2, s, value=-1)
+    torch.mul(x2, c, out=o2)
+    o2.addcmul_(x1, s)
+    if rotary_dim < x.shape[-1]:
+        out[..., rotary_dim:].copy_(x[..., rotary_dim:])
+    return out
+
+
+def _small_tables(cos, sin, layout: str, rotary_dim: int, d: int, dtype) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-dimension multipliers ``[..., d]`` for the small path: ``cos`` on every rotated
+    dimension and ``sin`` signed ``-`` on the first member of each pair; 1 and 0 on the
+    pass-through dimensions."""
+    c, s = cos.to(dtype), sin.to(dtype)  # [..., s, r/2]
+    if layout == "half":
+        cw, sw = torch.cat([c, c], -1), torch.cat([-s, s], -1)  # [..., s, r]
+    else:
+        cw, sw = torch.stack([c, c], -1).flatten(-2), torch.stack([-s, s], -1).flatten(-2)  # [..., s, r]
+    if rotary_dim < d:
+        cw = torch.nn.functional.pad(cw, (0, d - rotary_dim), value=1.0)  # [..., s, d]
+        sw = torch.nn.functional.pad(sw, (0, d - rotary_dim), value=0.0)
+    return cw, sw
+
+
+def _partner(x: torch.Tensor, layout: str, rotary_dim: int) -> torch.Tensor:
+    """Each dimension's pair partner (pass-through dimensions: themselves), one op.
+    ``x [..., d]`` -> ``[..., d]``."""
+    half = rotary_dim // 2
+    if layout == "interleaved":
+        # [..., d/2, 2]: swap within every pair (pass-through pairs are multiplied by 0)
+        return x.unflatten(-1, (x.shape[-1] // 2, 2)).flip(-1).flatten(-2)
+    if rotary_dim == x.shape[-1]:
+        return x.roll(half, -1)  # swap the two halves
+    return torch.cat([x[..., half:rotary_dim], x[..., :half], x[..., rotary_dim:]], -1)
+
+
+def _rotate_small(x: torch.Tensor, cw, sw, layout: str, rotary_dim: int, inplace: bool) -> torch.Tensor:
+    """Eager, small tensors (decode): three ops, ``x·cw + partner(x)·sw``; per-op launch
+    cost dominates here, not memory traffic. ``x [b, h, s, d]``."""
+    p = _partner(x, layout, rotary_dim)  # a copy: safe to read after x is overwritten
+    out = x.mul_(cw) if inplace else x * cw
+    return out.addcmul_(p, sw)
 
 
 # -- public entry point ------------------------------------------------------------------------
@@ -300,12 +340,14 @@ def apply_rotary(
         return _rotate_qk(q, k, cq, sq, ck, sk, layout, rotary_dim)
 
     needs_grad = torch.is_grad_enabled() and (q.requires_grad or k.requires_grad)
-    use_compiled = compiled is True
-    if compiled == "auto":
-        complex_inplace = (
-            inplace and layout == "interleaved" and not needs_grad and _complex_view(q, rotary_dim) is not None
-        )
-        use_compiled = q.numel() + k.numel() >= AUTO_COMPILE_NUMEL and not complex_inplace
+    small = q.numel() + k.numel() < AUTO_COMPILE_NUMEL
+    use_complex = (
+        layout == "interleaved"
+        and not needs_grad
+        and _complex_view(q, rotary_dim) is not None
+        and _complex_view(k, rotary_dim) is not None
+    )
+    use_compiled = compiled is True or (compiled == "auto" and not small and not use_complex)
     if use_compiled:
         key = (
             layout,
@@ -320,11 +362,15 @@ def apply_rotary(
         fn = _compiled(_rotate_qk_inplace if inplace else _rotate_qk, key)
         return fn(q, k, cq, sq, ck, sk, layout, rotary_dim)
     if needs_grad:
-        # out= and complex views do not record autograd: use the differentiable formula.
+        # out=, addcmul_ and complex views do not record autograd: the plain formula does.
         if inplace:
             return _rotate_qk_inplace(q, k, cq, sq, ck, sk, layout, rotary_dim)
         return _rotate_qk(q, k, cq, sq, ck, sk, layout, rotary_dim)
-    return (
-        _rotate_eager(q, cq, sq, layout, rotary_dim, inplace),
-        _rotate_eager(k, ck, sk, layout, rotary_dim, inplace),
-    )
+    if use_complex and not small:
+        return _rotate_complex(q, cq, sq, rotary_dim, inplace), _rotate_complex(k, ck, sk, rotary_dim, inplace)
+    if small:
+        d = q.shape[-1]
+        tq = _small_tables(cq, sq, layout, rotary_dim, d, q.dtype)
+        tk = tq if ck is cq else _small_tables(ck, sk, layout, rotary_dim, d, k.dtype)
+        return _rotate_small(q, *tq, layout, rotary_dim, inplace), _rotate_small(k, *tk, layout, rotary_dim, inplace)
+    return _rotate_large(q, cq, sq, layout, rotary_dim, inplace), _rotate_large(k, ck, sk, layout, rotary_dim, inplace)
