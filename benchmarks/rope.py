@@ -171,6 +171,57 @@ def fmt_t(sec: float) -> str:
     return f"{sec * 1e3:.3f} ms" if sec >= 1e-3 else f"{sec * 1e6:.1f} µs"
 
 
+def _forward_fns(impls: dict, q, k, q_bshd, k_bshd) -> dict[str, Callable[[], object]]:
+    """Zero-argument callables for the forward pass; ``copy_`` is the yardstick."""
+    q_ip, k_ip = q.clone(), k.clone()  # in-place runs rotate these repeatedly
+    q_out, k_out = torch.empty_like(q), torch.empty_like(k)
+
+    def bind(fn: Callable, args: tuple) -> Callable[[], object]:
+        return lambda: fn(*args)
+
+    fns = {}
+    for name, (_, fn, bshd) in impls.items():
+        args = (q_ip, k_ip) if "inplace" in name else ((q_bshd, k_bshd) if bshd else (q, k))
+        fns[name] = bind(fn, args)
+
+    def copy_yardstick():
+        q_out.copy_(q)
+        k_out.copy_(k)
+
+    fns["copy_"] = copy_yardstick
+    return fns
+
+
+def _backward_fns(impls: dict, q, k, q_bshd, k_bshd) -> dict[str, Callable[[], object]]:
+    """Forward + backward callables; the yardstick copies twice (forward output and
+    backward input gradient), the traffic floor of a rotation's forward and backward."""
+    gq, gk = torch.randn_like(q), torch.randn_like(k)
+    leaves = (q.clone().requires_grad_(), k.clone().requires_grad_())
+    leaves_bshd = (q_bshd.clone().requires_grad_(), k_bshd.clone().requires_grad_())
+    grads_bshd = [gq.transpose(1, 2).contiguous(), gk.transpose(1, 2).contiguous()]
+
+    def bind(fn: Callable, inputs: tuple, grads: list) -> Callable[[], object]:
+        def step():
+            inputs[0].grad = inputs[1].grad = None
+            torch.autograd.backward(list(fn(*inputs)), grads)
+
+        return step
+
+    fns = {}
+    for name, (_, fn, bshd) in impls.items():
+        fns[name] = bind(fn, leaves_bshd if bshd else leaves, grads_bshd if bshd else [gq, gk])
+    q_out, k_out, q_gin, k_gin = (torch.empty_like(t) for t in (q, k, q, k))
+
+    def copy_yardstick():
+        q_out.copy_(q)
+        k_out.copy_(k)
+        q_gin.copy_(gq)
+        k_gin.copy_(gk)
+
+    fns["copy_"] = copy_yardstick
+    return fns
+
+
 def run_case(case: Case, reps: int, warmup: int, backward: bool, notes: list[str]) -> list[dict]:
     torch.manual_seed(0)
     q = torch.randn(case.b, case.h, case.s, case.d, dtype=case.dtype)
@@ -184,18 +235,18 @@ def run_case(case: Case, reps: int, warmup: int, backward: bool, notes: list[str
 
     # Sanity: every peer computes the same function as posenc in its layout (float32).
     if case.dtype == torch.float32:
-        for name, (layout, fn, bshd) in peer_fns.items():
-            got = fn(q_bshd, k_bshd) if bshd else fn(q, k)
-            got = [g.transpose(1, 2) for g in got] if bshd else got
-            want = posenc(layout)(q, k)
-            err = max(float((g - w).abs().max()) for g, w in zip(got, want))
-            if err > 1e-3:
-                notes.append(f"{case.label()}: {name} differs from posenc ({layout}) by {err:.2e}")
+        with torch.no_grad():
+            for name, (layout, fn, bshd) in peer_fns.items():
+                got = fn(q_bshd, k_bshd) if bshd else fn(q, k)
+                got = [g.transpose(1, 2) for g in got] if bshd else got
+                want = posenc(layout)(q, k)
+                err = max(float((g - w).abs().max()) for g, w in zip(got, want, strict=True))
+                if err > 1e-3:
+                    notes.append(f"{case.label()}: {name} differs from posenc ({layout}) by {err:.2e}")
 
     rows = []
     passes = [("forward", False)] + ([("forward+backward", True)] if backward else [])
     for pass_name, with_grad in passes:
-        fns: dict[str, Callable[[], object]] = {}
         impls: dict[str, tuple[str, Callable, bool]] = {
             "posenc half": ("half", posenc("half"), False),
             "posenc interleaved": ("interleaved", posenc("interleaved"), False),
@@ -206,49 +257,11 @@ def run_case(case: Case, reps: int, warmup: int, backward: bool, notes: list[str
             impls["posenc interleaved inplace"] = ("interleaved", posenc("interleaved", inplace=True), False)
         impls.update(peer_fns)
         if with_grad:
-            gq, gk = torch.randn_like(q), torch.randn_like(k)
-            qg, kg = q.clone().requires_grad_(), k.clone().requires_grad_()
-            qg_t, kg_t = q_bshd.clone().requires_grad_(), k_bshd.clone().requires_grad_()
-            gq_t, gk_t = gq.transpose(1, 2).contiguous(), gk.transpose(1, 2).contiguous()
-
-            def fwd_bwd(fn, bshd):
-                def step():
-                    a, b_ = (qg_t, kg_t) if bshd else (qg, kg)
-                    a.grad = b_.grad = None
-                    outs = fn(a, b_)
-                    torch.autograd.backward(list(outs), [gq_t, gk_t] if bshd else [gq, gk])
-
-                return step
-
-            for name, (_, fn, bshd) in impls.items():
-                fns[name] = fwd_bwd(fn, bshd)
-            q_out, k_out, q_gin, k_gin = (torch.empty_like(t) for t in (q, k, q, k))
-
-            def copy2():  # forward copy and backward copy: the limit of a rotation's fwd+bwd
-                q_out.copy_(q)
-                k_out.copy_(k)
-                q_gin.copy_(gq)
-                k_gin.copy_(gk)
-
-            fns["copy_"] = copy2
+            with torch.enable_grad():
+                t = measure(_backward_fns(impls, q, k, q_bshd, k_bshd), reps, warmup)
         else:
             with torch.no_grad():
-                q_ip, k_ip = q.clone(), k.clone()  # in-place runs rotate these repeatedly
-                for name, (_, fn, bshd) in impls.items():
-                    if "inplace" in name:
-                        fns[name] = (lambda fn: lambda: fn(q_ip, k_ip))(fn)
-                    else:
-                        fns[name] = (lambda fn, a: lambda: fn(*a))(fn, (q_bshd, k_bshd) if bshd else (q, k))
-            q_out, k_out = torch.empty_like(q), torch.empty_like(k)
-
-            def copy1():
-                q_out.copy_(q)
-                k_out.copy_(k)
-
-            fns["copy_"] = copy1
-        ctx = torch.enable_grad() if with_grad else torch.no_grad()
-        with ctx:
-            t = measure(fns, reps, warmup)
+                t = measure(_forward_fns(impls, q, k, q_bshd, k_bshd), reps, warmup)
         rows.append({"case": case, "pass": pass_name, "t": t, "layouts": {n: v[0] for n, v in impls.items()}})
     return rows
 

@@ -92,7 +92,7 @@ def _check_table(
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Validate ``cos``/``sin`` ``[s, r/2]`` or ``[b|1, s, r/2]`` for ``x [b, h, s, d]``;
     returns them shaped to broadcast against ``x``: ``[s, r/2]`` or ``[b|1, 1, s, r/2]``."""
-    for name, t in zip(names, (cos, sin)):
+    for name, t in zip(names, (cos, sin), strict=True):
         if not isinstance(t, torch.Tensor):
             raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
         if not t.dtype.is_floating_point:
