@@ -89,7 +89,8 @@ def test_encoder_model_order_blindness(name):
 def encoding_params_for_decoding(name, seq):
     """Extra parameters so a length-dependent encoding is well defined while decoding."""
     cls = posenc.get(name)
-    return {"length": seq} if cls.length_dependent and "length" in parameter_names(name) else {}
+    extra = {"length": seq} if cls.length_dependent and "length" in parameter_names(name) else {}
+    return {**cls.example_params, **extra}
 
 
 @pytest.mark.parametrize("name", posenc.available())

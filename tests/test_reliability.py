@@ -13,7 +13,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 import posenc
-from posenc.registry import create_for_model
+from posenc.registry import create_example
 
 CASES: collections.Counter = collections.Counter()
 DTYPES = [torch.float16, torch.bfloat16, torch.float32, torch.float64]
@@ -21,7 +21,7 @@ DIM, HEADS = 16, 4
 
 
 def build(name: str, *, causal: bool = True, max_len: int = 4096) -> posenc.PositionalEncoding:
-    return create_for_model(name, {}, dim=DIM, num_heads=HEADS, head_dim=DIM // HEADS, max_len=max_len, causal=causal)
+    return create_example(name, dim=DIM, num_heads=HEADS, head_dim=DIM // HEADS, max_len=max_len, causal=causal)
 
 
 @st.composite
@@ -113,7 +113,7 @@ def test_no_overflow_at_two_to_the_twenty(name, dtype):
     """Positions near 2**20: finite outputs, or a clear error where the dtype cannot
     hold the encoding's values (integer in float16) — never a silent inf/NaN."""
     if name == "binary":
-        pe = create_for_model(name, {}, dim=24)
+        pe = create_example(name, dim=24)
     else:
         pe = build(name, max_len=2**20 + 8)
     positions = torch.arange(2**20 - 4, 2**20 + 4)

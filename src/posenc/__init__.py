@@ -8,6 +8,7 @@
 from posenc import encodings  # noqa: F401  (registers every encoding)
 from posenc.attention import Attention, KVCache, LayerCache
 from posenc.base import AdditiveEncoding, Params, PositionalEncoding
+from posenc.functional.rope_scaling import rope_frequencies
 from posenc.model import Transformer, TransformerConfig
 from posenc.registry import available, create, get, register
 
@@ -26,4 +27,5 @@ __all__ = [
     "create",
     "get",
     "register",
+    "rope_frequencies",
 ]

@@ -69,6 +69,10 @@ class PositionalEncoding(nn.Module):
     Params: ClassVar[type[Params]] = Params
     #: True when the vector of a position depends on the sequence length (normalized).
     length_dependent: ClassVar[bool] = False
+    #: Values for required parameters that are not model sizes (e.g. rope2d's
+    #: ``grid_width``), used by ``registry.create_example`` for demos, analysis and
+    #: registry-wide tests. Never used to fill a user's missing parameter silently.
+    example_params: ClassVar[dict[str, Any]] = {}
 
     def __init__(self, **params: Any) -> None:
         super().__init__()

@@ -70,3 +70,9 @@ def create_for_model(
         if key in accepted and key not in params and value is not None:
             params[key] = value
     return create(name, **params)
+
+
+def create_example(name: str, **dims: Any) -> PositionalEncoding:
+    """Build ``name`` for demos, analysis and registry-wide tests: the encoding's
+    ``example_params`` plus the size parameters from ``dims`` (as ``create_for_model``)."""
+    return create_for_model(name, dict(get(name).example_params), **dims)

@@ -2,5 +2,18 @@
 
 from posenc.encodings import absolute, bias, contextual, rotary  # noqa: F401  (registers)
 from posenc.encodings.absolute import Binary, Integer, Learned, NoPE, Normalized, Sine, Sinusoidal
+from posenc.encodings.rotary import Proportional, RoPE, RoPE2D, XPos
 
-__all__ = ["Binary", "Integer", "Learned", "NoPE", "Normalized", "Sine", "Sinusoidal"]
+__all__ = [
+    "Binary",
+    "Integer",
+    "Learned",
+    "NoPE",
+    "Normalized",
+    "Proportional",
+    "RoPE",
+    "RoPE2D",
+    "Sine",
+    "Sinusoidal",
+    "XPos",
+]

@@ -13,8 +13,17 @@ from posenc.functional.absolute import (
     sinusoidal_table,
 )
 from posenc.functional.checks import check_positions
+from posenc.functional.rope import apply_rope, permute_qk_weight, rope_angles, rope_cos_sin
+from posenc.functional.rope_scaling import ROPE_FREQUENCY_FUNCTIONS, parse_rope_parameters, rope_frequencies
 
 __all__ = [
+    "ROPE_FREQUENCY_FUNCTIONS",
+    "apply_rope",
+    "parse_rope_parameters",
+    "permute_qk_weight",
+    "rope_angles",
+    "rope_cos_sin",
+    "rope_frequencies",
     "binary_table",
     "check_positions",
     "integer_table",

@@ -1,0 +1,1 @@
+"""Bridges to other libraries (imported lazily: ``posenc.interop.hf`` needs transformers)."""

@@ -1,0 +1,111 @@
+"""Hugging Face transformers bridge for the rotary family.
+
+* :func:`rope_from_config`: a posenc ``RoPE`` from a transformers config (its
+  ``rope_parameters``, ``head_dim`` and ``max_position_embeddings``).
+* :func:`patch_rope`: replace every ``*RotaryEmbedding`` of a transformers model
+  (Llama, Qwen2, GPT-NeoX, ... any model whose attention consumes ``(cos, sin)`` from a
+  ``rotary_emb`` module) by :class:`PosencRotaryEmbedding`, so the model's attention
+  rotates with posenc's exact-angle cos/sin and posenc's scaling rules.
+* :func:`permute_qk_weight` (re-exported): convert q/k projections between the
+  interleaved (GPT-J/Meta) and half (NeoX/Hugging Face) layouts.
+
+transformers is imported only by the caller; nothing here downloads anything.
+
+Caveat: a patched transformers model still caches keys *after* rotation (its own
+cache), so with ``dynamic`` scaling its incremental decoding differs from a full forward
+once the length passes ``max_position_embeddings`` (a known transformers behaviour).
+posenc's own ``Attention`` caches keys before rotation and has no such drift.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from torch import nn
+
+from posenc.encodings.rotary import RoPE
+from posenc.functional.rope import expand_cos_sin, permute_qk_weight
+
+__all__ = ["PosencRotaryEmbedding", "patch_rope", "permute_qk_weight", "rope_from_config", "rope_parameters_of"]
+
+
+def rope_parameters_of(config: Any) -> tuple[int, dict, int | None]:
+    """``(head_dim, rope_parameters, max_position_embeddings)`` of a transformers config,
+    after transformers' own standardisation (``rope_theta`` and
+    ``partial_rotary_factor`` moved into the dict, legacy ``type`` renamed)."""
+    if hasattr(config, "standardize_rope_params"):
+        config.standardize_rope_params()
+    params = getattr(config, "rope_parameters", None)
+    if params is None:
+        raise ValueError(f"{type(config).__name__} has no rope_parameters; is it a RoPE model?")
+    if any(isinstance(v, dict) for v in params.values()):
+        raise ValueError("per-layer-type rope_parameters (nested dicts) are not supported; pass one of the dicts")
+    head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
+    return head_dim, dict(params), getattr(config, "max_position_embeddings", None)
+
+
+def rope_from_config(config: Any, *, layout: str = "half") -> RoPE:
+    """A posenc ``RoPE`` equal to the rotary embedding transformers builds from ``config``."""
+    head_dim, params, max_len = rope_parameters_of(config)
+    return RoPE(head_dim=head_dim, layout=layout, max_len=max_len, rope_parameters=params)
+
+
+class PosencRotaryEmbedding(nn.Module):
+    """Drop-in for a transformers ``*RotaryEmbedding``: ``forward(x, position_ids)``
+    returns ``(cos, sin)`` ``[b, s, r]`` in ``x.dtype`` for ``apply_rotary_pos_emb``.
+
+    The values come from ``pe.cos_sin`` (float64 angles, attention factor applied,
+    frequencies of the length ``max(position_ids) + 1`` for dynamic/longrope), expanded
+    to the half layout that transformers' ``rotate_half`` expects.
+    """
+
+    def __init__(self, pe: RoPE) -> None:
+        super().__init__()
+        if not isinstance(pe, RoPE):
+            raise TypeError(f"pe must be a posenc RoPE, got {type(pe).__name__}")
+        if pe.layout != "half":
+            raise ValueError(
+                "transformers' apply_rotary_pos_emb rotates in the half layout; build the RoPE with layout='half' "
+                "(and convert interleaved q/k weights with permute_qk_weight)"
+            )
+        self.pe = pe
+
+    def forward(self, x: torch.Tensor, position_ids: torch.Tensor, layer_type: str | None = None):
+        if layer_type is not None:
+            raise ValueError("per-layer-type RoPE is not supported by PosencRotaryEmbedding")
+        cos, sin = self.pe.cos_sin(position_ids.to(x.device))  # [b, s, r/2] float32
+        cos, sin = expand_cos_sin(cos, sin, "half")  # [b, s, r]
+        return cos.to(x.dtype), sin.to(x.dtype)
+
+
+def patch_rope(model: nn.Module, pe: RoPE | None = None) -> list[str]:
+    """Replace every rotary-embedding submodule of a transformers ``model`` in place.
+
+    Args:
+        model: e.g. ``LlamaForCausalLM``, ``Qwen2ForCausalLM``, ``GPTNeoXForCausalLM``.
+        pe: the posenc RoPE to use (shared); default :func:`rope_from_config` of
+            ``model.config``, so logits equal the unpatched model's.
+
+    Returns:
+        the names of the replaced submodules (a ``ValueError`` if there are none).
+    """
+    if pe is None:
+        pe = rope_from_config(model.config)
+    names = [
+        name
+        for name, module in model.named_modules()
+        if name.split(".")[-1] == "rotary_emb" and hasattr(module, "inv_freq") and not isinstance(module, nn.ModuleList)
+    ]
+    if not names:
+        raise ValueError(f"found no 'rotary_emb' module with inv_freq in {type(model).__name__}")
+    for name in names:
+        parent_name, _, child = name.rpartition(".")
+        parent = model.get_submodule(parent_name) if parent_name else model
+        old = getattr(parent, child)
+        if old.inv_freq.shape[-1] != pe.cfg.rotary_dim // 2:
+            raise ValueError(
+                f"{name} has {old.inv_freq.shape[-1]} frequencies, the posenc RoPE {pe.cfg.rotary_dim // 2}"
+            )
+        setattr(parent, child, PosencRotaryEmbedding(pe).to(old.inv_freq.device))
+    return names
