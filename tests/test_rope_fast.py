@@ -132,6 +132,22 @@ def test_compiled_cache_once_per_shape():
     assert len(rope_fast._COMPILED) == 1
 
 
+def test_auto_compiles_hot_shapes_only(monkeypatch):
+    rope_fast.clear_compiled_cache()
+    monkeypatch.setattr(rope_fast, "AUTO_COMPILE_NUMEL", 0)
+    monkeypatch.setattr(rope_fast, "AUTO_COMPILE_AFTER", 2)
+    q = torch.randn(1, 2, 4, 8)
+    for s_k in range(4, 8):  # a KV cache growing by one key per step: never compiled
+        cos, sin = tables(torch.arange(s_k), 8)
+        apply_rotary(q, torch.randn(1, 1, s_k, 8), cos[-4:], sin[-4:], k_cos=cos, k_sin=sin)
+    assert len(rope_fast._COMPILED) == 0
+    cos, sin = tables(torch.arange(4), 8)
+    for i in range(3):  # the same shape a third time: compiled
+        out, _ = apply_rotary(q, q, cos, sin)
+        assert len(rope_fast._COMPILED) == (1 if i == 2 else 0)
+    torch.testing.assert_close(out.double(), reference(q, cos, sin, "half", 8))
+
+
 # -- transformers ------------------------------------------------------------------------------
 @pytest.mark.parametrize("compiled", [False, True])
 def test_matches_transformers_llama(compiled):

@@ -24,6 +24,7 @@ import torch
 from posenc.base import Params, PositionalEncoding
 from posenc.functional import rope as R
 from posenc.functional.checks import check_positions, check_positions_match, one_of, positive_float, positive_int
+from posenc.functional.rope_fast import apply_rotary
 from posenc.functional.rope_scaling import RopeConfig, frequencies, parse_rope_parameters
 from posenc.registry import register
 
@@ -169,10 +170,12 @@ class _Rotary(PositionalEncoding):
         length = self._check(q, k, q_positions, k_positions)
         dt = self._cache_dtype(q)
         cq, sq = self.cos_sin(q_positions.to(q.device), length, dt)  # [(b,) s_q, r/2]
-        ck, sk = self.cos_sin(k_positions.to(k.device), length, dt)  # [(b,) s_k, r/2]
-        q = R.apply_rope(q, _heads(cq, q_positions), _heads(sq, q_positions), self.layout)
-        k = R.apply_rope(k, _heads(ck, k_positions), _heads(sk, k_positions), self.layout)
-        return q, k
+        if k_positions is q_positions:  # no cache: one table for both
+            ck = sk = None
+        else:
+            ck, sk = self.cos_sin(k_positions.to(k.device), length, dt)  # [(b,) s_k, r/2]
+        # The fast path (functional/rope_fast.py): q and k in one call, compiled per shape.
+        return apply_rotary(q, k, cq, sq, k_cos=ck, k_sin=sk, layout=self.layout, rotary_dim=self.cfg.rotary_dim)
 
 
 # -- rope ------------------------------------------------------------------------------

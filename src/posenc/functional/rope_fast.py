@@ -54,8 +54,13 @@ LAYOUTS = ("half", "interleaved")
 #: per-call cost of a compiled graph exceeds what fusion saves; measured in
 #: benchmarks/rope.py: the decode step s = 1 is faster eager).
 AUTO_COMPILE_NUMEL = 1 << 16
+#: ... and once the same shape has been rotated this many times: a compilation costs
+#: seconds, so shapes that come and go (a KV cache growing by one key per step, a sweep
+#: over lengths) stay eager, and a training loop compiles after its first steps.
+AUTO_COMPILE_AFTER = 16
 _MAX_COMPILED = 64
 _COMPILED: OrderedDict[tuple, Callable] = OrderedDict()
+_SEEN: OrderedDict[tuple, int] = OrderedDict()
 
 
 # -- validation --------------------------------------------------------------------------
@@ -176,9 +181,19 @@ def _compiled(base: Callable, key: tuple) -> Callable:
     return fn
 
 
+def _hot(key: tuple) -> bool:
+    """Count a call with ``key``; True once it has come more than ``AUTO_COMPILE_AFTER`` times."""
+    n = _SEEN.pop(key, 0) + 1
+    _SEEN[key] = n
+    if len(_SEEN) > 4 * _MAX_COMPILED:
+        _SEEN.popitem(last=False)
+    return n > AUTO_COMPILE_AFTER
+
+
 def clear_compiled_cache() -> None:
-    """Forget every compiled rotary graph (they are rebuilt on the next call)."""
+    """Forget every compiled rotary graph and call count (graphs are rebuilt on demand)."""
     _COMPILED.clear()
+    _SEEN.clear()
 
 
 # -- eager kernels -----------------------------------------------------------------------------
@@ -299,9 +314,10 @@ def apply_rotary(
             ``None``: all of them.
         inplace: write the result into ``q`` and ``k`` and return them.
         compiled: ``True`` (torch.compile'd graph, cached per shape), ``False``
-            (eager), or ``"auto"`` (compiled from ``AUTO_COMPILE_NUMEL`` elements,
-            except inside an outer torch.compile trace; in place, the interleaved layout
-            in float32/float64 takes the one-pass complex multiply instead).
+            (eager), or ``"auto"``: compiled from ``AUTO_COMPILE_NUMEL`` elements once
+            the same shape has come ``AUTO_COMPILE_AFTER`` times, never inside an outer
+            torch.compile trace; without autograd the interleaved layout in
+            float32/float64 takes the one-pass complex multiply instead.
         k_cos, k_sin: tables of the key positions ``[s_k, r/2]`` or ``[b|1, s_k, r/2]``
             when they differ from the queries' (KV-cache decoding); both or neither.
 
@@ -347,8 +363,7 @@ def apply_rotary(
         and _complex_view(q, rotary_dim) is not None
         and _complex_view(k, rotary_dim) is not None
     )
-    use_compiled = compiled is True or (compiled == "auto" and not small and not use_complex)
-    if use_compiled:
+    if compiled is True or (compiled == "auto" and not small and not use_complex):
         key = (
             layout,
             rotary_dim,
@@ -359,8 +374,9 @@ def apply_rotary(
             *((t.shape, t.stride(), t.dtype, t.requires_grad) for t in (q, k, cq, sq, ck, sk)),
             ck is cq,
         )
-        fn = _compiled(_rotate_qk_inplace if inplace else _rotate_qk, key)
-        return fn(q, k, cq, sq, ck, sk, layout, rotary_dim)
+        if compiled is True or key in _COMPILED or _hot(key):
+            fn = _compiled(_rotate_qk_inplace if inplace else _rotate_qk, key)
+            return fn(q, k, cq, sq, ck, sk, layout, rotary_dim)
     if needs_grad:
         # out=, addcmul_ and complex views do not record autograd: the plain formula does.
         if inplace:
