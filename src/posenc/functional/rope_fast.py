@@ -210,24 +210,25 @@ def _complex_view(x: torch.Tensor, rotary_dim: int) -> torch.Tensor | None:
     dtype or the strides do not allow it."""
     if x.dtype not in (torch.float32, torch.float64):
         return None
-    xr = x[..., :rotary_dim].unflatten(-1, (rotary_dim // 2, 2))  # [b, h, s, r/2, 2]
-    if xr.stride(-1) != 1 or any(st % 2 for st in xr.stride()[:-1]) or xr.storage_offset() % 2:
+    st = x.stride()
+    if st[-1] != 1 or st[0] % 2 or st[1] % 2 or st[2] % 2 or x.storage_offset() % 2:
         return None
-    return torch.view_as_complex(xr)
+    xr = x if rotary_dim == x.shape[-1] else x[..., :rotary_dim]
+    return torch.view_as_complex(xr.unflatten(-1, (rotary_dim // 2, 2)))  # [b, h, s, r/2]
 
 
-def _rotate_complex(x: torch.Tensor, cos, sin, rotary_dim: int, inplace: bool) -> torch.Tensor:
+def _rotate_complex(x: torch.Tensor, z: torch.Tensor, w: torch.Tensor, rotary_dim: int, inplace: bool) -> torch.Tensor:
     """Interleaved layout, float32/float64: one complex multiply ``(x_a + i x_b) e^{iθ}``,
-    a single pass (in place when asked). ``x [b, h, s, d]``."""
-    z = _complex_view(x, rotary_dim)  # [b, h, s, r/2] complex
-    w = torch.complex(cos.to(x.dtype), sin.to(x.dtype))  # [..., s, r/2]: e^{iθ}
+    a single pass (in place when asked). ``x [b, h, s, d]``, ``z`` its complex view
+    ``[b, h, s, r/2]``, ``w = e^{iθ} [..., s, r/2]``."""
     if inplace:
         z.mul_(w)
         return x
+    if rotary_dim == x.shape[-1]:
+        return torch.view_as_real(z * w).flatten(-2)  # [b, h, s, r/2, 2] -> [b, h, s, d]
     out = torch.empty_like(x, memory_format=torch.contiguous_format)
     torch.mul(z, w, out=_complex_view(out, rotary_dim))
-    if rotary_dim < x.shape[-1]:
-        out[..., rotary_dim:].copy_(x[..., rotary_dim:])
+    out[..., rotary_dim:].copy_(x[..., rotary_dim:])
     return out
 
 
@@ -357,12 +358,10 @@ def apply_rotary(
 
     needs_grad = torch.is_grad_enabled() and (q.requires_grad or k.requires_grad)
     small = q.numel() + k.numel() < AUTO_COMPILE_NUMEL
-    use_complex = (
-        layout == "interleaved"
-        and not needs_grad
-        and _complex_view(q, rotary_dim) is not None
-        and _complex_view(k, rotary_dim) is not None
-    )
+    zq = zk = None
+    if layout == "interleaved" and not needs_grad:
+        zq, zk = _complex_view(q, rotary_dim), _complex_view(k, rotary_dim)
+    use_complex = zq is not None and zk is not None
     if compiled is True or (compiled == "auto" and not small and not use_complex):
         key = (
             layout,
@@ -382,8 +381,10 @@ def apply_rotary(
         if inplace:
             return _rotate_qk_inplace(q, k, cq, sq, ck, sk, layout, rotary_dim)
         return _rotate_qk(q, k, cq, sq, ck, sk, layout, rotary_dim)
-    if use_complex and not small:
-        return _rotate_complex(q, cq, sq, rotary_dim, inplace), _rotate_complex(k, ck, sk, rotary_dim, inplace)
+    if use_complex:
+        wq = torch.complex(cq.to(q.dtype), sq.to(q.dtype))  # [..., s_q, r/2]: e^{iθ}
+        wk = wq if ck is cq else torch.complex(ck.to(k.dtype), sk.to(k.dtype))
+        return _rotate_complex(q, zq, wq, rotary_dim, inplace), _rotate_complex(k, zk, wk, rotary_dim, inplace)
     if small:
         d = q.shape[-1]
         tq = _small_tables(cq, sq, layout, rotary_dim, d, q.dtype)
