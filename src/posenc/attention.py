@@ -55,10 +55,25 @@ class LayerCache:
 
 
 class KVCache:
-    """One ``LayerCache`` per layer: ``Transformer.new_cache()`` builds it."""
+    """One ``LayerCache`` per layer: ``Transformer.new_cache()`` builds it.
 
-    def __init__(self, num_layers: int) -> None:
+    With ``exact=True`` the model also keeps the token ids and the encoding's
+    ``frequency_state``; when a new step changes that state (the vectors of earlier
+    positions change with the length), the model recomputes the whole prefix, so every
+    step equals a full forward. ``exact=False`` keeps the stale layers instead (what
+    Hugging Face's cache does with dynamic NTK).
+    """
+
+    def __init__(self, num_layers: int, *, exact: bool = True) -> None:
         self.layers = [LayerCache() for _ in range(positive_int("num_layers", num_layers))]
+        self.exact = bool(exact)
+        self.tokens: torch.Tensor | None = None  # [b, s] ids of every cached token
+        self.state: object = None
+        self.recomputations = 0
+
+    def reset(self) -> None:
+        self.layers = [LayerCache() for _ in self.layers]
+        self.tokens, self.state = None, None
 
     @property
     def length(self) -> int:

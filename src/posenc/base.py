@@ -123,6 +123,14 @@ class PositionalEncoding(nn.Module):
         """Score bias ``[h, s_q, s_k]`` or ``[b, h, s_q, s_k]``, or ``None``."""
         return None
 
+    def frequency_state(self, length: int) -> Any:
+        """A value that changes exactly when the vectors of *earlier* positions change
+        because the total length became ``length`` (dynamic NTK past its threshold,
+        LongRoPE switching to long factors, normalized positions). ``None`` (the
+        default) means they never do. The model's exact KV cache recomputes the prefix
+        when this value changes, so decoding equals a full forward."""
+        return None
+
     # -- introspection ---------------------------------------------------------------
     @property
     def needs_content(self) -> bool:

@@ -57,6 +57,171 @@ def show(name: str = typer.Argument(..., help="a registered encoding name")) -> 
     console.print(table)
 
 
+# -- experiments: train, evaluate, study ---------------------------------------------------
+# Thin wrappers: the training loop lives in posenc.experiments; here only parsing,
+# progress bars and printing. Bad input is one red line and exit code 2 (no traceback).
+
+
+def _fail(err: BaseException) -> typer.Exit:
+    console.print(f"[red]error:[/red] {err}", highlight=False, soft_wrap=True)
+    return typer.Exit(2)
+
+
+def _csv(value: str | None) -> list[str] | None:
+    if value is None:
+        return None
+    items = [v.strip() for v in value.split(",") if v.strip()]
+    if not items:
+        raise ValueError(f"expected a comma-separated list, got {value!r}")
+    return items
+
+
+def _progress():
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+    return Progress(
+        TextColumn("{task.description}"),
+        BarColumn(),
+        MofNCompleteColumn(),
+        TextColumn("{task.fields[info]}"),
+        TimeElapsedColumn(),
+        console=console,
+    )
+
+
+def _print_tables(records: list) -> None:
+    from posenc.experiments.summary import tables, to_rich
+
+    for t in tables(records):
+        console.print(to_rich(t))
+
+
+@app.command("train")
+def train(
+    config: str = typer.Option(..., "--config", "-c", help="YAML run config (task / model / train sections)"),
+    out: str = typer.Option("runs/train", "--out", help="run folder: results.jsonl and checkpoints/ go here"),
+) -> None:
+    """Train one model from a YAML config; resumes from its checkpoint, skips if finished."""
+    from posenc.experiments.config import load_config
+    from posenc.experiments.train import checkpoint_path, train_run
+
+    try:
+        cfg = load_config(config)
+        with _progress() as progress:
+            bar = progress.add_task(cfg.run_id, total=cfg.train.steps, info="")
+
+            def on_step(step: int, total: int, loss: float) -> None:
+                progress.update(bar, completed=step, info=f"loss {loss:.3f}")
+
+            record, skipped = train_run(cfg, out, on_step=on_step)
+    except (ValueError, TypeError, FloatingPointError) as err:
+        raise _fail(err) from None
+    except KeyboardInterrupt:
+        console.print("[yellow]interrupted[/yellow]: run the same command again to resume from the checkpoint")
+        raise typer.Exit(130) from None
+    if skipped:
+        console.print(f"already finished: {record['run_id']} (delete its line in results.jsonl to retrain)")
+    _print_tables([record])
+    console.print(f"results: {out}/results.jsonl")
+    console.print(f"checkpoint: {checkpoint_path(out, record['run_id'])}")
+
+
+@app.command("evaluate")
+def evaluate(
+    checkpoint: str = typer.Argument(..., help="a finished run's checkpoint (<run dir>/checkpoints/<run_id>.pt)"),
+    factors: str = typer.Option(None, "--factors", help="evaluation lengths as multiples of L, e.g. 1,2,4,8,16,32"),
+) -> None:
+    """Re-evaluate a trained checkpoint, optionally at other lengths, and print the table."""
+    import dataclasses as dc
+
+    from posenc.experiments.train import evaluate_model, load_trained, setup
+
+    try:
+        cfg, model, s = load_trained(checkpoint)
+        if factors is not None:
+            fs = tuple(int(f) for f in _csv(factors))
+            cfg = dc.replace(cfg, task=dc.replace(cfg.task, eval_factors=fs))
+            s2 = setup(cfg)
+            if s2.max_len > s.max_len and cfg.model.encoding == "learned":
+                raise ValueError(f"the learned encoding has {s.max_len} positions; length {s2.max_len} does not exist")
+            s = s2
+        with console.status("evaluating"):
+            metrics = evaluate_model(model, s)
+    except (ValueError, TypeError) as err:
+        raise _fail(err) from None
+    record = {"task": cfg.task.label, "encoding": cfg.encoding_label, "train_length": cfg.task.train_length,
+              "metrics": metrics}  # fmt: skip
+    _print_tables([record])
+
+
+@app.command("study")
+def study(
+    preset: str = typer.Option("quick", "--preset", help="quick (the default, ~15 min on 2 CPU cores) or full"),
+    encodings: str = typer.Option(None, "--encodings", help="comma-separated; NAME+randpos for randomized positions"),
+    tasks: str = typer.Option(None, "--tasks", help="comma-separated: copy, reverse, ..., shakespeare, stdlib, text"),
+    seeds: str = typer.Option(None, "--seeds", help="comma-separated ints, e.g. 0,1,2"),
+    steps: int = typer.Option(None, "--steps", help="training steps of every run"),
+    text_path: str = typer.Option(None, "--text", help="file or folder for task 'text'"),
+    out: str = typer.Option(None, "--out", help="run folder (default runs/<preset>)"),
+    threads: int = typer.Option(None, "--threads", help="torch threads (default min(2, cores))"),
+) -> None:
+    """Train encodings x tasks x seeds (skipping finished runs), then write tables, plots
+    and the HTML report into the run folder."""
+    from pathlib import Path
+
+    from posenc.experiments.study import plan_study, run_study, write_outputs
+
+    try:
+        seed_list = [int(x) for x in _csv(seeds)] if seeds is not None else None
+        configs, missing = plan_study(
+            preset,
+            encodings=_csv(encodings),
+            tasks=_csv(tasks),
+            seeds=seed_list,
+            steps=steps,
+            text_path=text_path,
+            threads=threads,
+        )
+    except (ValueError, TypeError) as err:
+        raise _fail(err) from None
+    run_dir = Path(out) if out else Path("runs") / preset
+    if missing:
+        console.print(f"[yellow]note:[/yellow] not registered in this installation, left out: {', '.join(missing)}")
+    console.print(f"study {preset!r}: {len(configs)} runs into {run_dir}")
+    try:
+        with _progress() as progress:
+            runs_bar = progress.add_task("runs", total=len(configs), info="")
+            steps_bar = progress.add_task("steps", total=1, info="")
+
+            def start(i, cfg):
+                progress.update(runs_bar, info=f"{cfg.task.label} / {cfg.encoding_label} / seed {cfg.train.seed}")
+                progress.reset(steps_bar, total=cfg.train.steps, info="")
+
+            def end(i, rec, skipped):
+                progress.update(runs_bar, completed=i + 1)
+                if skipped:
+                    progress.update(steps_bar, completed=progress.tasks[steps_bar].total, info="(already done)")
+
+            def on_step(step, total, loss):
+                progress.update(steps_bar, completed=step, info=f"loss {loss:.3f}")
+
+            records = run_study(configs, run_dir, on_run_start=start, on_run_end=end, on_step=on_step)
+        _print_tables(records)
+        outputs = write_outputs(run_dir)
+    except (ValueError, TypeError, FloatingPointError) as err:
+        raise _fail(err) from None
+    except KeyboardInterrupt:
+        console.print("[yellow]interrupted[/yellow]: run the same command again to resume (finished runs are kept)")
+        raise typer.Exit(130) from None
+    console.print(f"results: {run_dir / 'results.jsonl'}")
+    console.print(f"tables: {outputs['markdown']}")
+    console.print(f"plots: {run_dir / 'plots'} ({len(outputs['plots'])} files)")
+    if outputs["report"] is None:
+        console.print("[yellow]note:[/yellow] posenc.viz.report is not installed yet: no report.html written")
+    else:
+        console.print(f"report: {outputs['report']}")
+
+
 def main() -> None:  # pragma: no cover
     app()
 

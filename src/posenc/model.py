@@ -160,9 +160,9 @@ class Transformer(nn.Module):
         elif isinstance(module, nn.Embedding):
             nn.init.normal_(module.weight, std=0.02)
 
-    def new_cache(self) -> KVCache:
-        """An empty KV cache for incremental decoding."""
-        return KVCache(self.config.num_layers)
+    def new_cache(self, *, exact: bool = True) -> KVCache:
+        """An empty KV cache for incremental decoding (see ``KVCache`` for ``exact``)."""
+        return KVCache(self.config.num_layers, exact=exact)
 
     def forward(
         self,
@@ -197,6 +197,15 @@ class Transformer(nn.Module):
         check_positions(positions)
         check_positions_match(positions, b, s)
 
+        if cache is not None and self.pe.length_dependent:
+            k_positions = key_positions(positions, cache[0])
+            state = self.pe.frequency_state(int(k_positions.max()) + 1 if k_positions.numel() else 0)
+            if cache.exact and cache.length and state != cache.state:
+                return self._recompute(tokens, k_positions, cache, padding_mask, return_hidden)
+            cache.state = state
+        if cache is not None and cache.exact:
+            cache.tokens = tokens if cache.tokens is None else torch.cat([cache.tokens, tokens], dim=1)
+
         x = self.tok_emb(tokens) * self.embed_scale  # [b, s, dim]
         x = self.drop(self.pe.embed(x, positions))
         # A bias that does not read q/k is built once and shared by every layer.
@@ -215,3 +224,20 @@ class Transformer(nn.Module):
             )
         x = self.norm(x)
         return x if return_hidden else self.head(x)
+
+    def _recompute(self, tokens, k_positions, cache, padding_mask, return_hidden) -> torch.Tensor:
+        """The encoding's vectors for earlier positions changed with the length: run the
+        whole prefix again into a fresh cache and return the new tokens' outputs."""
+        s = tokens.shape[1]
+        all_tokens = torch.cat([cache.tokens, tokens], dim=1)  # [b, past + s]
+        padding = cache[0].padding
+        if padding is not None or padding_mask is not None:
+            b, past = all_tokens.shape[0], cache.length
+            old = padding if padding is not None else torch.ones(b, past, dtype=torch.bool, device=tokens.device)
+            new = padding_mask if padding_mask is not None else torch.ones(b, s, dtype=torch.bool, device=tokens.device)
+            padding = torch.cat([old, new], dim=1)
+        recomputations = cache.recomputations + 1
+        cache.reset()
+        cache.recomputations = recomputations
+        out = self.forward(all_tokens, k_positions, cache=cache, padding_mask=padding, return_hidden=return_hidden)
+        return out[:, -s:]

@@ -99,6 +99,10 @@ class Normalized(AdditiveEncoding):
     Params: ClassVar[type[Params]] = NormalizedParams
     length_dependent = True
 
+    def frequency_state(self, length: int):
+        # Every position's value depends on the current length unless it is fixed.
+        return None if self.params.length is not None else length
+
     def table(self, positions: torch.Tensor) -> torch.Tensor:
         check_positions(positions)
         if self.params.length is not None and positions.numel():

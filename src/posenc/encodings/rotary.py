@@ -110,6 +110,10 @@ class _Rotary(PositionalEncoding):
             return None, inv_freq, af
         return "main", self.inv_freq, self.attention_factor
 
+    def frequency_state(self, length: int):
+        key, _, _ = self.frequencies_for_length(length)
+        return ("length", length) if key is None else key
+
     def _table(self, key: str, top: int) -> tuple[torch.Tensor, torch.Tensor]:
         cos, sin = getattr(self, f"{key}_cos"), getattr(self, f"{key}_sin")
         if cos.shape[0] <= top:

@@ -1,0 +1,263 @@
+"""Run configuration: frozen dataclasses validated on creation, loaded from YAML.
+
+A run is one model trained on one task with one encoding and one seed::
+
+    task:   {name: copy, train_length: 16}
+    model:  {encoding: sinusoidal, dim: 64, num_layers: 2, num_heads: 4}
+    train:  {steps: 1000, batch_size: 32, lr: 0.001, seed: 0}
+
+YAML is read with ``yaml.safe_load``; unknown keys and wrong types are errors that
+name the key and the section.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import types
+import typing
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from posenc.data.synthetic import SYNTHETIC_TASKS
+from posenc.data.text import CORPORA
+from posenc.functional.checks import positive_float, positive_int
+from posenc.registry import get as get_encoding
+
+TASKS: tuple[str, ...] = SYNTHETIC_TASKS + CORPORA
+
+
+def _positive_ints(name: str, values: tuple[int, ...]) -> None:
+    if not values:
+        raise ValueError(f"{name} must not be empty")
+    for v in values:
+        positive_int(name, v)
+
+
+@dataclasses.dataclass(frozen=True)
+class TaskConfig:
+    """What to learn and how to score it.
+
+    ``name`` is a synthetic task (copy, reverse, duplicate, sort, recall, count) or a
+    corpus (shakespeare, stdlib, text with ``text_path``). Synthetic tasks train on
+    lengths ``1..train_length`` and are scored at every training length and at
+    ``eval_factors * train_length`` (default 2, 4, 8); language models train on windows
+    of ``train_length`` and report perplexity at ``eval_factors * train_length``
+    (default 1, 2, 4, 8, 16) on the same final ``eval_tokens`` validation tokens.
+    """
+
+    name: str = "copy"
+    train_length: int = 16
+    num_symbols: int = 16
+    eval_factors: tuple[int, ...] | None = None
+    eval_samples: int = 64
+    text_path: str | None = None
+    max_chars: int | None = None
+    val_fraction: float = 0.05
+    eval_tokens: int | None = None
+    sliding_stride: int | None = None
+
+    def __post_init__(self) -> None:
+        if self.name not in TASKS:
+            raise ValueError(f"unknown task {self.name!r}; available: {list(TASKS)}")
+        positive_int("train_length", self.train_length)
+        positive_int("num_symbols", self.num_symbols)
+        positive_int("eval_samples", self.eval_samples)
+        if self.eval_factors is not None:
+            _positive_ints("eval_factors", self.eval_factors)
+        for name in ("max_chars", "eval_tokens", "sliding_stride"):
+            if getattr(self, name) is not None:
+                positive_int(name, getattr(self, name))
+        if not 0.0 < self.val_fraction < 1.0:
+            raise ValueError(f"val_fraction must be in (0, 1), got {self.val_fraction}")
+        if self.name == "text" and not self.text_path:
+            raise ValueError("task 'text' needs text_path (a text file or folder)")
+        if self.name != "text" and self.text_path:
+            raise ValueError(f"text_path is only for task 'text', got it with task {self.name!r}")
+
+    @property
+    def is_lm(self) -> bool:
+        return self.name in CORPORA
+
+    @property
+    def factors(self) -> tuple[int, ...]:
+        if self.eval_factors is not None:
+            return tuple(self.eval_factors)
+        return (1, 2, 4, 8, 16) if self.is_lm else (2, 4, 8)
+
+    @property
+    def label(self) -> str:
+        """The task name written to results (``text:<file name>`` for user text)."""
+        return f"text:{Path(self.text_path).name}" if self.name == "text" else self.name
+
+
+@dataclasses.dataclass(frozen=True)
+class ModelConfig:
+    """Size of the ``posenc.Transformer`` (a causal decoder) and its encoding."""
+
+    encoding: str = "sinusoidal"
+    encoding_params: dict[str, Any] = dataclasses.field(default_factory=dict)
+    dim: int = 64
+    num_layers: int = 2
+    num_heads: int = 4
+    mlp_ratio: float = 4.0
+
+    def __post_init__(self) -> None:
+        get_encoding(self.encoding)  # unknown names list the valid ones
+        positive_int("dim", self.dim)
+        positive_int("num_layers", self.num_layers)
+        positive_int("num_heads", self.num_heads)
+        positive_float("mlp_ratio", self.mlp_ratio)
+
+
+@dataclasses.dataclass(frozen=True)
+class TrainConfig:
+    """Optimisation. ``randomized_positions`` (Ruoss et al. 2023): each training
+    sequence of ``s`` tokens gets ``s`` sorted distinct positions drawn uniformly from
+    ``0..max_position-1`` instead of ``0..s-1`` (default ``max_position``: the longest
+    evaluated sequence); evaluation always uses ``0..s-1``."""
+
+    steps: int = 1000
+    batch_size: int = 32
+    lr: float = 1e-3
+    warmup: int = 50
+    weight_decay: float = 0.0
+    grad_clip: float = 1.0
+    seed: int = 0
+    randomized_positions: bool = False
+    max_position: int | None = None
+    checkpoint_every: int = 100
+    threads: int | None = None
+
+    def __post_init__(self) -> None:
+        positive_int("steps", self.steps)
+        positive_int("batch_size", self.batch_size)
+        positive_float("lr", self.lr)
+        if isinstance(self.warmup, bool) or not isinstance(self.warmup, int) or self.warmup < 0:
+            raise ValueError(f"warmup must be an int >= 0, got {self.warmup!r}")
+        positive_float("weight_decay", self.weight_decay, inclusive=True)
+        positive_float("grad_clip", self.grad_clip)
+        if isinstance(self.seed, bool) or not isinstance(self.seed, int) or self.seed < 0:
+            raise ValueError(f"seed must be an int >= 0, got {self.seed!r}")
+        positive_int("checkpoint_every", self.checkpoint_every)
+        for name in ("max_position", "threads"):
+            if getattr(self, name) is not None:
+                positive_int(name, getattr(self, name))
+
+
+@dataclasses.dataclass(frozen=True)
+class RunConfig:
+    """One run: task, model and training."""
+
+    task: TaskConfig = dataclasses.field(default_factory=TaskConfig)
+    model: ModelConfig = dataclasses.field(default_factory=ModelConfig)
+    train: TrainConfig = dataclasses.field(default_factory=TrainConfig)
+
+    def to_dict(self) -> dict[str, Any]:
+        return json.loads(json.dumps(dataclasses.asdict(self)))  # tuples -> lists
+
+    @property
+    def encoding_label(self) -> str:
+        """The encoding name written to results: ``<name>+randpos`` with randomized positions."""
+        return self.model.encoding + ("+randpos" if self.train.randomized_positions else "")
+
+    @property
+    def run_id(self) -> str:
+        """Stable id: task, encoding, length, seed and a hash of the whole config.
+
+        ``threads`` is left out of the hash: it changes speed, not what is computed.
+        """
+        d = self.to_dict()
+        d["train"].pop("threads", None)
+        digest = hashlib.sha256(json.dumps(d, sort_keys=True).encode()).hexdigest()[:10]
+        task = self.task.label.replace(":", "-").replace("/", "-")
+        return f"{task}__{self.encoding_label}__L{self.task.train_length}__s{self.train.seed}__{digest}"
+
+
+# -- strict loading from dicts / YAML ---------------------------------------------------
+
+
+def _check_type(where: str, value: Any, hint: Any) -> Any:
+    """``value`` converted to ``hint`` (int, float, bool, str, dict, tuple[int, ...], X | None)."""
+    origin = typing.get_origin(hint)
+    if origin in (typing.Union, types.UnionType):
+        args = typing.get_args(hint)
+        if value is None and type(None) in args:
+            return None
+        (inner,) = [a for a in args if a is not type(None)]
+        return _check_type(where, value, inner)
+    if hint is bool:
+        if not isinstance(value, bool):
+            raise TypeError(f"{where} must be true or false, got {value!r}")
+        return value
+    if hint is int:
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise TypeError(f"{where} must be an integer, got {value!r}")
+        return value
+    if hint is float:
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise TypeError(f"{where} must be a number, got {value!r}")
+        return float(value)
+    if hint is str:
+        if not isinstance(value, str):
+            raise TypeError(f"{where} must be a string, got {value!r}")
+        return value
+    if origin is dict:
+        if not isinstance(value, dict):
+            raise TypeError(f"{where} must be a mapping, got {value!r}")
+        return dict(value)
+    if origin is tuple:
+        if not isinstance(value, (list, tuple)):
+            raise TypeError(f"{where} must be a list, got {value!r}")
+        (inner, _) = typing.get_args(hint)
+        return tuple(_check_type(f"{where}[{i}]", v, inner) for i, v in enumerate(value))
+    raise AssertionError(f"unsupported config type {hint!r}")  # internal invariant
+
+
+def _build(cls: type, data: Any, section: str) -> Any:
+    if not isinstance(data, dict):
+        raise TypeError(f"config section {section!r} must be a mapping, got {data!r}")
+    hints = typing.get_type_hints(cls)
+    names = [f.name for f in dataclasses.fields(cls)]
+    unknown = [k for k in data if k not in names]
+    if unknown:
+        raise ValueError(f"unknown key(s) {unknown} in config section {section!r}; valid keys: {names}")
+    kwargs = {}
+    for key, value in data.items():
+        where = f"{section}.{key}" if section != "(top level)" else key
+        if dataclasses.is_dataclass(hints[key]):
+            kwargs[key] = _build(hints[key], value, key)
+        else:
+            kwargs[key] = _check_type(where, value, hints[key])
+    return cls(**kwargs)
+
+
+def config_from_dict(data: Any) -> RunConfig:
+    """A validated ``RunConfig`` from a nested dict; unknown keys raise ``ValueError``."""
+    return _build(RunConfig, data if data is not None else {}, "(top level)")
+
+
+def load_config(path: str | Path) -> RunConfig:
+    """Read a YAML run config (``yaml.safe_load``) and validate it."""
+    p = Path(path)
+    if not p.is_file():
+        raise ValueError(f"config file {str(p)!r} does not exist")
+    try:
+        data = yaml.safe_load(p.read_text(encoding="utf-8"))
+    except yaml.YAMLError as err:
+        raise ValueError(f"config file {str(p)!r} is not valid YAML: {err}".splitlines()[0]) from None
+    return config_from_dict(data)
+
+
+def replace(config: RunConfig, **sections: dict[str, Any]) -> RunConfig:
+    """A copy of ``config`` with fields of its sections replaced:
+    ``replace(cfg, train={"seed": 1}, model={"encoding": "rope"})``."""
+    d = config.to_dict()
+    for section, values in sections.items():
+        if section not in d:
+            raise ValueError(f"unknown config section {section!r}; valid: {list(d)}")
+        d[section].update(values)
+    return config_from_dict(d)

@@ -1,0 +1,170 @@
+"""Results -> tables: mean and seed spread per (task, encoding, length).
+
+Pure numbers first (``aggregate``), then two renderings of the same rows: rich tables for
+the terminal and markdown tables for docs and ``<run_dir>/results.md``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import statistics
+from collections import defaultdict
+from typing import Any
+
+LM_KEYS = ("ppl", "ppl_sliding")
+SYN_KEYS = ("exact_match", "token_accuracy")
+
+
+@dataclasses.dataclass(frozen=True)
+class Cell:
+    """A metric over seeds: mean, sample standard deviation (0 for one seed), count."""
+
+    mean: float
+    std: float
+    n: int
+
+    def fmt(self, digits: int = 2) -> str:
+        if self.n > 1:
+            return f"{self.mean:.{digits}f} ± {self.std:.{digits}f}"
+        return f"{self.mean:.{digits}f}"
+
+
+def _cell(values: list[float]) -> Cell:
+    return Cell(statistics.fmean(values), statistics.stdev(values) if len(values) > 1 else 0.0, len(values))
+
+
+def is_lm(records: list[dict[str, Any]]) -> bool:
+    return "ppl" in records[0]["metrics"][0]
+
+
+def in_distribution(record: dict[str, Any], key: str = "exact_match") -> float:
+    """Mean of ``key`` over the lengths ``1..train_length`` (synthetic tasks)."""
+    vals = [m[key] for m in record["metrics"] if m["length"] <= record["train_length"]]
+    return statistics.fmean(vals)
+
+
+def ratio(record: dict[str, Any], length: int, key: str = "ppl") -> float:
+    """``ppl(length) / ppl(train_length)`` (Press et al. 2022, Table 2's quantity)."""
+    by_len = {m["length"]: m[key] for m in record["metrics"]}
+    return by_len[length] / by_len[record["train_length"]]
+
+
+def group(records: list[dict[str, Any]]) -> dict[str, dict[str, list[dict[str, Any]]]]:
+    """``{task: {encoding: [records over seeds]}}`` in first-seen order."""
+    out: dict[str, dict[str, list[dict[str, Any]]]] = defaultdict(lambda: defaultdict(list))
+    for r in records:
+        out[r["task"]][r["encoding"]].append(r)
+    return out
+
+
+@dataclasses.dataclass
+class TableData:
+    """One table: a title, column names and rows of strings (first column: encoding)."""
+
+    title: str
+    columns: list[str]
+    rows: list[list[str]]
+
+
+def tables(records: list[dict[str, Any]]) -> list[TableData]:
+    """The study's tables: per synthetic task exact match (in-distribution mean and per
+    length) and token accuracy; per corpus perplexity, sliding perplexity and ratios."""
+    out: list[TableData] = []
+    for task, by_enc in group(records).items():
+        first = next(iter(by_enc.values()))
+        L = first[0]["train_length"]
+        lengths = [m["length"] for m in first[0]["metrics"] if m["length"] >= L]
+        seeds = max(len(v) for v in by_enc.values())
+        spread = f" (mean ± std over {seeds} seeds)" if seeds > 1 else " (1 seed)"
+        if is_lm(first):
+            for key, name in (("ppl", "perplexity, non-overlapping"), ("ppl_sliding", "perplexity, sliding window")):
+                rows = []
+                for enc, recs in by_enc.items():
+                    cells = [_cell([{m["length"]: m[key] for m in r["metrics"]}[n] for r in recs]) for n in lengths]
+                    rows.append([enc, *(c.fmt(2) for c in cells)])
+                out.append(TableData(f"{task}: {name}, L={L}{spread}", ["encoding", *map(str, lengths)], rows))
+            rows = []
+            for enc, recs in by_enc.items():
+                cells = [_cell([ratio(r, n) for r in recs]) for n in lengths[1:]]
+                rows.append([enc, *(c.fmt(2) for c in cells)])
+            cols = ["encoding", *(f"{n // L}L" for n in lengths[1:])]
+            out.append(TableData(f"{task}: ppl(E) / ppl(L), non-overlapping, L={L}{spread}", cols, rows))
+            continue
+        for key, name in (("exact_match", "exact match"), ("token_accuracy", "token accuracy")):
+            rows = []
+            for enc, recs in by_enc.items():
+                ind = _cell([in_distribution(r, key) for r in recs])
+                cells = [_cell([{m["length"]: m[key] for m in r["metrics"]}[n] for r in recs]) for n in lengths]
+                rows.append([enc, ind.fmt(2), *(c.fmt(2) for c in cells)])
+            cols = ["encoding", f"1..{L}", *map(str, lengths)]
+            out.append(TableData(f"{task}: {name} by length, trained on 1..{L}{spread}", cols, rows))
+    ranked = mean_ranks(records)
+    if ranked is not None:
+        out.append(ranked)
+    return out
+
+
+def mean_ranks(records: list[dict[str, Any]], factor: int = 2, key: str = "token_accuracy") -> TableData | None:
+    """Kazemnejad et al. 2023's summary: rank the encodings on every synthetic task by
+    ``key`` (mean over seeds) averaged over the lengths ``L < n <= factor * L``, then
+    average the ranks over tasks (1 = best; ties share the mean rank). ``None`` if there
+    are no synthetic tasks."""
+    per_task: dict[str, dict[str, float]] = {}
+    for task, by_enc in group(records).items():
+        first = next(iter(by_enc.values()))
+        if is_lm(first):
+            continue
+        scores = {}
+        for enc, recs in by_enc.items():
+            vals = [
+                m[key]
+                for r in recs
+                for m in r["metrics"]
+                if r["train_length"] < m["length"] <= factor * r["train_length"]
+            ]
+            if vals:
+                scores[enc] = statistics.fmean(vals)
+        per_task[task] = scores
+    if not per_task:
+        return None
+    ranks: dict[str, list[float]] = defaultdict(list)
+    for scores in per_task.values():
+        ordered = sorted(scores.values(), reverse=True)
+        for enc, v in scores.items():
+            first = ordered.index(v) + 1
+            ties = ordered.count(v)
+            ranks[enc].append(first + (ties - 1) / 2)
+    rows = [
+        [
+            enc,
+            f"{statistics.fmean(r):.2f}",
+            str(len(r)),
+            *(f"{per_task[t].get(enc, float('nan')):.3f}" for t in per_task),
+        ]
+        for enc, r in sorted(ranks.items(), key=lambda kv: statistics.fmean(kv[1]))
+    ]
+    cols = ["encoding", "mean rank", "tasks", *(f"{t} {key} (L, {factor}L]" for t in per_task)]
+    return TableData(f"mean rank by {key} on lengths (L, {factor}L], over synthetic tasks (1 = best)", cols, rows)
+
+
+def to_markdown(tables_: list[TableData]) -> str:
+    parts = []
+    for t in tables_:
+        parts.append(f"**{t.title}**\n")
+        parts.append("| " + " | ".join(t.columns) + " |")
+        parts.append("|" + "|".join(["---"] + ["---:"] * (len(t.columns) - 1)) + "|")
+        parts.extend("| " + " | ".join(r) + " |" for r in t.rows)
+        parts.append("")
+    return "\n".join(parts)
+
+
+def to_rich(t: TableData):
+    """A ``rich.table.Table`` of one ``TableData``."""
+    from rich.table import Table
+
+    table = Table(title=t.title)
+    for i, c in enumerate(t.columns):
+        table.add_column(c, justify="left" if i == 0 else "right")
+    for r in t.rows:
+        table.add_row(*r)
+    return table

@@ -1,0 +1,302 @@
+"""Training one run: model, data, loop, atomic checkpoints, exact resume, evaluation.
+
+``train_run(config, run_dir)`` trains a ``posenc.Transformer`` (causal decoder) on the
+task of ``config``, checkpoints every ``checkpoint_every`` steps, evaluates, and appends
+one line to ``<run_dir>/results.jsonl``. Re-running a finished run returns its record
+without training; a run with a checkpoint resumes from it and ends with the same
+metrics as an uninterrupted run (the checkpoint holds the model, the optimizer, the
+step, elapsed time and every random state the loop uses).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import io
+import math
+import os
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from posenc.data.synthetic import PAD, SyntheticTask
+from posenc.data.text import CharCorpus, load_text
+from posenc.experiments.config import RunConfig, config_from_dict
+from posenc.experiments.evaluate import _seed, lm_metrics, synthetic_metrics
+from posenc.experiments.results import append_result, atomic_write_bytes, find_result, git_commit
+from posenc.model import Transformer, TransformerConfig
+from posenc.registry import get as get_encoding
+
+CHECKPOINT_FORMAT = 1
+StepCallback = Callable[[int, int, float], None]
+
+
+# -- the task, the model -----------------------------------------------------------------
+
+
+@dataclasses.dataclass
+class Setup:
+    """Everything a run needs besides the weights: the task data and the sizes."""
+
+    config: RunConfig
+    task: SyntheticTask | None
+    corpus: CharCorpus | None
+    vocab_size: int
+    eval_lengths: list[int]
+    max_len: int  # longest position the model must represent (+1)
+    max_position: int  # range of randomized positions
+    eval_tokens: int = 0
+    stride: int = 0
+    length_dependent: bool = False  # the encoding's vectors depend on the sequence length
+
+
+def _default_stride(length: int) -> int:
+    """The largest divisor of ``length`` that is at most ``length // 4`` (at least 1)."""
+    return max(d for d in range(1, max(1, length // 4) + 1) if length % d == 0)
+
+
+def setup(config: RunConfig, corpus_cache: dict | None = None) -> Setup:
+    """Build the data of ``config`` and the sizes derived from it (lengths to score,
+    the longest position any evaluation or randomized training uses)."""
+    t = config.task
+    L = t.train_length
+    if t.is_lm:
+        key = (t.name, t.text_path, t.max_chars, t.val_fraction)
+        corpus = corpus_cache.get(key) if corpus_cache is not None else None
+        if corpus is None:
+            corpus = CharCorpus.from_text(load_text(t.name, t.text_path, t.max_chars), t.val_fraction)
+            if corpus_cache is not None:
+                corpus_cache[key] = corpus
+        lengths = sorted({f * L for f in t.factors})
+        eval_tokens = t.eval_tokens or 2 * max(lengths)
+        stride = t.sliding_stride or _default_stride(L)
+        longest = max(lengths)
+        max_pos = config.train.max_position or longest
+        return Setup(config, None, corpus, corpus.vocab_size, lengths, max(longest, max_pos), max_pos, eval_tokens,
+                     stride)  # fmt: skip
+    task = SyntheticTask(t.name, t.num_symbols)
+    length_dependent = get_encoding(config.model.encoding).length_dependent
+    lengths = sorted(set(range(1, L + 1)) | {f * L for f in t.factors})
+    longest = task.sequence_length(max(lengths)) - 1  # the last token is only a target
+    max_pos = config.train.max_position or longest
+    if max_pos < task.sequence_length(L) - 1:
+        raise ValueError(
+            f"max_position={max_pos} is smaller than the longest training sequence ({task.sequence_length(L) - 1})"
+        )
+    return Setup(config, task, None, task.vocab_size, lengths, max(longest, max_pos), max_pos,
+                 length_dependent=length_dependent)  # fmt: skip
+
+
+def build_model(config: RunConfig, vocab_size: int, max_len: int) -> Transformer:
+    m = config.model
+    tcfg = TransformerConfig(
+        vocab_size=vocab_size,
+        dim=m.dim,
+        num_layers=m.num_layers,
+        num_heads=m.num_heads,
+        mlp_ratio=m.mlp_ratio,
+        causal=True,
+        encoding=m.encoding,
+        encoding_params=dict(m.encoding_params),
+        max_len=max_len,
+    )
+    return Transformer(tcfg)
+
+
+def random_positions(batch: int, length: int, max_position: int, generator: torch.Generator) -> torch.Tensor:
+    """Ruoss et al. 2023: ``[batch, length]`` sorted distinct positions drawn uniformly
+    from ``0..max_position-1`` (one draw per sequence)."""
+    if length > max_position:
+        raise ValueError(f"cannot draw {length} distinct positions below max_position={max_position}")
+    scores = torch.rand(batch, max_position, generator=generator)  # [b, M]
+    return scores.argsort(dim=1)[:, :length].sort(dim=1).values  # [b, length]
+
+
+def _batch(s: Setup, gen: torch.Generator) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None, torch.Tensor]:
+    """(inputs [b, s], targets [b, s], loss mask [b, s] or None, positions [b, s]) for one step.
+
+    Synthetic tasks mix lengths ``1..L`` in every batch (right-padded; see
+    ``SyntheticTask.sample_mixed``); with randomized positions each sequence gets its own
+    sorted draw from ``0..max_position-1`` (padding stays at 0).
+    """
+    tc = s.config.train
+    if s.corpus is not None:
+        window = s.corpus.sample(s.config.task.train_length, tc.batch_size, gen)  # [b, L+1]
+        inputs = window[:, :-1]
+        positions = torch.arange(inputs.shape[1])  # [L]
+        if tc.randomized_positions:
+            positions = random_positions(inputs.shape[0], inputs.shape[1], s.max_position, gen)  # [b, L]
+        return inputs, window[:, 1:], None, positions
+    ns = torch.randint(1, s.config.task.train_length + 1, (tc.batch_size,), generator=gen)  # [b]
+    ex, positions = s.task.sample_mixed(ns, gen)
+    if not tc.randomized_positions and not s.length_dependent:
+        # Padding follows each example and the mask is causal, so shared positions 0..s-1
+        # give the same outputs on real tokens, and bias encodings build [h, s, s], not [b, h, s, s].
+        positions = torch.arange(ex.tokens.shape[1])  # [s]
+    if tc.randomized_positions:
+        lengths = (ex.tokens != PAD).sum(dim=1)  # [b]; padding only at the end of a row
+        for n in lengths.unique().tolist():  # each row: its own sorted draw of s_i positions
+            rows = (lengths == n).nonzero().squeeze(1)  # [k]
+            positions[rows, :n] = random_positions(len(rows), n, s.max_position, gen)
+    return ex.tokens[:, :-1], ex.tokens[:, 1:], ex.answer_mask[:, 1:], positions[..., :-1]
+
+
+def _lr(step: int, tc) -> float:
+    """Linear warm-up, then cosine decay to a tenth of ``lr``."""
+    if step < tc.warmup:
+        return tc.lr * (step + 1) / tc.warmup
+    progress = (step - tc.warmup) / max(1, tc.steps - tc.warmup)
+    return tc.lr * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * progress)))
+
+
+# -- checkpoints ---------------------------------------------------------------------------
+
+
+def checkpoint_path(run_dir: Path, run_id: str) -> Path:
+    return Path(run_dir) / "checkpoints" / f"{run_id}.pt"
+
+
+def save_checkpoint(path: Path, state: dict[str, Any]) -> None:
+    """Serialize to memory, then write atomically (temp file + ``os.replace``)."""
+    buf = io.BytesIO()
+    torch.save(state, buf)
+    atomic_write_bytes(path, buf.getvalue())
+
+
+def load_checkpoint(path: Path) -> dict[str, Any]:
+    """Load with ``weights_only=True``; a truncated or foreign file is a ``ValueError``."""
+    if not Path(path).is_file():
+        raise ValueError(f"checkpoint {str(path)!r} does not exist")
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as err:  # torch raises RuntimeError/EOFError/UnpicklingError/... for bad files
+        first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        raise ValueError(
+            f"checkpoint {str(path)!r} is corrupt or truncated ({first[:200]}); delete it to restart that run"
+        ) from None
+    need = {"format", "run_id", "config", "step", "model", "optimizer", "rng", "elapsed"}
+    if not isinstance(state, dict) or not need <= set(state) or state.get("format") != CHECKPOINT_FORMAT:
+        raise ValueError(f"checkpoint {str(path)!r} is not a posenc run checkpoint (format {CHECKPOINT_FORMAT})")
+    return state
+
+
+# -- the run ---------------------------------------------------------------------------------
+
+
+def evaluate_model(model: nn.Module, s: Setup) -> list[dict[str, Any]]:
+    """The metrics of ``model`` on the task of ``s`` at every evaluation length."""
+    if s.corpus is not None:
+        return lm_metrics(model, s.corpus, s.eval_lengths, eval_tokens=s.eval_tokens, stride=s.stride)
+    return synthetic_metrics(model, s.task, s.eval_lengths, samples=s.config.task.eval_samples,
+                             seed=s.config.train.seed)  # fmt: skip
+
+
+def default_threads() -> int:
+    return max(1, min(2, os.cpu_count() or 1))
+
+
+def train_run(
+    config: RunConfig,
+    run_dir: str | Path,
+    *,
+    on_step: StepCallback | None = None,
+    corpus_cache: dict | None = None,
+) -> tuple[dict[str, Any], bool]:
+    """Train, evaluate and record one run; returns ``(record, skipped)``.
+
+    ``skipped`` is True when ``results.jsonl`` already held the run. ``on_step(step,
+    steps, loss)`` is called after every optimizer step (progress bars; tests raise
+    from it to simulate a crash).
+    """
+    if not isinstance(config, RunConfig):
+        raise TypeError(f"config must be a RunConfig, got {type(config).__name__}")
+    run_dir = Path(run_dir)
+    run_id = config.run_id
+    done = find_result(run_dir, run_id)
+    if done is not None:
+        return done, True
+    tc = config.train
+    torch.set_num_threads(tc.threads or default_threads())
+    s = setup(config, corpus_cache)
+
+    torch.manual_seed(_seed(tc.seed, 1))
+    model = build_model(config, s.vocab_size, s.max_len)
+    opt = torch.optim.AdamW(model.parameters(), lr=tc.lr, weight_decay=tc.weight_decay, betas=(0.9, 0.98))
+    gen = torch.Generator().manual_seed(_seed(tc.seed, 2))
+    step, elapsed = 0, 0.0
+    ckpt = checkpoint_path(run_dir, run_id)
+    if ckpt.exists():
+        state = load_checkpoint(ckpt)
+        if state["run_id"] != run_id or state["config"] != config.to_dict():
+            raise ValueError(f"checkpoint {str(ckpt)!r} belongs to a different config; delete it to restart")
+        model.load_state_dict(state["model"])
+        opt.load_state_dict(state["optimizer"])
+        gen.set_state(state["rng"]["data"])
+        torch.set_rng_state(state["rng"]["torch"])
+        step, elapsed = int(state["step"]), float(state["elapsed"])
+
+    def snapshot() -> dict[str, Any]:
+        return {
+            "format": CHECKPOINT_FORMAT,
+            "run_id": run_id,
+            "config": config.to_dict(),
+            "step": step,
+            "model": model.state_dict(),
+            "optimizer": opt.state_dict(),
+            "rng": {"data": gen.get_state(), "torch": torch.get_rng_state()},
+            "elapsed": elapsed + (time.perf_counter() - start),
+        }
+
+    start = time.perf_counter()
+    model.train()
+    while step < tc.steps:
+        for group in opt.param_groups:
+            group["lr"] = _lr(step, tc)
+        inputs, targets, mask, positions = _batch(s, gen)
+        logits = model(inputs, positions)  # [b, s, vocab]
+        loss = nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]), targets.reshape(-1),
+                                           reduction="none")  # fmt: skip
+        loss = loss.mean() if mask is None else (loss * mask.reshape(-1)).sum() / mask.sum()
+        if not torch.isfinite(loss):
+            raise FloatingPointError(f"run {run_id}: loss is {float(loss)} at step {step} (try a lower lr)")
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        nn.utils.clip_grad_norm_(model.parameters(), tc.grad_clip)
+        opt.step()
+        step += 1
+        if step % tc.checkpoint_every == 0 or step == tc.steps:
+            save_checkpoint(ckpt, snapshot())
+        if on_step is not None:
+            on_step(step, tc.steps, float(loss.detach()))
+
+    metrics = evaluate_model(model, s)
+    record = {
+        "run_id": run_id,
+        "task": config.task.label,
+        "encoding": config.encoding_label,
+        "seed": tc.seed,
+        "train_length": config.task.train_length,
+        "config": config.to_dict(),
+        "git_commit": git_commit(),
+        "torch_version": torch.__version__,
+        "wall_time_s": round(elapsed + time.perf_counter() - start, 3),
+        "metrics": metrics,
+    }
+    append_result(run_dir, record)
+    return record, False
+
+
+def load_trained(checkpoint: str | Path) -> tuple[RunConfig, Transformer, Setup]:
+    """The config, model (eval mode) and setup stored in a run checkpoint."""
+    state = load_checkpoint(Path(checkpoint))
+    config = config_from_dict(state["config"])
+    s = setup(config)
+    model = build_model(config, s.vocab_size, s.max_len)
+    model.load_state_dict(state["model"])
+    if state["step"] < config.train.steps:
+        raise ValueError(f"checkpoint {str(checkpoint)!r} is of an unfinished run (step {state['step']} of "
+                         f"{config.train.steps}); run `posenc train` to finish it")  # fmt: skip
+    return config, model.eval(), s

@@ -1,0 +1,84 @@
+"""Plots of train-short/test-long studies: a metric against the evaluation length, one
+line per encoding (mean over seeds), seeds as a band (min..max), the training length
+marked. matplotlib is imported lazily (Agg backend), only here.
+"""
+
+from __future__ import annotations
+
+import statistics
+from pathlib import Path
+from typing import Any
+
+from posenc.experiments.summary import group, is_lm
+
+_LABELS = {
+    "exact_match": "exact match (answer tokens)",
+    "token_accuracy": "per-token accuracy (answer tokens)",
+    "ppl": "perplexity (non-overlapping)",
+    "ppl_sliding": "perplexity (sliding window)",
+}
+
+
+def _safe(name: str) -> str:
+    return "".join(c if c.isalnum() or c in "-_." else "-" for c in name)
+
+
+def plot_task(records: list[dict[str, Any]], metric: str, path: str | Path, *, title: str | None = None) -> Path:
+    """One figure: ``metric`` against length for every encoding in ``records`` (one task).
+
+    Returns the path written (PNG).
+    """
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    import matplotlib.ticker
+
+    by_task = group(records)
+    if len(by_task) != 1:
+        raise ValueError(f"plot_task needs the records of one task, got tasks {sorted(by_task)}")
+    ((task, by_enc),) = by_task.items()
+    L = next(iter(by_enc.values()))[0]["train_length"]
+    fig, ax = plt.subplots(figsize=(8.5, 4.5))
+    cmap = plt.get_cmap("tab20")
+    for i, (enc, recs) in enumerate(sorted(by_enc.items())):
+        lengths = sorted({m["length"] for r in recs for m in r["metrics"]})
+        per_len = [[{m["length"]: m[metric] for m in r["metrics"]}[n] for r in recs] for n in lengths]
+        mean = [statistics.fmean(v) for v in per_len]
+        style = "--" if "+randpos" in enc else "-"
+        ax.plot(lengths, mean, style, marker="o", ms=3, color=cmap(i % 20), label=enc)
+        if len(recs) > 1:
+            ax.fill_between(
+                lengths, [min(v) for v in per_len], [max(v) for v in per_len], color=cmap(i % 20), alpha=0.2
+            )
+    ax.axvline(L, color="grey", lw=1, ls=":")
+    ax.text(L, 1.0, " trained up to L", transform=ax.get_xaxis_transform(), va="top", fontsize=8, color="grey")
+    ax.set_xscale("log", base=2)
+    ax.xaxis.set_major_formatter(matplotlib.ticker.FuncFormatter(lambda v, _: f"{v:g}"))
+    if metric.startswith("ppl"):
+        ax.set_yscale("log")
+    ax.set_xlabel("evaluation length")
+    ax.set_ylabel(_LABELS.get(metric, metric))
+    seeds = max(len(v) for v in by_enc.values())
+    ax.set_title(title or f"{task}: {_LABELS.get(metric, metric)} (L={L}, {seeds} seed{'s' if seeds > 1 else ''})")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1.0), frameon=False)
+    fig.tight_layout()
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
+def plot_study(records: list[dict[str, Any]], out_dir: str | Path) -> list[Path]:
+    """Every plot of a study into ``out_dir``: exact match and token accuracy per
+    synthetic task, both perplexities per corpus. Returns the paths written."""
+    out_dir = Path(out_dir)
+    paths = []
+    for task, by_enc in group(records).items():
+        recs = [r for v in by_enc.values() for r in v]
+        metrics = ("ppl", "ppl_sliding") if is_lm(recs) else ("exact_match", "token_accuracy")
+        for metric in metrics:
+            paths.append(plot_task(recs, metric, out_dir / f"{_safe(task)}_{metric}.png"))
+    return paths
