@@ -307,6 +307,7 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--warmup", type=int, default=3)
     ap.add_argument("--no-backward", action="store_true", help="forward only")
     ap.add_argument("--dtypes", default="float32,bfloat16")
+    ap.add_argument("--shapes", default=None, help="override: 'b,h,h_kv,s,d;...' (no decode step)")
     args = ap.parse_args(argv)
     torch.set_num_threads(args.threads)
     reps = args.reps or (5 if args.quick else 15)
@@ -317,6 +318,9 @@ def main(argv: list[str] | None = None) -> None:
     else:
         shapes = [(1, 32, 8, 2048, 128), (1, 32, 32, 8192, 128), (1, 32, 8, 2048, 64), (1, 32, 8, 2048, 256)]
         decode = [(1, 32, 8, 1, 128, 2047)]
+    if args.shapes:
+        shapes = [tuple(int(v) for v in part.split(",")) for part in args.shapes.split(";")]
+        decode = []
     load = os.getloadavg() if hasattr(os, "getloadavg") else ("?",)
     print(
         f"torch {torch.__version__}, python {platform.python_version()}, {platform.processor() or platform.machine()}, "

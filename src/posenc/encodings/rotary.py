@@ -374,14 +374,15 @@ class XPos(_Rotary):
                 f"xpos: positions span {lo}..{length - 1}, too wide for {q.dtype} (max half-range {limit:.0f} "
                 f"with scale_base={p.scale_base}); use a wider dtype or a larger scale_base"
             )
-        out = []
+        tables = []
         for x, pos, up in ((q, q_positions, True), (k, k_positions, False)):
             pos = pos.to(x.device)
             c, s = self.cos_sin(pos, length, dt)  # [(b,) s, d/2]
             scale_q, scale_k = R.xpos_scales(pos, zeta, p.scale_base, center)
             scale = (scale_q if up else scale_k).to(dt)
-            out.append(R.apply_rope(x, _heads(c * scale, pos), _heads(s * scale, pos), self.layout))
-        return out[0], out[1]
+            tables.append((c * scale, s * scale))  # scaled rotation: [(b,) s, d/2] each
+        (cq, sq), (ck, sk) = tables
+        return apply_rotary(q, k, cq, sq, k_cos=ck, k_sin=sk, layout=self.layout, rotary_dim=self.cfg.rotary_dim)
 
 
 # -- rope2d ----------------------------------------------------------------------------

@@ -376,8 +376,8 @@ def apply_rotary(
         if compiled is True or key in _COMPILED or _hot(key):
             fn = _compiled(_rotate_qk_inplace if inplace else _rotate_qk, key)
             return fn(q, k, cq, sq, ck, sk, layout, rotary_dim)
-    if needs_grad:
-        # out=, addcmul_ and complex views do not record autograd: the plain formula does.
+    if needs_grad and not small:
+        # out= and complex views do not record autograd: the plain formula does.
         if inplace:
             return _rotate_qk_inplace(q, k, cq, sq, ck, sk, layout, rotary_dim)
         return _rotate_qk(q, k, cq, sq, ck, sk, layout, rotary_dim)
