@@ -104,6 +104,7 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--warmup", type=int, default=5)
     ap.add_argument("--encodings", default=",".join(PAIRS))
     args = ap.parse_args(argv)
+    sys.stdout.reconfigure(line_buffering=True)
     if args.quick:
         args.dim, args.depth, args.heads, args.seq, args.batch, args.steps, args.warmup = 64, 2, 4, 64, 4, 3, 2
     torch.set_num_threads(args.threads)
