@@ -40,6 +40,7 @@ from dataclasses import dataclass
 
 import torch
 
+import posenc as posenc_lib
 from posenc.functional.rope_fast import AUTO_COMPILE_AFTER, apply_rotary
 
 BASE = 10000.0
@@ -239,6 +240,9 @@ def run_case(case: Case, reps: int, warmup: int, backward: bool, notes: list[str
     q_bshd, k_bshd = q.transpose(1, 2).contiguous(), k.transpose(1, 2).contiguous()  # torchtune layout
     peer_fns = peers(case, q, k, notes)
 
+    rope = posenc_lib.create("rope", head_dim=case.d)
+    positions = torch.arange(case.past, case.past + case.s)
+
     def posenc(layout: str, **kw) -> Callable:
         return lambda q, k: apply_rotary(q, k, cos, sin, layout=layout, **kw)
 
@@ -260,6 +264,8 @@ def run_case(case: Case, reps: int, warmup: int, backward: bool, notes: list[str
             "posenc half": ("half", posenc("half"), False),
             "posenc interleaved": ("interleaved", posenc("interleaved"), False),
             "posenc half eager": ("half", posenc("half", compiled=False), False),
+            # the whole encoding hook, table lookup and checks included (what a model calls)
+            "posenc rope.rotate": ("half", lambda q, k: rope.rotate(q, k, positions, positions), False),
         }
         if not with_grad:
             impls["posenc half inplace"] = ("half", posenc("half", inplace=True), False)
