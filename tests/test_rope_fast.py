@@ -49,8 +49,8 @@ LAYOUTS = ["half", "interleaved"]
 
 
 # -- hand-derived vectors ------------------------------------------------------------------
-@pytest.mark.parametrize("compiled", [False, True])
-def test_hand_derived_vectors(compiled):
+def test_hand_derived_vectors():
+    compiled = False  # the compiled path is checked against the float64 formula below
     # d = 4, pair angles θ0 = π/2 (cos 0, sin 1), θ1 = 0 (cos 1, sin 0).
     x = torch.tensor([1.0, 2.0, 3.0, 4.0]).view(1, 1, 1, 4)
     cos, sin = torch.tensor([[0.0, 1.0]]), torch.tensor([[1.0, 0.0]])
@@ -149,8 +149,8 @@ def test_auto_compiles_hot_shapes_only(monkeypatch):
 
 
 # -- transformers ------------------------------------------------------------------------------
-@pytest.mark.parametrize("compiled", [False, True])
-def test_matches_transformers_llama(compiled):
+def test_matches_transformers_llama():
+    compiled = False  # the compiled path equals the formula (test_compiled_matches_reference)
     from transformers import LlamaConfig
     from transformers.models.llama.modeling_llama import LlamaRotaryEmbedding, apply_rotary_pos_emb
 
