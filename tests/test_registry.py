@@ -18,7 +18,7 @@ def test_available_is_sorted_and_has_the_absolute_family():
 def test_unknown_name_lists_valid_ones_and_suggests():
     with pytest.raises(ValueError, match=r"unknown encoding 'sinusodal'.*Did you mean 'sinusoidal'"):
         posenc.create("sinusodal", dim=4)
-    with pytest.raises(ValueError, match="available: \\['binary'"):
+    with pytest.raises(ValueError, match="available: \\[.*'binary'"):
         posenc.create("zzz")
     with pytest.raises(TypeError, match="name must be a str"):
         posenc.create(3)

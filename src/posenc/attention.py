@@ -33,7 +33,7 @@ from posenc.functional.checks import (
     positive_int,
 )
 
-BACKENDS = ("sdpa",)
+BACKENDS = ("sdpa", "flex")
 
 
 @dataclasses.dataclass
@@ -155,7 +155,10 @@ class Attention(nn.Module):
         pe: the positional encoding whose ``rotate`` and ``bias`` hooks are called
             (``embed`` is the model's job). ``None``: no positions (NoPE).
         causal: decoder (True) or bidirectional encoder (False).
-        backend: ``"sdpa"`` (``torch.nn.functional.scaled_dot_product_attention``).
+        backend: ``"sdpa"`` (``torch.nn.functional.scaled_dot_product_attention`` with
+            the materialized ``pe.bias``) or ``"flex"`` (compiled FlexAttention with
+            ``pe.score_mod``: no ``[h, s_q, s_k]`` tensor; inference only on CPU, see
+            ``posenc.flex``).
         dropout: attention dropout probability (training only).
     """
 
@@ -184,6 +187,11 @@ class Attention(nn.Module):
         if not 0.0 <= dropout < 1.0:
             raise ValueError(f"dropout must be in [0, 1), got {dropout}")
         self.backend = one_of("backend", backend, BACKENDS)
+        pe_heads = getattr(getattr(pe, "params", None), "num_heads", None)
+        if pe_heads is not None and pe_heads != num_heads:
+            raise ValueError(
+                f"the encoding was built with num_heads={pe_heads} but the attention has {num_heads} heads"
+            )
         self.dim, self.num_heads, self.num_kv_heads = dim, num_heads, num_kv_heads
         self.head_dim = dim // num_heads
         self.causal = bool(causal)
@@ -250,6 +258,9 @@ class Attention(nn.Module):
                 v = torch.cat([cache.v, v], dim=2)
             cache.k, cache.v, cache.positions, cache.padding = k, v, k_positions, padding
 
+        if self.backend == "flex":
+            out = self._attend_flex(q, k, v, positions, k_positions, bias, padding, segment_ids)  # [b, h, s, d]
+            return self.out_proj(rearrange(out, "b h s d -> b s (h d)"))
         if self.pe is not None:
             q, k = self.pe.rotate(q, k, positions, k_positions)
             if bias is None:
@@ -285,6 +296,33 @@ class Attention(nn.Module):
         else:
             attn = mask
         return F.scaled_dot_product_attention(q, k, v, attn_mask=attn, dropout_p=dropout, enable_gqa=gqa)
+
+    def _attend_flex(self, q, k, v, positions, k_positions, bias, padding, segment_ids) -> torch.Tensor:
+        """FlexAttention with ``pe.score_mod`` inside the kernel (see ``posenc.flex``)."""
+        from posenc import flex
+
+        parameters = list(self.parameters())
+        flex.check_flex_supported(
+            q, k, v, parameters=parameters, dropout=self.dropout if self.training else 0.0, bias=bias
+        )
+        if self.pe is not None:
+            q, k = self.pe.rotate(q, k, positions, k_positions)
+        b, _, s_q, _ = q.shape
+        n_keys = k.shape[2]
+        if s_q < n_keys:  # KV cache: pad keys to a multiple of 128, one compiled kernel per 128 steps
+            k, v, k_positions = flex.pad_keys(k, v, k_positions)
+        score_mod = None if self.pe is None else self.pe.score_mod(positions, k_positions, q=q, k=k)
+        mask = flex.block_mask(
+            b,
+            s_q,
+            k.shape[2],
+            n_keys=n_keys,
+            causal=self.causal,
+            padding=padding,
+            segment_ids=segment_ids,
+            device=q.device,
+        )
+        return flex.flex_attend(q, k, v, score_mod, mask, gqa=self.num_kv_heads != self.num_heads)
 
 
 def _check_bias(bias: torch.Tensor, b: int, h: int, s_q: int, s_k: int) -> None:

@@ -123,6 +123,30 @@ class PositionalEncoding(nn.Module):
         """Score bias ``[h, s_q, s_k]`` or ``[b, h, s_q, s_k]``, or ``None``."""
         return None
 
+    def score_mod(
+        self,
+        q_positions: torch.Tensor,
+        k_positions: torch.Tensor,
+        *,
+        q: torch.Tensor | None = None,
+        k: torch.Tensor | None = None,
+    ):
+        """FlexAttention ``score_mod(score, b, h, q_idx, kv_idx) -> score`` adding the same
+        bias as ``bias()`` inside the kernel (no ``[h, s_q, s_k]`` tensor), or ``None``
+        when the encoding has no bias. ``q_idx``/``kv_idx`` index ``q_positions`` and
+        ``k_positions``.
+
+        An encoding that overrides ``bias`` must override this too (or raise a clear
+        error saying FlexAttention cannot compute it): the default refuses rather than
+        silently dropping the bias.
+        """
+        if type(self).bias is not PositionalEncoding.bias:
+            raise NotImplementedError(
+                f"encoding {self.name or type(self).__name__!r} defines bias() but no score_mod(); "
+                "it cannot run on backend='flex', use backend='sdpa'"
+            )
+        return None
+
     def frequency_state(self, length: int) -> Any:
         """A value that changes exactly when the vectors of *earlier* positions change
         because the total length became ``length`` (dynamic NTK past its threshold,

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import os
 
 import typer
 from rich.console import Console
@@ -62,9 +63,29 @@ def show(name: str = typer.Argument(..., help="a registered encoding name")) -> 
 # progress bars and printing. Bad input is one red line and exit code 2 (no traceback).
 
 
-def _fail(err: BaseException) -> typer.Exit:
-    console.print(f"[red]error:[/red] {err}", highlight=False, soft_wrap=True)
+def _fail(err: BaseException, ctx=None) -> typer.Exit:
+    where = "" if ctx is None else f" (rank {ctx.rank}/{ctx.world_size})"
+    console.print(f"[red]error{where}:[/red] {err}", highlight=False, soft_wrap=True)
     return typer.Exit(2)
+
+
+class _NoProgress:
+    """Stands in for the progress bars on ranks other than 0 under torchrun."""
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc) -> None:
+        return None
+
+    def add_task(self, *args, **kwargs) -> int:
+        return 0
+
+    def update(self, *args, **kwargs) -> None:
+        return None
+
+    def reset(self, *args, **kwargs) -> None:
+        return None
 
 
 def _csv(value: str | None) -> list[str] | None:
@@ -100,25 +121,47 @@ def _print_tables(records: list) -> None:
 def train(
     config: str = typer.Option(..., "--config", "-c", help="YAML run config (task / model / train sections)"),
     out: str = typer.Option("runs/train", "--out", help="run folder: results.jsonl and checkpoints/ go here"),
+    backend: str = typer.Option(None, "--backend", help="torchrun (>1 process): gloo or nccl (default nccl with CUDA)"),
 ) -> None:
-    """Train one model from a YAML config; resumes from its checkpoint, skips if finished."""
+    """Train one model from a YAML config; resumes from its checkpoint, skips if finished.
+    Under torchrun: data-parallel (DDP) over the ranks, global batch split (docs/distributed.md)."""
+    from posenc.experiments import distributed as pd
     from posenc.experiments.config import load_config
     from posenc.experiments.train import checkpoint_path, train_run
 
+    ctx = None
     try:
         cfg = load_config(config)
-        with _progress() as progress:
+        if backend is not None:
+            pd.choose_backend(backend)  # a bad name is an error even without torchrun
+        if pd.launched():
+            ctx = pd.init(backend)
+            note = pd.oversubscription(cfg.train.threads) if ctx.device.type == "cpu" else None
+            if note and ctx.is_main:
+                console.print(f"[yellow]note:[/yellow] {note}")
+        show = ctx is None or ctx.is_main
+        with _progress() if show else _NoProgress() as progress:
             bar = progress.add_task(cfg.run_id, total=cfg.train.steps, info="")
 
             def on_step(step: int, total: int, loss: float) -> None:
                 progress.update(bar, completed=step, info=f"loss {loss:.3f}")
 
-            record, skipped = train_run(cfg, out, on_step=on_step)
+            if ctx is None:
+                record, skipped = train_run(cfg, out, on_step=on_step)
+            else:
+                record, skipped = pd.train_distributed(cfg, out, ctx, on_step=on_step)
     except (ValueError, TypeError, FloatingPointError) as err:
-        raise _fail(err) from None
+        raise _fail(err, ctx) from None
+    except pd.DistributedError as err:
+        _fail(err, ctx)
+        raise typer.Exit(3) from None
     except KeyboardInterrupt:
         console.print("[yellow]interrupted[/yellow]: run the same command again to resume from the checkpoint")
         raise typer.Exit(130) from None
+    finally:
+        pd.shutdown()
+    if ctx is not None and not ctx.is_main:
+        return
     if skipped:
         console.print(f"already finished: {record['run_id']} (delete its line in results.jsonl to retrain)")
     _print_tables([record])
@@ -166,9 +209,11 @@ def study(
     threads: int = typer.Option(None, "--threads", help="torch threads (default min(2, cores))"),
 ) -> None:
     """Train encodings x tasks x seeds (skipping finished runs), then write tables, plots
-    and the HTML report into the run folder."""
+    and the HTML report into the run folder. Under torchrun the runs are sharded across
+    ranks (docs/distributed.md)."""
     from pathlib import Path
 
+    from posenc.experiments import distributed as pd
     from posenc.experiments.study import plan_study, run_study, write_outputs
 
     try:
@@ -187,32 +232,55 @@ def study(
     run_dir = Path(out) if out else Path("runs") / preset
     if missing:
         console.print(f"[yellow]note:[/yellow] not registered in this installation, left out: {', '.join(missing)}")
-    console.print(f"study {preset!r}: {len(configs)} runs into {run_dir}")
+    if os.environ.get("RANK", "0") == "0":  # once under torchrun
+        console.print(f"study {preset!r}: {len(configs)} runs into {run_dir}")
+    ctx = None
     try:
-        with _progress() as progress:
-            runs_bar = progress.add_task("runs", total=len(configs), info="")
+        if pd.launched():  # under torchrun: plan entry i is trained by rank i % world size
+            ctx = pd.init("gloo")
+            note = pd.oversubscription(threads)
+            if note and ctx.is_main:
+                console.print(f"[yellow]note:[/yellow] {note}")
+        mine = len(configs) if ctx is None else len(pd.shard(len(configs), ctx.rank, ctx.world_size))
+        with _progress() if ctx is None or ctx.is_main else _NoProgress() as progress:
+            label = "runs" if ctx is None else f"runs of rank 0/{ctx.world_size}"
+            runs_bar = progress.add_task(label, total=mine, info="")
             steps_bar = progress.add_task("steps", total=1, info="")
+            finished = [0]
 
             def start(i, cfg):
                 progress.update(runs_bar, info=f"{cfg.task.label} / {cfg.encoding_label} / seed {cfg.train.seed}")
                 progress.reset(steps_bar, total=cfg.train.steps, info="")
 
             def end(i, rec, skipped):
-                progress.update(runs_bar, completed=i + 1)
+                finished[0] += 1
+                progress.update(runs_bar, completed=finished[0])
                 if skipped:
-                    progress.update(steps_bar, completed=progress.tasks[steps_bar].total, info="(already done)")
+                    progress.update(steps_bar, completed=configs[i].train.steps, info="(already done)")
 
             def on_step(step, total, loss):
                 progress.update(steps_bar, completed=step, info=f"loss {loss:.3f}")
 
-            records = run_study(configs, run_dir, on_run_start=start, on_run_end=end, on_step=on_step)
+            hooks = {"on_run_start": start, "on_run_end": end, "on_step": on_step}
+            if ctx is None:
+                records = run_study(configs, run_dir, **hooks)
+            else:
+                records = pd.run_study_sharded(configs, run_dir, ctx, **hooks)
+        if ctx is not None and not ctx.is_main:
+            console.print(f"rank {ctx.rank}/{ctx.world_size}: {len(records)} runs done; rank 0 writes the outputs")
+            return
         _print_tables(records)
         outputs = write_outputs(run_dir)
     except (ValueError, TypeError, FloatingPointError) as err:
-        raise _fail(err) from None
+        raise _fail(err, ctx) from None
+    except pd.DistributedError as err:
+        _fail(err, ctx)
+        raise typer.Exit(3) from None
     except KeyboardInterrupt:
         console.print("[yellow]interrupted[/yellow]: run the same command again to resume (finished runs are kept)")
         raise typer.Exit(130) from None
+    finally:
+        pd.shutdown()
     console.print(f"results: {run_dir / 'results.jsonl'}")
     console.print(f"tables: {outputs['markdown']}")
     console.print(f"plots: {run_dir / 'plots'} ({len(outputs['plots'])} files)")

@@ -208,9 +208,10 @@ class Transformer(nn.Module):
 
         x = self.tok_emb(tokens) * self.embed_scale  # [b, s, dim]
         x = self.drop(self.pe.embed(x, positions))
-        # A bias that does not read q/k is built once and shared by every layer.
+        # A bias that does not read q/k is built once and shared by every layer; the
+        # flex backend never materializes it (each layer calls pe.score_mod instead).
         bias = None
-        if not self.pe.needs_content:
+        if not self.pe.needs_content and self.config.backend != "flex":
             k_positions = key_positions(positions, None if cache is None else cache[0])
             bias = self.pe.bias(positions, k_positions)
         for i, block in enumerate(self.blocks):

@@ -2,6 +2,8 @@
 
 from posenc.encodings import absolute, bias, contextual, rotary  # noqa: F401  (registers)
 from posenc.encodings.absolute import Binary, Integer, Learned, NoPE, Normalized, Sine, Sinusoidal
+from posenc.encodings.bias import FIRE, T5, ALiBi, BiasEncoding, Kerple, Sandwich, Shaw
+from posenc.encodings.contextual import CoPE
 from posenc.encodings.rotary import Proportional, RoPE, RoPE2D, XPos
 
 __all__ = [
@@ -17,3 +19,4 @@ __all__ = [
     "Sinusoidal",
     "XPos",
 ]
+__all__ += ["ALiBi", "BiasEncoding", "CoPE", "FIRE", "Kerple", "Sandwich", "Shaw", "T5"]
