@@ -13,7 +13,8 @@ Encoding pairs (posenc name <-> x-transformers flags):
     sinusoidal  <-> scaled_sinu_pos_emb=True (sinusoidal; x-transformers adds a learned scale)
     rope        <-> rotary_pos_emb=True, rotary_emb_dim=head_dim (full rotary, as posenc)
     alibi       <-> alibi_pos_bias=True           (when posenc has "alibi")
-    t5          <-> rel_pos_bias=True             (when posenc has "t5")
+    t5          <-> rel_pos_bias=True             (when posenc has "t5"; x-transformers
+                                                   refuses its SDPA "flash" path with it)
 
     PYTHONPATH=src python benchmarks/train_throughput.py           # full run
     PYTHONPATH=src python benchmarks/train_throughput.py --quick   # smoke run
@@ -69,7 +70,7 @@ def build_xt(name: str, vocab: int, dim: int, depth: int, heads: int, seq: int) 
             attn_dim_head=dim // heads,
             ff_mult=4,
             use_rmsnorm=True,
-            attn_flash=True,
+            attn_flash=not attn.get("rel_pos_bias", False),  # x-transformers: no flash with T5 bias
             **attn,
         ),
         **flags,
