@@ -324,6 +324,7 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--no-backward", action="store_true", help="forward only")
     ap.add_argument("--dtypes", default="float32,bfloat16")
     ap.add_argument("--shapes", default=None, help="override: 'b,h,h_kv,s,d;...' (no decode step)")
+    ap.add_argument("--decode-only", action="store_true", help="only the decode step s = 1")
     args = ap.parse_args(argv)
     sys.stdout.reconfigure(line_buffering=True)  # a long run shows each table as it ends
     torch.set_num_threads(args.threads)
@@ -338,6 +339,8 @@ def main(argv: list[str] | None = None) -> None:
     if args.shapes:
         shapes = [tuple(int(v) for v in part.split(",")) for part in args.shapes.split(";")]
         decode = []
+    if args.decode_only:
+        shapes = []
     load = os.getloadavg() if hasattr(os, "getloadavg") else ("?",)
     print(
         f"torch {torch.__version__}, python {platform.python_version()}, {platform.processor() or platform.machine()}, "
