@@ -152,7 +152,8 @@ def peers(case: Case, q: torch.Tensor, k: torch.Tensor, notes: list[str]) -> dic
 
 # -- timing ------------------------------------------------------------------------------------
 def measure(fns: dict[str, Callable[[], object]], reps: int, warmup: int) -> dict[str, float]:
-    """Median seconds per call; implementations interleaved within each repetition."""
+    """Median seconds per call; implementations interleaved within each repetition, in an
+    order that rotates by one every repetition."""
     for name, fn in fns.items():
         # posenc's "auto" compiles a shape once it has come AUTO_COMPILE_AFTER times:
         # warm up past that, so the timed calls are the steady state of a training loop.
@@ -161,9 +162,12 @@ def measure(fns: dict[str, Callable[[], object]], reps: int, warmup: int) -> dic
     times: dict[str, list[float]] = {name: [] for name in fns}
     gc.collect()
     gc.disable()
+    items = list(fns.items())
     try:
-        for _ in range(reps):
-            for name, fn in fns.items():
+        for rep in range(reps):
+            # Rotate the starting implementation every repetition: whichever runs first after
+            # the previous repetition's last one was measured slower on this machine.
+            for name, fn in items[rep % len(items) :] + items[: rep % len(items)]:
                 t0 = time.perf_counter()
                 fn()
                 times[name].append(time.perf_counter() - t0)
