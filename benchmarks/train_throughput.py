@@ -137,8 +137,10 @@ def main(argv: list[str] | None = None) -> None:
                 fn()
         times: dict[str, list[float]] = {k: [] for k in steps}
         gc.collect()
-        for _ in range(args.steps):
-            for k, fn in steps.items():
+        order = list(steps.items())
+        for i in range(args.steps):
+            # Alternate which model goes first: the first after a switch was measured slower.
+            for k, fn in order if i % 2 == 0 else order[::-1]:
                 t0 = time.perf_counter()
                 fn()
                 times[k].append(time.perf_counter() - t0)
