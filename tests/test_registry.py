@@ -47,7 +47,7 @@ def test_missing_required_parameter():
         ("sinusoidal", {"dim": 4, "base": float("nan")}, "base must be finite"),
         ("sine", {"dim": 4, "min_period": 2}, "min_period must be >= 3"),
         ("sine", {"dim": 4, "ratio": 1}, "ratio must be >= 2"),
-        ("sine", {"dim": 80}, "overflow"),
+        ("sine", {"dim": 1200}, "exceed float64"),
         ("learned", {"dim": 4, "max_len": 0}, "max_len must be > 0"),
         ("learned", {"dim": 4, "init_std": -1.0}, "init_std must be >= 0.0"),
         ("normalized", {"dim": 4, "length": 0}, "length must be > 0"),

@@ -6,6 +6,7 @@ counted in ``CASES`` and printed at the end of the session (see docs/reliability
 """
 
 import collections
+import os
 
 import pytest
 import torch
@@ -133,3 +134,48 @@ def test_no_overflow_at_two_to_the_twenty(name, dtype):
     if bias is not None:
         assert not torch.isnan(bias).any()
     CASES["overflow"] += 1
+
+
+BAD_VALUES = [0, -1, -2.5, 0.5, float("nan"), float("inf"), "x", None, True, [], 4096]
+
+
+@pytest.mark.parametrize("name", posenc.available())
+@settings(max_examples=int(os.environ.get("POSENC_FUZZ_EXAMPLES", 30)), deadline=None,
+          suppress_health_check=[HealthCheck.too_slow])  # fmt: skip
+@given(data=st.data())
+def test_generated_parameter_values_build_or_name_the_parameter(name, data):
+    """Any value for any parameter: the encoding builds and runs finitely, or the error
+    is a ValueError/TypeError that names the parameter — never another exception."""
+    import dataclasses
+
+    fields = [f.name for f in dataclasses.fields(posenc.get(name).Params)]
+    if not fields:
+        return
+    field = data.draw(st.sampled_from(fields))
+    value = data.draw(st.sampled_from(BAD_VALUES))
+    dims = dict(dim=DIM, num_heads=HEADS, head_dim=DIM // HEADS, max_len=64, causal=True)
+    params = {**posenc.get(name).example_params, field: value}
+    try:
+        pe = posenc.registry.create_for_model(name, params, **dims)
+    except (ValueError, TypeError) as err:
+        assert field in str(err), f"{name}.{field}={value!r}: message does not name it: {err}"
+        CASES["invalid-param"] += 1
+        return
+    # The value was valid: a forward must be finite (or refuse with a named error).
+    width = pe.params.dim if "dim" in fields else DIM
+    heads = getattr(pe.params, "num_heads", HEADS)
+    head_dim = getattr(pe.params, "head_dim", width // heads)
+    if width % heads or width // heads != head_dim:
+        CASES["valid-param-unusable-size"] += 1
+        return
+    attn = posenc.Attention(width, heads, pe=pe)
+    positions = torch.arange(6)
+    with torch.no_grad():
+        try:
+            out = attn(pe.embed(torch.randn(1, 6, width), positions), positions)
+        except (ValueError, TypeError) as err:
+            CASES["valid-param-refused-input"] += 1
+            assert str(err)
+            return
+    assert torch.isfinite(out).all(), f"{name}.{field}={value!r} gave non-finite output"
+    CASES["valid-param"] += 1

@@ -290,6 +290,233 @@ def study(
         console.print(f"report: {outputs['report']}")
 
 
+# -- evidence: analyze, plot, report (issue 5) ---------------------------------------------------
+@app.command("analyze")
+def analyze(
+    names: list[str] = typer.Argument(None, help="encodings to measure (default: every registered one)"),  # noqa: B008
+    dim: int = typer.Option(32, help="model width"),
+    heads: int = typer.Option(2, help="attention heads"),
+    horizon: int = typer.Option(256, help="positions measured"),
+    train_length: int = typer.Option(128, help="the 'trained' length for the beyond-L measurements"),
+    pretrained: str = typer.Option(
+        None, help="also measure a local transformers model directory ('minilm': all-MiniLM-L6-v2)"
+    ),
+) -> None:
+    """The report card: every claim of the classic story, measured, one row per encoding."""
+    from posenc import analysis
+
+    try:
+        cfg = analysis.CardConfig(dim=dim, num_heads=heads, horizon=horizon, train_length=train_length,
+                                  beyond_horizon=max(4 * train_length, horizon + 1))  # fmt: skip
+        names = names or posenc.available()
+        for n in names:
+            posenc.get(n)
+        cards = []
+        with console.status("measuring") as status:
+            for n in names:
+                status.update(f"measuring {n}")
+                cards.append(analysis.report_card(n, cfg))
+            if pretrained:
+                from posenc.analysis import pretrained as P
+
+                status.update(f"measuring {pretrained}")
+                path = P.minilm_dir() if pretrained == "minilm" else pretrained
+                info = P.load_positions(path)
+                probe = P.learned_probe(info, name="all-MiniLM-L6-v2" if pretrained == "minilm" else None)
+                cards.append(analysis.card_for_probe(probe, cfg, token_norm=info.token_norm))
+    except (ValueError, TypeError, FileNotFoundError) as err:
+        raise _fail(err) from None
+    table = Table(title=f"posenc report card (dim={dim}, {heads} heads, horizon {horizon}, L={train_length})")
+    for col in cards[0].row():
+        table.add_column(col, overflow="fold")
+    for card in cards:
+        table.add_row(*(analysis.format_value(v) for v in card.row().values()))
+    console.print(table)
+
+
+@app.command("plot")
+def plot(
+    name: str = typer.Argument(
+        ..., help="encoding name ('all' for magnitude/distance; a model dir for pretrained; a .pt for attention)"
+    ),
+    kind: str = typer.Option(
+        ...,
+        "--kind",
+        "-k",
+        help="heatmap, similarity, magnitude, distance, bias, buckets, "
+        "rotation, wavelengths, decay, scaling, attention, pretrained",
+    ),  # fmt: skip
+    output: str = typer.Option(..., "--output", "-o", help="the .png or .svg file to write"),
+    dim: int = typer.Option(None, help="model width"),
+    heads: int = typer.Option(None, "--heads", help="attention heads"),
+    horizon: int = typer.Option(None, help="positions drawn"),
+    steps: int = typer.Option(None, help="training steps (kind attention)"),
+    length: int = typer.Option(None, help="example length (kind attention of a checkpoint)"),
+) -> None:
+    """Draw one figure of an encoding and write it as PNG or SVG."""
+    import inspect
+
+    from posenc.viz import figures
+
+    options = {"dim": dim, "num_heads": heads, "horizon": horizon, "steps": steps, "length": length}
+    try:
+        if kind == "pretrained":
+            model_dir = None if name.lower() in ("minilm", "all-minilm-l6-v2") else name
+            make, args = figures.pretrained, (model_dir,)
+        elif kind in figures.GLOBAL_KINDS:
+            make = figures.GLOBAL_KINDS[kind]
+            args = () if kind == "scaling" else (None if name == "all" else [name],)
+        elif kind == "attention" and name.endswith(".pt"):
+            make, args = figures.checkpoint_attention, (name,)  # a model from `posenc train`/`study`
+        elif kind in figures.KINDS:
+            make, args = figures.KINDS[kind], (name,)
+        else:
+            kinds = sorted([*figures.KINDS, *figures.GLOBAL_KINDS, "pretrained"])
+            raise ValueError(f"unknown kind {kind!r}; kinds: {kinds}")
+        accepted = inspect.signature(make).parameters
+        kwargs = {}
+        for key, value in options.items():
+            if value is None:
+                continue
+            if key not in accepted:
+                raise ValueError(f"--{'heads' if key == 'num_heads' else key} does not apply to kind {kind!r}")
+            kwargs[key] = value
+        with console.status(f"drawing {kind} of {name}"):
+            fig = make(*args, **kwargs)
+            path = figures.save(fig, output)
+    except figures.FigureUnavailable as err:
+        console.print(f"[yellow]skipped:[/yellow] {err}")
+        raise typer.Exit(3) from None
+    except (ValueError, TypeError, FileNotFoundError) as err:
+        raise _fail(err) from None
+    console.print(f"wrote {path}")
+
+
+@app.command("report")
+def report(
+    output: str = typer.Option("report.html", "--output", "-o", help="the HTML file to write"),
+    study: str = typer.Option(None, "--study", help="a study run directory with results.jsonl"),
+    encodings: str = typer.Option(None, help="comma-separated encodings (default: every registered one)"),
+    attention_steps: int = typer.Option(300, help="training steps of the tiny models behind the attention maps"),
+    no_pretrained: bool = typer.Option(False, "--no-pretrained", help="leave out the all-MiniLM-L6-v2 section"),
+    extension: str = typer.Option(
+        None, "--extension", help="an extension.json written by `posenc extend` (adds its section)"
+    ),
+) -> None:
+    """Write one self-contained HTML report (report card, figures, study results)."""
+    from posenc.viz.report import write_report
+
+    names = [n.strip() for n in encodings.split(",") if n.strip()] if encodings else None
+    try:
+        extra = []
+        if extension:
+            from posenc.viz.extension import report_section
+
+            extra.append(report_section(extension))
+        with console.status("writing the report") as status:
+            path = write_report(
+                output,
+                study_dir=study,
+                extra_sections=extra,
+                encodings=names,
+                attention_steps=attention_steps,
+                pretrained=not no_pretrained,
+                progress=lambda msg: status.update(msg),
+            )
+    except (ValueError, TypeError, FileNotFoundError) as err:
+        raise _fail(err) from None
+    console.print(f"wrote {path}")
+
+
+@app.command("extend")
+def extend(
+    preset: str = typer.Option(
+        "quick", "--preset", help="quick (2 tasks x 2 seeds; ~1 h serially on 2 busy cores) or smoke (seconds)"
+    ),
+    tasks: str = typer.Option(None, "--tasks", help="comma-separated, default shakespeare,copy"),
+    seeds: str = typer.Option(None, "--seeds", help="comma-separated ints (default: the preset's)"),
+    checkpoint: str = typer.Option(
+        None,
+        "--checkpoint",
+        help="comma-separated finished rope run checkpoints to extend instead of training the preset's base runs",
+    ),
+    rules: str = typer.Option(
+        ",".join(("none", "linear", "ntk", "dynamic", "yarn", "llama3")),
+        "--rules",
+        help="comma-separated RoPE scaling rules",
+    ),
+    factors: str = typer.Option("2,4,8", "--factors", help="evaluation lengths as multiples of L (integers >= 1)"),
+    finetune_factor: int = typer.Option(None, "--finetune-factor", help="fine-tune at this multiple of L"),
+    finetune_steps: int = typer.Option(None, "--finetune-steps", help="fine-tuning steps per rule (0: no fine-tune)"),
+    baselines: str = typer.Option("alibi,t5", "--baselines", help="comma-separated non-RoPE encodings ('' for none)"),
+    out: str = typer.Option("runs/extend", "--out", help="output folder"),
+    base_dir: str = typer.Option(None, "--base-dir", help="where base runs are trained/reused (default <out>/base)"),
+    threads: int = typer.Option(None, "--threads", help="torch threads (default min(2, cores))"),
+) -> None:
+    """Context extension: a RoPE model trained at L, scored at 2L..8L with each scaling
+    rule zero-shot and after a short fine-tune; baselines; tables, plots, extension.json."""
+    import shlex
+    import sys
+    from pathlib import Path
+
+    from posenc.experiments.extend import PRESETS, Finetune, check_request, run_extension, write_outputs
+    from posenc.experiments.extend_summary import extension_tables, ordering_tables
+    from posenc.experiments.summary import to_rich
+
+    try:
+        if preset not in PRESETS:
+            raise ValueError(f"unknown preset {preset!r}; available: {sorted(PRESETS)}")
+        ft = PRESETS[preset][2]
+        if finetune_steps is not None and finetune_steps < 0:
+            raise ValueError(f"--finetune-steps must be >= 0, got {finetune_steps}")
+        finetune = None if finetune_steps == 0 else Finetune(
+            factor=finetune_factor if finetune_factor is not None else ft.factor,
+            steps=finetune_steps or ft.steps, batch_size=ft.batch_size, lr=ft.lr, warmup=ft.warmup)  # fmt: skip
+
+        def ints(name: str, value: str | None) -> list[int] | None:
+            if value is None:
+                return None
+            try:
+                return [int(x) for x in _csv(value)]
+            except ValueError:
+                raise ValueError(f"{name} must be comma-separated integers, got {value!r}") from None
+
+        command = "posenc extend " + " ".join(shlex.quote(a) for a in sys.argv[1:][1:]) if sys.argv[1:2] == [
+            "extend"] else "posenc extend"  # fmt: skip
+        check_request(preset, rules=tuple(_csv(rules)), factors=tuple(ints("--factors", factors)),
+                      baselines=tuple(_csv(baselines) or ()) if baselines.strip() else (),
+                      checkpoints=_csv(checkpoint), tasks=_csv(tasks), seeds=ints("--seeds", seeds))  # fmt: skip
+        with _progress() as progress:
+            bar = progress.add_task("extend", total=1, info="")
+
+            def on_stage(msg: str) -> None:
+                progress.reset(bar, total=1, description=msg, info="")
+
+            def on_step(step: int, total: int, loss: float) -> None:
+                progress.update(bar, total=total, completed=step, info=f"loss {loss:.3f}")
+
+            data = run_extension(
+                preset, out, tasks=_csv(tasks), seeds=ints("--seeds", seeds),
+                checkpoints=_csv(checkpoint), rules=tuple(_csv(rules)), factors=tuple(ints("--factors", factors)),
+                finetune=finetune, baselines=tuple(_csv(baselines) or ()) if baselines.strip() else (),
+                base_dir=base_dir, threads=threads, command=command, on_stage=on_stage, on_step=on_step,
+            )  # fmt: skip
+        outputs = write_outputs(data, out)
+    except (ValueError, TypeError, FloatingPointError) as err:
+        raise _fail(err) from None
+    except KeyboardInterrupt:
+        console.print("[yellow]interrupted[/yellow]: run the same command again (finished runs are kept)")
+        raise typer.Exit(130) from None
+    for t in extension_tables(data) + ordering_tables(data):
+        console.print(to_rich(t))
+    if data["baselines_missing"]:
+        console.print(f"[yellow]note:[/yellow] not registered, left out: {', '.join(data['baselines_missing'])}")
+    console.print(f"results: {outputs['json']}")
+    console.print(f"tables: {outputs['markdown']}")
+    console.print(f"plots: {', '.join(str(p) for p in outputs['plots'])}")
+    console.print(f"report section: posenc.viz.extension.report_section({str(Path(out) / 'extension.json')!r})")
+
+
 def main() -> None:  # pragma: no cover
     app()
 

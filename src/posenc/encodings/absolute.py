@@ -7,6 +7,7 @@ follow-ups), each encoding with the flaw it was replaced for.
 from __future__ import annotations
 
 import dataclasses
+import math
 from typing import ClassVar
 
 import torch
@@ -146,9 +147,11 @@ class SineParams(Params):
             raise ValueError(f"min_period must be >= 3 (period 2 is zero at every integer), got {self.min_period}")
         if positive_int("ratio", self.ratio) < 2:
             raise ValueError(f"ratio must be >= 2, got {self.ratio}")
-        if self.min_period * float(self.ratio) ** (self.dim - 1) > 2.0**62:
+        # Periods are float64; the phase pos mod P_i is exact for every period (P_i > pos
+        # just gives pos). Only a period past float64's range is refused.
+        if math.log10(self.min_period) + (self.dim - 1) * math.log10(self.ratio) > 300:
             raise ValueError(
-                f"periods min_period * ratio**(dim-1) overflow for dim={self.dim}, "
+                f"periods min_period * ratio**(dim-1) exceed float64 for dim={self.dim}, "
                 f"min_period={self.min_period}, ratio={self.ratio}"
             )
 
@@ -161,7 +164,9 @@ class Sine(AdditiveEncoding):
 
     Flaw: smooth, but the whole vector repeats with period ``P_{dim-1}`` (positions
     collide), and without a cosine partner no fixed linear map takes PE(pos) to
-    PE(pos + k), so relative offsets are not easy to read off.
+    PE(pos + k), so relative offsets are not easy to read off. With many dimensions
+    the long periods make the upper dimensions nearly constant (about 0): at dim 64
+    only the first ~log2(L) dimensions vary over a length-L sequence.
     """
 
     name = "sine"

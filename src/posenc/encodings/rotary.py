@@ -16,6 +16,7 @@ the whole (unrotated) key cache every step, so decoding equals a full forward.
 from __future__ import annotations
 
 import dataclasses
+import re
 from collections.abc import Mapping
 from typing import Any, ClassVar
 
@@ -192,6 +193,22 @@ _FLAT_TO_HF = {
 }
 
 
+_HF_TO_FLAT = {**{key: flat for flat, key in _FLAT_TO_HF.items()}, "max_position_embeddings": "max_len"}
+
+
+def _config_naming_flat(params: Params) -> RopeConfig:
+    """``params.config()``, with errors about a Hugging Face key renamed to the flat
+    parameter the user actually passed (``base`` rather than ``rope_theta``)."""
+    try:
+        return params.config()
+    except (ValueError, TypeError) as err:
+        msg = str(err)
+        for key, flat in _HF_TO_FLAT.items():
+            if flat != key and re.search(rf"(?<!\w){key}(?!\w)", msg) and getattr(params, flat, None) is not None:
+                raise type(err)(f"{flat}={getattr(params, flat)!r}: {msg}") from None
+        raise
+
+
 @dataclasses.dataclass(frozen=True)
 class RoPEParams(Params):
     """RoPE parameters. Scaling can be given flat or as a Hugging Face dict.
@@ -221,7 +238,7 @@ class RoPEParams(Params):
             if not isinstance(self.rope_parameters, Mapping):
                 raise TypeError(f"rope_parameters must be a dict, got {type(self.rope_parameters).__name__}")
             object.__setattr__(self, "rope_parameters", dict(self.rope_parameters))
-        self.config()
+        _config_naming_flat(self)
 
     def hf_parameters(self) -> dict:
         """The merged Hugging Face ``rope_parameters`` dict."""
@@ -285,7 +302,7 @@ class ProportionalParams(Params):
         if positive_int("head_dim", self.head_dim) % 2:
             raise ValueError(f"head_dim must be even, got {self.head_dim}")
         one_of("layout", self.layout, R.LAYOUTS)
-        self.config()
+        _config_naming_flat(self)
 
     def config(self) -> RopeConfig:
         return parse_rope_parameters(

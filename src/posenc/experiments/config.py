@@ -118,7 +118,9 @@ class TrainConfig:
     """Optimisation. ``randomized_positions`` (Ruoss et al. 2023): each training
     sequence of ``s`` tokens gets ``s`` sorted distinct positions drawn uniformly from
     ``0..max_position-1`` instead of ``0..s-1`` (default ``max_position``: the longest
-    evaluated sequence); evaluation always uses ``0..s-1``."""
+    evaluated sequence); evaluation always uses ``0..s-1``. ``init_from``: the checkpoint
+    of a finished run whose model weights start this run (fine-tuning, e.g. ``posenc
+    extend``); the encoding's parameters may differ, the weights' shapes must not."""
 
     steps: int = 1000
     batch_size: int = 32
@@ -131,6 +133,7 @@ class TrainConfig:
     max_position: int | None = None
     checkpoint_every: int = 100
     threads: int | None = None
+    init_from: str | None = None
 
     def __post_init__(self) -> None:
         positive_int("steps", self.steps)
@@ -146,6 +149,8 @@ class TrainConfig:
         for name in ("max_position", "threads"):
             if getattr(self, name) is not None:
                 positive_int(name, getattr(self, name))
+        if self.init_from is not None and (not isinstance(self.init_from, str) or not self.init_from):
+            raise ValueError(f"init_from must be a checkpoint path, got {self.init_from!r}")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -168,10 +173,14 @@ class RunConfig:
     def run_id(self) -> str:
         """Stable id: task, encoding, length, seed and a hash of the whole config.
 
-        ``threads`` is left out of the hash: it changes speed, not what is computed.
+        ``threads`` is left out of the hash: it changes speed, not what is computed;
+        ``init_from`` only when unset (so ids of runs from scratch did not change when
+        it was added).
         """
         d = self.to_dict()
         d["train"].pop("threads", None)
+        if d["train"].get("init_from") is None:
+            d["train"].pop("init_from", None)
         digest = hashlib.sha256(json.dumps(d, sort_keys=True).encode()).hexdigest()[:10]
         task = self.task.label.replace(":", "-").replace("/", "-")
         return f"{task}__{self.encoding_label}__L{self.task.train_length}__s{self.train.seed}__{digest}"

@@ -228,6 +228,15 @@ def train_run(
     gen = torch.Generator().manual_seed(_seed(tc.seed, 2))
     step, elapsed = 0, 0.0
     ckpt = checkpoint_path(run_dir, run_id)
+    if tc.init_from is not None and not ckpt.exists():  # fine-tuning: start from another run's weights
+        init = load_checkpoint(Path(tc.init_from))
+        if init["step"] < config_from_dict(init["config"]).train.steps:
+            raise ValueError(f"init_from checkpoint {tc.init_from!r} is of an unfinished run (step {init['step']})")
+        try:
+            model.load_state_dict(init["model"])
+        except RuntimeError as err:
+            raise ValueError(f"init_from checkpoint {tc.init_from!r} does not fit this model: "
+                             f"{str(err).splitlines()[0]}") from None  # fmt: skip
     if ckpt.exists():
         state = load_checkpoint(ckpt)
         if state["run_id"] != run_id or state["config"] != config.to_dict():

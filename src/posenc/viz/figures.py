@@ -1,0 +1,485 @@
+"""Matplotlib figures of the measurements in ``posenc.analysis`` (PNG or SVG).
+
+Every function returns a ``matplotlib.figure.Figure`` (no pyplot, no global state) with
+labelled axes, a colorbar where colours carry numbers, and a title. Figures that need an
+encoding which is not registered, or of another family, raise :class:`FigureUnavailable`
+with the reason. matplotlib is imported lazily, inside the functions.
+"""
+
+from __future__ import annotations
+
+import math
+import pathlib
+from typing import TYPE_CHECKING, Any
+
+import torch
+from einops import rearrange
+
+import posenc
+from posenc import analysis as A
+
+if TYPE_CHECKING:  # pragma: no cover
+    from matplotlib.figure import Figure
+
+
+class FigureUnavailable(ValueError):
+    """A figure cannot be drawn here (encoding not registered, or of another family)."""
+
+
+def _figure(w: float = 6.4, h: float = 4.8) -> Figure:
+    from matplotlib.figure import Figure
+
+    return Figure(figsize=(w, h), dpi=100, layout="constrained")
+
+
+def _probe(name: str, *, kinds: tuple[str, ...] | None = None, **kw: Any) -> A.Probe:
+    if name not in posenc.available():
+        raise FigureUnavailable(
+            f"encoding {name!r} is not registered (yet); registered: {', '.join(posenc.available())}"
+        )
+    probe = A.build(name, **kw)
+    if kinds is not None and probe.kind not in kinds:
+        raise FigureUnavailable(
+            f"this figure needs an encoding whose position signal is {' or '.join(kinds)}; "
+            f"{name!r} ({probe.family}) carries it as {probe.kind!r}"
+        )
+    return probe
+
+
+def save(fig: Figure, path: str | pathlib.Path) -> pathlib.Path:
+    """Write ``fig`` as PNG or SVG (by the file suffix); returns the path."""
+    path = pathlib.Path(path)
+    if path.suffix.lower() not in (".png", ".svg"):
+        raise ValueError(f"path must end in .png or .svg, got {str(path)!r}")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=120 if path.suffix.lower() == ".png" else None)
+    return path
+
+
+_SIGNAL = {
+    "vector": "PE(position)",
+    "rotation": "R(position) q  (fixed q, all heads)",
+    "bias": "bias(query = position, key = 0) per head",
+    "none": "nothing (no position signal)",
+}
+
+
+# -- the absolute story -------------------------------------------------------------------------
+def heatmap(name: str, *, horizon: int = 128, dim: int = 64, num_heads: int = 4, **params: Any) -> Figure:
+    """Position × dimension heatmap of the position signal."""
+    probe = _probe(name, dim=dim, num_heads=num_heads, max_len=max(horizon, 1), params=params or None)
+    sig = A.signature(probe, horizon).numpy()  # [horizon, F]
+    fig = _figure(7.0, 4.8)
+    ax = fig.add_subplot()
+    lim = float(abs(sig).max()) or 1.0
+    cmap, vmin = ("RdBu_r", -lim) if sig.min() < 0 else ("viridis", 0.0)
+    im = ax.imshow(sig.T, aspect="auto", origin="lower", cmap=cmap, vmin=vmin, vmax=lim, interpolation="nearest")
+    fig.colorbar(im, ax=ax, label="value")
+    ax.set_xlabel("position")
+    ax.set_ylabel("dimension" if probe.kind != "bias" else "head")
+    ax.set_title(f"{name}: {_SIGNAL[probe.kind]}")
+    return fig
+
+
+def similarity(name: str, *, horizon: int = 128, dim: int = 64, num_heads: int = 4, **params: Any) -> Figure:
+    """Position × position cosine similarity of the position signal."""
+    probe = _probe(name, dim=dim, num_heads=num_heads, max_len=max(horizon, 1), params=params or None)
+    sig = A.signature(probe, horizon).double()
+    unit = sig / sig.norm(dim=-1, keepdim=True).clamp_min(1e-12)
+    sim = (unit @ unit.T).numpy()  # [horizon, horizon]
+    fig = _figure(6.0, 5.0)
+    ax = fig.add_subplot()
+    im = ax.imshow(sim, origin="lower", cmap="RdBu_r", vmin=-1, vmax=1, interpolation="nearest")
+    fig.colorbar(im, ax=ax, label="cosine similarity")
+    ax.set_xlabel("position n")
+    ax.set_ylabel("position m")
+    period = A.uniqueness(probe, horizon).period
+    repeat = f"; repeats every {period} positions" if period else ""
+    ax.set_title(f"{name}: cosine similarity of positions{repeat}")
+    return fig
+
+
+def magnitude(names: list[str] | None = None, *, horizon: int = 256, dim: int = 32, num_heads: int = 2) -> Figure:
+    """‖PE(position)‖ / ‖typical token‖ for additive encodings (log scale)."""
+    names = [n for n in (names or posenc.available()) if n in posenc.available()]
+    fig = _figure(7.0, 4.5)
+    ax = fig.add_subplot()
+    drawn = 0
+    for n in names:
+        probe = A.build(n, dim=dim, num_heads=num_heads, max_len=horizon)
+        if probe.kind != "vector":
+            continue
+        m = A.magnitude(probe, horizon)
+        ax.plot(m.ratio.clamp_min(1e-3).numpy(), label=n)
+        drawn += 1
+    if not drawn:
+        raise FigureUnavailable(f"none of {names} is an additive encoding")
+    ax.axhline(1.0, color="black", ls="--", lw=1, label="token norm")
+    ax.set_yscale("log")
+    ax.set_xlabel("position")
+    ax.set_ylabel("‖PE(pos)‖ / ‖token embedding‖")
+    ax.set_title(f"Magnitude of additive encodings (dim={dim}, unit-variance tokens)")
+    ax.legend(fontsize=8)
+    return fig
+
+
+def distance(names: list[str] | None = None, *, max_distance: int = 256, dim: int = 32, num_heads: int = 2) -> Figure:
+    """Dependence on distance. Left, additive encodings: the mean cosine similarity of
+    PE(m) and PE(m + r) over m. Right, encodings acting on the scores (rotary, bias):
+    the score of an all-ones query at distance r from an all-ones key, minus its value
+    at r = 0 (RoFormer's decay picture; ALiBi's line; T5's steps)."""
+    names = [n for n in (names or posenc.available()) if n in posenc.available()]
+    fig = _figure(12.0, 4.6)
+    ax1, ax2 = fig.subplots(1, 2)
+    import matplotlib as mpl
+    from cycler import cycler
+
+    # 10 colours solid, then the same 10 dashed: 20 distinguishable lines per panel.
+    style = cycler(linestyle=["-", "--"]) * cycler(color=[mpl.colormaps["tab10"](i) for i in range(10)])
+    for ax in (ax1, ax2):
+        ax.set_prop_cycle(style)
+    left = right = 0
+    for n in names:
+        probe = A.build(n, dim=dim, num_heads=num_heads, max_len=2 * max_distance)
+        if probe.kind == "vector":
+            sig = A.signature(probe, 2 * max_distance).double()  # [2R, dim]
+            unit = sig / sig.norm(dim=-1, keepdim=True).clamp_min(1e-12)
+            cos = torch.stack(
+                [(unit[:max_distance] * unit[r : r + max_distance]).sum(-1).mean() for r in range(max_distance)]
+            )
+            ax1.plot(cos.numpy(), label=n)
+            left += 1
+        elif probe.kind != "none":
+            prof = A.distance_profile(probe, max_distance, draws=8)
+            ax2.plot(prof.distances.numpy(), (prof.ones_score - prof.ones_score[0]).numpy(), label=n)
+            right += 1
+    for ax, count, what in ((ax1, left, "additive"), (ax2, right, "rotary or bias")):
+        if count:
+            ax.legend(fontsize=8, ncol=2)
+        else:
+            ax.text(0.5, 0.5, f"no {what} encoding registered", ha="center", va="center", transform=ax.transAxes)
+    ax1.set_xlabel("distance r")
+    ax1.set_ylabel("mean over m of cos(PE(m), PE(m + r))")
+    ax1.set_title("additive: similarity of positions r apart")
+    ax2.set_xlabel("distance r = m − n (query at m, key at 0)")
+    ax2.set_ylabel("score(r) − score(0),  q = k = ones")
+    ax2.set_title("rotary and bias: score against distance")
+    fig.suptitle(f"Dependence on distance (dim={dim}, {num_heads} heads)")
+    return fig
+
+
+# -- relative and bias encodings ----------------------------------------------------------------
+def bias_matrix(name: str, *, length: int = 64, num_heads: int = 4, dim: int = 64, causal: bool = False) -> Figure:
+    """The bias matrices ``bias(m, n)`` of (up to four) heads of a bias encoding."""
+    probe = _probe(name, kinds=("bias",), dim=dim, num_heads=num_heads, causal=causal)
+    bias = A.bias_matrix(probe, length).numpy()  # [h, s, s]
+    heads = min(4, bias.shape[0])
+    fig = _figure(3.4 * heads + 0.8, 3.6)
+    axes = fig.subplots(1, heads, squeeze=False)[0]
+    finite = bias[abs(bias) != float("inf")]
+    vmin, vmax = (float(finite.min()), float(finite.max())) if finite.size else (0.0, 1.0)
+    for hd, ax in enumerate(axes):
+        im = ax.imshow(bias[hd], origin="upper", cmap="magma", vmin=vmin, vmax=vmax, interpolation="nearest")
+        ax.set_title(f"head {hd}")
+        ax.set_xlabel("key position n")
+        ax.set_ylabel("query position m")
+    fig.colorbar(im, ax=list(axes), label="bias added to the score")
+    fig.suptitle(f"{name}: bias(m, n){' (causal)' if causal else ''}")
+    return fig
+
+
+def buckets(name: str = "t5", *, length: int = 256, num_heads: int = 4, dim: int = 64, causal: bool = False) -> Figure:
+    """Which relative distances share a parameter: the bucket map of T5-style biases,
+    recovered from ``bias()`` alone (distances whose bias agrees in every head)."""
+    probe = _probe(name, kinds=("bias",), dim=dim, num_heads=num_heads, causal=causal)
+    bias = A.bias_matrix(probe, length)  # [h, s, s]
+    ids = bucket_ids(bias)  # [s, s], -1 where masked
+    n_buckets = int(ids.max()) + 1
+    fig = _figure(12.0, 4.6)
+    ax1, ax2 = fig.subplots(1, 2, width_ratios=[1, 1.5])
+    masked = ids.double().masked_fill(ids < 0, float("nan")).numpy()
+    im = ax1.imshow(masked, origin="upper", cmap="tab20b", interpolation="nearest")
+    fig.colorbar(im, ax=ax1, label="bucket (shared parameter) id")
+    ax1.set_xlabel("key position n")
+    ax1.set_ylabel("query position m")
+    ax1.set_title("bucket of each (m, n)")
+    d = torch.arange(length)
+    row_back, row_fwd = ids[length - 1, :].flip(0), ids[0, :]  # distance d back / forward
+    ax2.step(d.numpy(), row_back.numpy(), where="post", label="key d positions before the query")
+    if (row_fwd >= 0).all():
+        ax2.step(d.numpy(), row_fwd.numpy(), where="post", label="key d positions after the query")
+    md = next((v for k, v in probe.pe.params.asdict().items() if "max_distance" in k), None)
+    if isinstance(md, int):
+        ax2.axvline(md, color="black", ls="--", lw=1, label=f"max_distance = {md}")
+    ax2.set_xscale("symlog", linthresh=8)
+    ax2.set_xlim(0, length)
+    ax2.set_xlabel("distance d = |m − n|")
+    ax2.set_ylabel("bucket id")
+    ax2.set_title("bucket against distance: exact, then log-spaced, then one bucket")
+    ax2.legend(fontsize=8)
+    fig.suptitle(f"{name}: {n_buckets} distinct biases for {length} positions{' (causal)' if causal else ''}")
+    return fig
+
+
+def bucket_ids(bias: torch.Tensor, rtol: float = 1e-5) -> torch.Tensor:
+    """Bucket id of each (m, n) of a bias ``[h, s, s]``: entries whose bias agrees in
+    every head (to ``rtol`` of the largest) share an id; ids are numbered in order of
+    first appearance by relative distance ``n − m`` (most negative first); non-finite
+    (masked) entries get -1. Returns ``[s, s]`` int64."""
+    h, s, _ = bias.shape
+    flat = rearrange(bias, "h s t -> (s t) h").double()  # [s*s, h]
+    finite = torch.isfinite(flat).all(-1)  # [s*s]
+    ids = torch.full((s * s,), -1, dtype=torch.long)
+    if not finite.any():
+        return ids.view(s, s)
+    scale = max(float(flat[finite].abs().max()), 1e-12)
+    keys = torch.round(flat[finite] / (rtol * scale)).long()  # [N, h]
+    _, inverse = torch.unique(keys, dim=0, return_inverse=True)  # lexicographic ids [N]
+    rel = (torch.arange(s)[None, :] - torch.arange(s)[:, None]).flatten()[finite]  # n - m [N]
+    # Order of appearance: by n - m, then by flat index (stable sort).
+    rank = torch.empty_like(rel)
+    rank[torch.argsort(rel, stable=True)] = torch.arange(len(rel))
+    first = torch.full((int(inverse.max()) + 1,), len(rel), dtype=torch.long)
+    first = first.scatter_reduce(0, inverse, rank, reduce="amin")
+    relabel = torch.empty_like(first)
+    relabel[torch.argsort(first)] = torch.arange(len(first))
+    ids[finite] = relabel[inverse]
+    return ids.view(s, s)
+
+
+# -- rotary -------------------------------------------------------------------------------------
+def rotation(name: str = "rope", *, head_dim: int = 64, positions: int = 24) -> Figure:
+    """RoPE rotation diagram: a 2-D plane of the query rotates by ``pos * theta_i``;
+    the fastest, a middle and the slowest plane for positions ``0..positions-1``."""
+    probe = _probe(name, kinds=("rotation",), dim=head_dim, num_heads=1)
+    pairs = [p for p in A.rotation_pairs(probe) if p[1] >= 0]
+    if not pairs:
+        raise FigureUnavailable(f"{name!r} rotates no plane")
+    chosen = [pairs[0], pairs[len(pairs) // 2], pairs[-1]]
+    # The all-ones query: every plane starts at (1, 1) / sqrt(d), on the same circle.
+    q = torch.full((1, 1, positions, head_dim), 1.0 / math.sqrt(head_dim))  # [1, 1, s, d]
+    pos = torch.arange(positions)
+    q_rot = probe.pe.rotate(q, q, pos, pos)[0][0, 0]  # [s, d]
+    fig = _figure(13.0, 4.6)
+    axes = fig.subplots(1, 3)
+    import matplotlib as mpl
+
+    norm = mpl.colors.Normalize(0, positions - 1)
+    for ax, (i, j, ang, _) in zip(axes, chosen, strict=True):
+        x, y = q_rot[:, i].numpy(), q_rot[:, j].numpy()
+        radius = math.sqrt(2.0 / head_dim)
+        t = torch.linspace(0, 2 * math.pi, 200)
+        ax.plot((radius * t.cos()).numpy(), (radius * t.sin()).numpy(), color="0.85", lw=1, ls=":", zorder=0)
+        ax.plot(x, y, color="0.7", lw=1, zorder=1)
+        sc = ax.scatter(x, y, c=pos.numpy(), cmap="viridis", norm=norm, s=25, zorder=2)
+        ax.annotate("pos 0", (x[0], y[0]), fontsize=8, xytext=(4, 4), textcoords="offset points")
+        r = max(radius, float(abs(x).max()), float(abs(y).max())) * 1.25
+        ax.set_xlim(-r, r)
+        ax.set_ylim(-r, r)
+        ax.set_aspect("equal")
+        ax.axhline(0, color="0.6", lw=0.5)
+        ax.axvline(0, color="0.6", lw=0.5)
+        ax.set_xlabel(f"q[{i}]")
+        ax.set_ylabel(f"q[{j}]")
+        turns = positions * ang / (2 * math.pi)
+        ax.set_title(f"plane ({i}, {j}): θ = {ang:.3g} rad/pos\n{turns:.3g} turns in {positions} positions")
+    fig.colorbar(sc, ax=list(axes), label="position")
+    fig.suptitle(f"{name}: the query rotates in each plane with its own frequency (head_dim={head_dim})")
+    return fig
+
+
+def wavelengths(name: str = "rope", *, head_dim: int = 64, context: int = 2048) -> Figure:
+    """Wavelength ``2π / θ_i`` of each rotation plane against the trained context:
+    planes above the line never complete a turn within the context."""
+    probe = _probe(name, kinds=("rotation",), dim=head_dim, num_heads=1)
+    pairs = [p for p in A.rotation_pairs(probe) if p[1] >= 0 and p[2] > 0]
+    if not pairs:
+        raise FigureUnavailable(f"{name!r} rotates no plane")
+    lam = [2 * math.pi / a for *_, a, _ in pairs]
+    fig = _figure(7.0, 4.5)
+    ax = fig.add_subplot()
+    colors = ["tab:blue" if w <= context else "tab:red" for w in lam]
+    ax.scatter(range(len(lam)), lam, c=colors, s=18)
+    ax.axhline(context, color="black", ls="--", lw=1, label=f"context = {context}")
+    ax.set_yscale("log")
+    ax.set_xlabel("rotation plane i (fastest first)")
+    ax.set_ylabel("wavelength 2π/θ_i (positions)")
+    ax.set_title(f"{name}: {sum(w > context for w in lam)} of {len(lam)} planes never complete a turn")
+    ax.legend()
+    return fig
+
+
+SCALING_RULES: dict[str, dict[str, Any]] = {
+    "linear": {"rope_type": "linear"},
+    "dynamic": {"rope_type": "dynamic"},
+    "yarn": {"rope_type": "yarn"},
+    "llama3": {"rope_type": "llama3", "low_freq_factor": 1.0, "high_freq_factor": 4.0},
+}
+
+
+def scaling(*, head_dim: int = 128, base: float = 10000.0, factor: float = 8.0, original: int = 4096) -> Figure:
+    """Per-dimension frequency ratio ``inv_freq_scaled / inv_freq`` of each RoPE scaling
+    rule (``posenc.rope_frequencies``) at ``factor`` times the original context."""
+    freqs = getattr(posenc, "rope_frequencies", None)
+    if freqs is None:
+        raise FigureUnavailable("posenc.rope_frequencies is not available yet (the rotary issue is not merged)")
+    default, _ = freqs(head_dim, {"rope_type": "default", "rope_theta": base})
+    fig = _figure(8.0, 4.8)
+    ax = fig.add_subplot()
+    wl = (2 * math.pi / default.double()).numpy()
+    ax.plot(wl, [1.0] * len(wl), color="black", ls=":", label="default")
+    for rule, extra in SCALING_RULES.items():
+        params = {"rope_theta": base, "factor": factor, **extra}
+        kw: dict[str, Any] = {"max_position_embeddings": original}
+        if rule == "dynamic":
+            kw["seq_len"] = int(factor * original)  # NTK base grows with the current length
+        elif rule != "linear":
+            params["original_max_position_embeddings"] = original
+        inv, att = freqs(head_dim, params, **kw)
+        ax.plot(wl, (inv.double() / default.double()).numpy(), marker=".", label=f"{rule} (attention ×{att:.3g})")
+    ax.axvline(original, color="0.5", ls="--", lw=1, label=f"original context {original}")
+    ax.set_xscale("log")
+    ax.set_yscale("log")
+    ax.set_xlabel("original wavelength 2π/θ_i (positions)")
+    ax.set_ylabel("θ_i scaled / θ_i")
+    ax.set_title(f"RoPE scaling rules at factor {factor:g} (head_dim={head_dim}, base={base:g})")
+    ax.legend(fontsize=8)
+    return fig
+
+
+def decay(name: str = "rope", *, head_dim: int = 64, max_distance: int = 512) -> Figure:
+    """RoFormer's long-term-decay bound against the mean of random q·k (Barbero et al.)."""
+    probe = _probe(name, kinds=("rotation",), dim=head_dim, num_heads=1)
+    prof = A.distance_profile(probe, max_distance, draws=256)
+    fig = _figure(7.0, 4.5)
+    ax = fig.add_subplot()
+    d = prof.distances.numpy()
+    if prof.bound is not None:
+        ax.plot(d, prof.bound.numpy(), label="RoFormer bound (normalized)")
+    base = float(prof.mean_abs_score[0]) or 1.0
+    ax.plot(d, (prof.mean_abs_score / base).numpy(), label="mean |q·k|, random q, k (normalized)")
+    ax.plot(d, (prof.mean_score / base).numpy(), label="mean q·k, random q, k (normalized)")
+    ax.plot(d, (prof.ones_score / float(prof.ones_score[0])).numpy(), label="q = k = ones (normalized)", alpha=0.7)
+    ax.set_xlabel("distance m − n")
+    ax.set_ylabel("relative to distance 0")
+    ax.set_title(f"{name}: the bound decays; the mean of random q·k does not")
+    ax.legend(fontsize=8, loc="upper center", bbox_to_anchor=(0.5, -0.14), ncol=2)
+    return fig
+
+
+# -- trained models -----------------------------------------------------------------------------
+def attention(weights: torch.Tensor, *, title: str = "attention", tokens: list[str] | None = None) -> Figure:
+    """A grid of attention maps: ``weights [layers, h, s, s]`` (one sequence)."""
+    if weights.dim() != 4:
+        raise ValueError(f"weights must be [layers, h, s, s], got shape {tuple(weights.shape)}")
+    layers, heads = weights.shape[:2]
+    fig = _figure(2.4 * heads + 1.0, 2.4 * layers + 0.6)
+    axes = fig.subplots(layers, heads, squeeze=False)
+    for li in range(layers):
+        for hi in range(heads):
+            ax = axes[li][hi]
+            im = ax.imshow(weights[li, hi].numpy(), cmap="Blues", vmin=0, vmax=1, interpolation="nearest")
+            ax.set_title(f"layer {li} head {hi}", fontsize=9)
+            ax.set_xlabel("key", fontsize=8)
+            ax.set_ylabel("query", fontsize=8)
+            ax.tick_params(labelsize=7)
+    fig.colorbar(im, ax=axes.ravel().tolist(), label="attention probability")
+    fig.suptitle(title)
+    return fig
+
+
+def trained_attention(encoding: str = "sinusoidal", *, steps: int = 300, half: int = 16, seed: int = 0) -> Figure:
+    """Attention maps of a tiny causal LM trained ``steps`` steps on the copy task."""
+    from posenc.analysis.attention import attention_weights, copy_batch, train_tiny
+
+    if encoding not in posenc.available():
+        raise FigureUnavailable(f"encoding {encoding!r} is not registered (yet)")
+    model, loss = train_tiny(encoding, steps=steps, half=half, seed=seed)
+    seq = copy_batch(1, half, model.config.vocab_size, torch.Generator().manual_seed(seed + 1))[:, :-1]
+    w = attention_weights(model, seq)[:, 0]  # [layers, h, s, s]
+    return attention(w, title=f"{encoding}: tiny LM after {steps} steps on copy (loss {loss:.2f})")
+
+
+def checkpoint_attention(checkpoint: str, *, length: int | None = None, seed: int = 0) -> Figure:
+    """Attention maps of a model trained by ``posenc train``/``posenc study`` (its
+    checkpoint ``.pt``) on one example of its own task at ``length`` (default: the
+    trained length)."""
+    import pathlib
+
+    from posenc.analysis.attention import attention_weights
+    from posenc.experiments.train import load_trained
+
+    if not pathlib.Path(checkpoint).is_file():
+        raise FileNotFoundError(f"no checkpoint at {checkpoint!r}")
+    config, model, setup = load_trained(checkpoint)
+    n = length or config.task.train_length
+    gen = torch.Generator().manual_seed(seed)
+    if setup.task is not None:
+        tokens = setup.task.sample(n, 1, gen).tokens[:, :-1]  # [1, s] (the last token is only a target)
+    else:
+        tokens = setup.corpus.sample(n, 1, gen)[:, :-1]  # [1, n]
+    w = attention_weights(model, tokens)[:, 0]  # [layers, h, s, s]
+    return attention(w, title=f"{pathlib.Path(checkpoint).stem}: attention at length {n}")
+
+
+KINDS = {
+    "heatmap": heatmap,
+    "similarity": similarity,
+    "bias": bias_matrix,
+    "buckets": buckets,
+    "rotation": rotation,
+    "wavelengths": wavelengths,
+    "decay": decay,
+    "attention": trained_attention,
+}
+GLOBAL_KINDS = {"magnitude": magnitude, "distance": distance, "scaling": scaling}
+
+
+def plot(name: str, kind: str, **kwargs: Any) -> Figure:
+    """The figure ``kind`` of encoding ``name`` (``name`` is ignored by the global kinds
+    magnitude/distance/scaling, which draw every registered encoding or rule; for kind
+    ``attention`` a checkpoint path draws that trained model)."""
+    if kind == "attention" and name.endswith(".pt"):
+        return checkpoint_attention(name, **kwargs)
+    if kind in GLOBAL_KINDS:
+        if kind == "scaling":
+            return scaling(**kwargs)
+        return GLOBAL_KINDS[kind]([name] if name not in ("all", "") else None, **kwargs)
+    if kind not in KINDS:
+        raise ValueError(f"unknown kind {kind!r}; kinds: {sorted([*KINDS, *GLOBAL_KINDS])}")
+    return KINDS[kind](name, **kwargs)
+
+
+def pretrained(model_dir: str | None = None, *, name: str | None = None, horizon: int | None = None) -> Figure:
+    """A pretrained model's learned position table: norms against the mean token norm,
+    and the position × position cosine similarity (default model: all-MiniLM-L6-v2)."""
+    from posenc.analysis import pretrained as P
+
+    try:
+        path = P.minilm_dir() if model_dir is None else model_dir
+    except FileNotFoundError as err:
+        raise FigureUnavailable(str(err)) from None
+    info = P.load_positions(path)
+    if info.kind != "learned" or info.table is None:
+        raise FigureUnavailable(f"{path} uses {info.kind!r} positions, not a learned table")
+    label = name or ("all-MiniLM-L6-v2" if model_dir is None else str(info.model_dir.name))
+    table = info.table.double()[: horizon or None]  # [s, dim]
+    norms = table.norm(dim=-1)
+    unit = table / norms[:, None].clamp_min(1e-12)
+    fig = _figure(13.0, 4.8)
+    ax1, ax2 = fig.subplots(1, 2, width_ratios=[1.3, 1])
+    ax1.plot(norms.numpy(), label="‖PE(pos)‖")
+    if info.token_norm is not None:
+        ax1.axhline(info.token_norm, color="black", ls="--", lw=1, label=f"mean token norm {info.token_norm:.3g}")
+    ax1.set_xlabel("position")
+    ax1.set_ylabel("norm")
+    ax1.set_yscale("log")
+    ax1.set_title(f"norms of the {table.shape[0]} learned position vectors (dim {table.shape[1]})")
+    ax1.legend()
+    im = ax2.imshow((unit @ unit.T).numpy(), origin="lower", cmap="RdBu_r", vmin=-1, vmax=1, interpolation="nearest")
+    fig.colorbar(im, ax=ax2, label="cosine similarity")
+    ax2.set_xlabel("position n")
+    ax2.set_ylabel("position m")
+    ax2.set_title("cos(PE(m), PE(n))")
+    fig.suptitle(f"{label}: learned absolute position embeddings ({info.tensor_name})")
+    return fig
