@@ -282,6 +282,7 @@ def test_load_config_yaml_and_study_plan(tmp_path):
 def test_cli_study_end_to_end(tmp_path):
     out = tmp_path / "study"
     args = ["study", "--preset", "smoke", "--encodings", "sinusoidal,none", "--tasks", "copy", "--out", str(out)]
+    args.append("--no-report")  # the HTML report has its own tests (tests/test_report.py)
     code, text = _cli(args)
     assert code == 0, text
     recs = read_results(out)
@@ -290,6 +291,11 @@ def test_cli_study_end_to_end(tmp_path):
     assert "copy: exact match by length" in (out / "results.md").read_text()
     code, text = _cli(args)  # re-run: everything skipped, same file
     assert code == 0 and len(read_results(out)) == 2
+    (out / "results.md").unlink()
+    code, text = _cli(["study", "--summarize-only", "--no-report", "--out", str(out)])
+    assert code == 0 and (out / "results.md").exists() and len(read_results(out)) == 2
+    code, text = _cli(["study", "--summarize-only", "--no-report", "--out", str(tmp_path / "empty")])
+    assert code == 2 and "no results" in text
 
 
 @pytest.mark.parametrize("encoding", ["sinusoidal", "learned", "none", "normalized"])
@@ -343,3 +349,13 @@ def test_documented_configs_load():
     # The documented copy config is exactly one run of the quick preset.
     quick, _ = plan_study("quick", encodings=["sinusoidal"], tasks=["copy"])
     assert configs["copy_sinusoidal"] == quick[0]
+
+
+def test_unbuildable_preset_encoding_is_left_out_with_reason_but_named_one_is_an_error():
+    # rope2d needs grid_width (a 2-D grid), which no sequence preset gives it.
+    configs, left_out = plan_study("full", tasks=["copy"], seeds=[0])
+    assert "rope2d" not in [c.encoding_label for c in configs]
+    assert any(m.startswith("rope2d (") and "grid_width" in m for m in left_out)
+    assert "sinusoidal+randpos" in [c.encoding_label for c in configs]
+    with pytest.raises(ValueError, match="encoding 'rope2d' cannot be built for task 'copy'"):
+        plan_study("quick", encodings=["rope2d"], tasks=["copy"])

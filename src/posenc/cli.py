@@ -197,6 +197,16 @@ def evaluate(
     _print_tables([record])
 
 
+def _print_outputs(run_dir, outputs) -> None:
+    console.print(f"results: {run_dir / 'results.jsonl'}")
+    console.print(f"tables: {outputs['markdown']}")
+    console.print(f"plots: {run_dir / 'plots'} ({len(outputs['plots'])} files)")
+    if outputs["report"] is None:
+        console.print("no report.html written (--no-report, or posenc.viz.report is not installed)")
+    else:
+        console.print(f"report: {outputs['report']}")
+
+
 @app.command("study")
 def study(
     preset: str = typer.Option("quick", "--preset", help="quick (the default, ~15 min on 2 CPU cores) or full"),
@@ -207,6 +217,10 @@ def study(
     text_path: str = typer.Option(None, "--text", help="file or folder for task 'text'"),
     out: str = typer.Option(None, "--out", help="run folder (default runs/<preset>)"),
     threads: int = typer.Option(None, "--threads", help="torch threads (default min(2, cores))"),
+    no_report: bool = typer.Option(False, "--no-report", help="skip report.html (tables and plots only)"),
+    summarize_only: bool = typer.Option(
+        False, "--summarize-only", help="train nothing: tables, plots and report from the finished runs in --out"
+    ),
 ) -> None:
     """Train encodings x tasks x seeds (skipping finished runs), then write tables, plots
     and the HTML report into the run folder. Under torchrun the runs are sharded across
@@ -214,6 +228,7 @@ def study(
     from pathlib import Path
 
     from posenc.experiments import distributed as pd
+    from posenc.experiments.results import read_results
     from posenc.experiments.study import plan_study, run_study, write_outputs
 
     try:
@@ -230,8 +245,18 @@ def study(
     except (ValueError, TypeError) as err:
         raise _fail(err) from None
     run_dir = Path(out) if out else Path("runs") / preset
+    if summarize_only:
+        try:
+            outputs = write_outputs(run_dir, report=not no_report)
+        except (ValueError, TypeError) as err:
+            raise _fail(err) from None
+        _print_tables(read_results(run_dir))
+        _print_outputs(run_dir, outputs)
+        return
     if missing:
-        console.print(f"[yellow]note:[/yellow] not registered in this installation, left out: {', '.join(missing)}")
+        console.print(
+            f"[yellow]note:[/yellow] left out (not registered, or not buildable at this size): {'; '.join(missing)}"
+        )
     if os.environ.get("RANK", "0") == "0":  # once under torchrun
         console.print(f"study {preset!r}: {len(configs)} runs into {run_dir}")
     ctx = None
@@ -270,7 +295,7 @@ def study(
             console.print(f"rank {ctx.rank}/{ctx.world_size}: {len(records)} runs done; rank 0 writes the outputs")
             return
         _print_tables(records)
-        outputs = write_outputs(run_dir)
+        outputs = write_outputs(run_dir, report=not no_report)
     except (ValueError, TypeError, FloatingPointError) as err:
         raise _fail(err, ctx) from None
     except pd.DistributedError as err:
@@ -281,13 +306,7 @@ def study(
         raise typer.Exit(130) from None
     finally:
         pd.shutdown()
-    console.print(f"results: {run_dir / 'results.jsonl'}")
-    console.print(f"tables: {outputs['markdown']}")
-    console.print(f"plots: {run_dir / 'plots'} ({len(outputs['plots'])} files)")
-    if outputs["report"] is None:
-        console.print("[yellow]note:[/yellow] posenc.viz.report is not installed yet: no report.html written")
-    else:
-        console.print(f"report: {outputs['report']}")
+    _print_outputs(run_dir, outputs)
 
 
 # -- evidence: analyze, plot, report (issue 5) ---------------------------------------------------

@@ -22,7 +22,7 @@ from posenc.experiments.config import TASKS, RunConfig, config_from_dict
 from posenc.experiments.results import read_results
 from posenc.experiments.summary import tables, to_markdown
 from posenc.experiments.train import StepCallback, train_run
-from posenc.registry import available
+from posenc.registry import available, create_for_model
 
 CLASSIC = ("integer", "normalized", "binary", "sine", "sinusoidal", "t5", "rope")
 QUICK_ENCODINGS = (*CLASSIC, "learned", "alibi", "none")
@@ -34,7 +34,7 @@ RANDPOS = "+randpos"
 _QUICK_SYNTHETIC = {
     "task": {"train_length": 16, "num_symbols": 16, "eval_samples": 64},
     "model": {"dim": 64, "num_layers": 2, "num_heads": 4},
-    "train": {"steps": 3000, "batch_size": 32, "lr": 3e-3, "warmup": 100},
+    "train": {"steps": 3000, "batch_size": 64, "lr": 3e-3, "warmup": 100},
 }
 _QUICK_LM = {
     "task": {"train_length": 64},
@@ -114,8 +114,10 @@ def plan_study(
     text_path: str | None = None,
     threads: int | None = None,
 ) -> tuple[list[RunConfig], list[str]]:
-    """The runs of a study and the preset encodings left out because they are not
-    registered in this installation (only possible without ``encodings``)."""
+    """The runs of a study, and the preset encodings left out (only without
+    ``encodings``): those not registered in this installation, and those that cannot be
+    built at the preset's model sizes (with the reason). Encodings named in
+    ``encodings`` are never left out: a bad one is an error."""
     all_presets = presets()
     if preset not in all_presets:
         raise ValueError(f"unknown preset {preset!r}; available: {sorted(all_presets)}")
@@ -140,6 +142,7 @@ def plan_study(
     if not seed_list:
         raise ValueError("no seeds to study")
     configs = []
+    unbuildable: dict[str, str] = {}
     for task in task_names:
         base = p.synthetic if task in SYNTHETIC_TASKS else p.lm
         for name, rand in parsed:
@@ -154,8 +157,27 @@ def plan_study(
                     d["train"]["steps"] = steps
                 if threads is not None:
                     d["train"]["threads"] = threads
-                configs.append(config_from_dict(d))
+                cfg = config_from_dict(d)
+                err = _build_error(cfg)
+                if err is not None:
+                    if encodings is not None:  # asked for by name: an error, not a silent skip
+                        raise ValueError(f"encoding {name!r} cannot be built for task {task!r}: {err}")
+                    unbuildable.setdefault(cfg.encoding_label, err)
+                    continue
+                configs.append(cfg)
+    missing += [f"{label} ({err})" for label, err in unbuildable.items()]
     return configs, missing
+
+
+def _build_error(cfg: RunConfig) -> str | None:
+    """Why the encoding of ``cfg`` cannot be built at the run's model sizes, or ``None``."""
+    m = cfg.model
+    try:
+        create_for_model(m.encoding, dict(m.encoding_params), dim=m.dim, num_heads=m.num_heads,
+                         head_dim=m.dim // m.num_heads, max_len=None, causal=True)  # fmt: skip
+    except (ValueError, TypeError) as err:
+        return str(err)
+    return None
 
 
 def run_study(
@@ -186,7 +208,9 @@ def report_available() -> bool:
     return importlib.util.find_spec("posenc.viz.report") is not None
 
 
-def write_outputs(run_dir: str | Path, records: list[dict[str, Any]] | None = None) -> dict[str, Any]:
+def write_outputs(
+    run_dir: str | Path, records: list[dict[str, Any]] | None = None, *, report: bool = True
+) -> dict[str, Any]:
     """Markdown tables (``results.md``), plots (``plots/*.png``) and, when
     ``posenc.viz.report`` exists, ``report.html``. Returns the paths written."""
     from posenc.viz.study import plot_study
@@ -200,7 +224,7 @@ def write_outputs(run_dir: str | Path, records: list[dict[str, Any]] | None = No
     md += [f"![{p.stem}](plots/{p.name})" for p in plots]
     (run_dir / "results.md").write_text("\n".join(md) + "\n", encoding="utf-8")
     out: dict[str, Any] = {"markdown": run_dir / "results.md", "plots": plots, "report": None}
-    if report_available():
+    if report and report_available():
         from posenc.viz.report import write_report
 
         write_report(run_dir / "report.html", study_dir=run_dir)

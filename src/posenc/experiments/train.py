@@ -194,6 +194,12 @@ def evaluate_model(model: nn.Module, s: Setup) -> list[dict[str, Any]]:
                              seed=s.config.train.seed)  # fmt: skip
 
 
+def _without_threads(d: dict[str, Any]) -> dict[str, Any]:
+    """A config dict without ``train.threads`` (speed only; a run may resume with other threads,
+    though bitwise-equal metrics are only promised for the same thread count)."""
+    return {**d, "train": {k: v for k, v in d["train"].items() if k != "threads"}}
+
+
 def default_threads() -> int:
     return max(1, min(2, os.cpu_count() or 1))
 
@@ -239,7 +245,7 @@ def train_run(
                              f"{str(err).splitlines()[0]}") from None  # fmt: skip
     if ckpt.exists():
         state = load_checkpoint(ckpt)
-        if state["run_id"] != run_id or state["config"] != config.to_dict():
+        if state["run_id"] != run_id or _without_threads(state["config"]) != _without_threads(config.to_dict()):
             raise ValueError(f"checkpoint {str(ckpt)!r} belongs to a different config; delete it to restart")
         model.load_state_dict(state["model"])
         opt.load_state_dict(state["optimizer"])
