@@ -47,3 +47,10 @@ format: install-dev
 
 clean:
 	rm -rf $(VENV) runs .pytest_cache
+
+# Speed benchmarks against peers (docs/performance.md); minutes on 2 cores.
+.PHONY: bench
+bench: $(VENV)/.created
+	$(PIP) install --quiet -e ".[bench]"
+	$(PY) benchmarks/rope.py
+	$(PY) benchmarks/train_throughput.py

@@ -156,6 +156,12 @@ def test_cli_extend_tiny_writes_outputs(tmp_path):
     assert [cap for cap, _ in sec["figures"]] == ["copy: each rule against evaluation length"]
     with pytest.raises(ValueError, match="does not exist"):
         report_section(tmp_path / "nope.json")
+    html_path = tmp_path / "report.html"
+    report_args = ["report", "-o", str(html_path), "--encodings", "rope", "--attention-steps", "0"]
+    code, output = _cli([*report_args, "--no-pretrained", "--extension", str(out / "extension.json")])
+    assert code == 0, output
+    html = html_path.read_text()
+    assert "copy: each rule against evaluation length" in html and html.count("data:image/png;base64") >= 1
     # running again reuses every finished run (nothing retrained) and gives the same numbers
     code, _ = _cli(args)
     assert code == 0

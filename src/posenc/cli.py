@@ -418,16 +418,25 @@ def report(
     encodings: str = typer.Option(None, help="comma-separated encodings (default: every registered one)"),
     attention_steps: int = typer.Option(300, help="training steps of the tiny models behind the attention maps"),
     no_pretrained: bool = typer.Option(False, "--no-pretrained", help="leave out the all-MiniLM-L6-v2 section"),
+    extension: str = typer.Option(
+        None, "--extension", help="an extension.json written by `posenc extend` (adds its section)"
+    ),
 ) -> None:
     """Write one self-contained HTML report (report card, figures, study results)."""
     from posenc.viz.report import write_report
 
     names = [n.strip() for n in encodings.split(",") if n.strip()] if encodings else None
     try:
+        extra = []
+        if extension:
+            from posenc.viz.extension import report_section
+
+            extra.append(report_section(extension))
         with console.status("writing the report") as status:
             path = write_report(
                 output,
                 study_dir=study,
+                extra_sections=extra,
                 encodings=names,
                 attention_steps=attention_steps,
                 pretrained=not no_pretrained,

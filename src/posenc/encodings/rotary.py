@@ -25,6 +25,7 @@ import torch
 from posenc.base import Params, PositionalEncoding
 from posenc.functional import rope as R
 from posenc.functional.checks import check_positions, check_positions_match, one_of, positive_float, positive_int
+from posenc.functional.rope_fast import apply_rotary
 from posenc.functional.rope_scaling import RopeConfig, frequencies, parse_rope_parameters
 from posenc.registry import register
 
@@ -174,10 +175,12 @@ class _Rotary(PositionalEncoding):
         length = self._check(q, k, q_positions, k_positions)
         dt = self._cache_dtype(q)
         cq, sq = self.cos_sin(q_positions.to(q.device), length, dt)  # [(b,) s_q, r/2]
-        ck, sk = self.cos_sin(k_positions.to(k.device), length, dt)  # [(b,) s_k, r/2]
-        q = R.apply_rope(q, _heads(cq, q_positions), _heads(sq, q_positions), self.layout)
-        k = R.apply_rope(k, _heads(ck, k_positions), _heads(sk, k_positions), self.layout)
-        return q, k
+        if k_positions is q_positions:  # no cache: one table for both
+            ck = sk = None
+        else:
+            ck, sk = self.cos_sin(k_positions.to(k.device), length, dt)  # [(b,) s_k, r/2]
+        # The fast path (functional/rope_fast.py): q and k in one call, compiled per shape.
+        return apply_rotary(q, k, cq, sq, k_cos=ck, k_sin=sk, layout=self.layout, rotary_dim=self.cfg.rotary_dim)
 
 
 # -- rope ------------------------------------------------------------------------------
@@ -388,14 +391,15 @@ class XPos(_Rotary):
                 f"xpos: positions span {lo}..{length - 1}, too wide for {q.dtype} (max half-range {limit:.0f} "
                 f"with scale_base={p.scale_base}); use a wider dtype or a larger scale_base"
             )
-        out = []
+        tables = []
         for x, pos, up in ((q, q_positions, True), (k, k_positions, False)):
             pos = pos.to(x.device)
             c, s = self.cos_sin(pos, length, dt)  # [(b,) s, d/2]
             scale_q, scale_k = R.xpos_scales(pos, zeta, p.scale_base, center)
             scale = (scale_q if up else scale_k).to(dt)
-            out.append(R.apply_rope(x, _heads(c * scale, pos), _heads(s * scale, pos), self.layout))
-        return out[0], out[1]
+            tables.append((c * scale, s * scale))  # scaled rotation: [(b,) s, d/2] each
+        (cq, sq), (ck, sk) = tables
+        return apply_rotary(q, k, cq, sq, k_cos=ck, k_sin=sk, layout=self.layout, rotary_dim=self.cfg.rotary_dim)
 
 
 # -- rope2d ----------------------------------------------------------------------------

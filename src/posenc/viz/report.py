@@ -229,7 +229,9 @@ def _extra(section: dict[str, Any], index: int) -> dict[str, Any]:
     unknown = set(section) - {"title", "text", "tables", "plotly", "figures"}
     if unknown:
         raise ValueError(f"extra_sections[{index}] has unknown keys {sorted(unknown)}")
-    figures = [{"kind": "png", "caption": cap, "src": _png(fig)} for cap, fig in section.get("figures", [])]
+    figures = [
+        {"kind": "png", "caption": cap, "src": _png(fig), "command": None} for cap, fig in section.get("figures", [])
+    ]
     plots = [{"caption": cap, "fig": fig} for cap, fig in section.get("plotly", [])]
     return {
         "title": section["title"],
