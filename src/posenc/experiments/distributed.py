@@ -214,7 +214,7 @@ def _same_everywhere(ctx: DistContext, value: str, what: str) -> None:
 def _rank0_decides(ctx: DistContext, run_dir: Path, config: RunConfig) -> tuple[str, Any]:
     """On rank 0: ("done", record) | ("resume", checkpoint state) | ("fresh", None) |
     ("error", message); broadcast to every rank."""
-    from posenc.experiments.train import checkpoint_path, load_checkpoint
+    from posenc.experiments.train import check_checkpoint_config, checkpoint_path, load_checkpoint
 
     decision: tuple[str, Any] = ("fresh", None)
     if ctx.is_main:
@@ -225,8 +225,7 @@ def _rank0_decides(ctx: DistContext, run_dir: Path, config: RunConfig) -> tuple[
                 decision = ("done", done)
             elif ckpt.exists():
                 state = load_checkpoint(ckpt)
-                if state["run_id"] != config.run_id or state["config"] != config.to_dict():
-                    raise ValueError(f"checkpoint {str(ckpt)!r} belongs to a different config; delete it to restart")
+                check_checkpoint_config(state, config, ckpt)
                 decision = ("resume", state)
         except ValueError as err:
             decision = ("error", str(err))

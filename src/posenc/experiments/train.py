@@ -166,6 +166,18 @@ def save_checkpoint(path: Path, state: dict[str, Any]) -> None:
     atomic_write_bytes(path, buf.getvalue())
 
 
+def check_checkpoint_config(state: dict[str, Any], config: RunConfig, ckpt: Path) -> None:
+    """A checkpoint resumes only the run it was written for: same run id and config
+    (normalized through the dataclasses, so fields added since with their defaults
+    compare equal; the thread count may differ)."""
+    try:
+        saved = config_from_dict(state["config"]).to_dict()
+    except (ValueError, TypeError) as err:
+        raise ValueError(f"checkpoint {str(ckpt)!r} has an invalid config ({err}); delete it to restart") from None
+    if state["run_id"] != config.run_id or _without_threads(saved) != _without_threads(config.to_dict()):
+        raise ValueError(f"checkpoint {str(ckpt)!r} belongs to a different config; delete it to restart")
+
+
 def load_checkpoint(path: Path) -> dict[str, Any]:
     """Load with ``weights_only=True``; a truncated or foreign file is a ``ValueError``."""
     if not Path(path).is_file():
@@ -245,12 +257,7 @@ def train_run(
                              f"{str(err).splitlines()[0]}") from None  # fmt: skip
     if ckpt.exists():
         state = load_checkpoint(ckpt)
-        try:  # normalized through the dataclasses, so fields added since (with defaults) compare equal
-            saved = config_from_dict(state["config"]).to_dict()
-        except (ValueError, TypeError) as err:
-            raise ValueError(f"checkpoint {str(ckpt)!r} has an invalid config ({err}); delete it to restart") from None
-        if state["run_id"] != run_id or _without_threads(saved) != _without_threads(config.to_dict()):
-            raise ValueError(f"checkpoint {str(ckpt)!r} belongs to a different config; delete it to restart")
+        check_checkpoint_config(state, config, ckpt)
         model.load_state_dict(state["model"])
         opt.load_state_dict(state["optimizer"])
         gen.set_state(state["rng"]["data"])
