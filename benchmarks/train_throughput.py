@@ -86,7 +86,7 @@ def make_step(model: torch.nn.Module, tokens: torch.Tensor, targets: torch.Tenso
         loss.backward()
         opt.step()
         opt.zero_grad(set_to_none=True)
-        return float(loss)
+        return float(loss.detach())
 
     return step
 
