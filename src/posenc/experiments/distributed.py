@@ -52,7 +52,6 @@ from posenc.experiments.results import (
     append_result,
     atomic_write_bytes,
     find_result,
-    git_commit,
     read_results,
 )
 
@@ -259,13 +258,14 @@ def train_distributed(
     steps, loss)`` receives the global mean loss of the step."""
     from posenc.experiments.evaluate import _seed
     from posenc.experiments.train import (
-        CHECKPOINT_FORMAT,
         _batch,
         _lr,
         build_model,
         checkpoint_path,
+        checkpoint_state,
         default_threads,
         evaluate_model,
+        result_record,
         save_checkpoint,
         setup,
     )
@@ -300,16 +300,7 @@ def train_distributed(
     ddp = _wrap(model, ctx)
 
     def snapshot() -> dict[str, Any]:
-        return {
-            "format": CHECKPOINT_FORMAT,
-            "run_id": config.run_id,
-            "config": config.to_dict(),
-            "step": step,
-            "model": {k: v.cpu() for k, v in model.state_dict().items()},
-            "optimizer": opt.state_dict(),
-            "rng": {"data": gen.get_state(), "torch": torch.get_rng_state()},
-            "elapsed": elapsed + (time.perf_counter() - start),
-        }
+        return checkpoint_state(config, step, model, opt, gen, elapsed + (time.perf_counter() - start))
 
     start = time.perf_counter()
     ddp.train()
@@ -345,18 +336,7 @@ def train_distributed(
             on_step(step, tc.steps, float(global_loss))
 
     metrics = evaluate_model(model.cpu().eval(), s)  # every rank: identical models, no collective
-    record = {
-        "run_id": config.run_id,
-        "task": config.task.label,
-        "encoding": config.encoding_label,
-        "seed": tc.seed,
-        "train_length": config.task.train_length,
-        "config": config.to_dict(),
-        "git_commit": git_commit(),
-        "torch_version": torch.__version__,
-        "wall_time_s": round(elapsed + time.perf_counter() - start, 3),
-        "metrics": metrics,
-    }
+    record = result_record(config, metrics, elapsed + time.perf_counter() - start)
     if ctx.is_main:
         append_result(run_dir, record)
     return record, False

@@ -166,6 +166,38 @@ def save_checkpoint(path: Path, state: dict[str, Any]) -> None:
     atomic_write_bytes(path, buf.getvalue())
 
 
+def checkpoint_state(
+    config: RunConfig, step: int, model: nn.Module, opt: torch.optim.Optimizer, gen: torch.Generator, elapsed: float
+) -> dict[str, Any]:
+    """Everything a run needs to resume exactly (weights on the CPU, optimizer, RNGs)."""
+    return {
+        "format": CHECKPOINT_FORMAT,
+        "run_id": config.run_id,
+        "config": config.to_dict(),
+        "step": step,
+        "model": {k: v.cpu() for k, v in model.state_dict().items()},
+        "optimizer": opt.state_dict(),
+        "rng": {"data": gen.get_state(), "torch": torch.get_rng_state()},
+        "elapsed": elapsed,
+    }
+
+
+def result_record(config: RunConfig, metrics: list[dict[str, Any]], wall_time_s: float) -> dict[str, Any]:
+    """One ``results.jsonl`` line (the schema in ``results.py``)."""
+    return {
+        "run_id": config.run_id,
+        "task": config.task.label,
+        "encoding": config.encoding_label,
+        "seed": config.train.seed,
+        "train_length": config.task.train_length,
+        "config": config.to_dict(),
+        "git_commit": git_commit(),
+        "torch_version": torch.__version__,
+        "wall_time_s": round(wall_time_s, 3),
+        "metrics": metrics,
+    }
+
+
 def check_checkpoint_config(state: dict[str, Any], config: RunConfig, ckpt: Path) -> None:
     """A checkpoint resumes only the run it was written for: same run id and config
     (normalized through the dataclasses, so fields added since with their defaults
@@ -265,16 +297,7 @@ def train_run(
         step, elapsed = int(state["step"]), float(state["elapsed"])
 
     def snapshot() -> dict[str, Any]:
-        return {
-            "format": CHECKPOINT_FORMAT,
-            "run_id": run_id,
-            "config": config.to_dict(),
-            "step": step,
-            "model": model.state_dict(),
-            "optimizer": opt.state_dict(),
-            "rng": {"data": gen.get_state(), "torch": torch.get_rng_state()},
-            "elapsed": elapsed + (time.perf_counter() - start),
-        }
+        return checkpoint_state(config, step, model, opt, gen, elapsed + (time.perf_counter() - start))
 
     start = time.perf_counter()
     model.train()
@@ -299,18 +322,7 @@ def train_run(
             on_step(step, tc.steps, float(loss.detach()))
 
     metrics = evaluate_model(model, s)
-    record = {
-        "run_id": run_id,
-        "task": config.task.label,
-        "encoding": config.encoding_label,
-        "seed": tc.seed,
-        "train_length": config.task.train_length,
-        "config": config.to_dict(),
-        "git_commit": git_commit(),
-        "torch_version": torch.__version__,
-        "wall_time_s": round(elapsed + time.perf_counter() - start, 3),
-        "metrics": metrics,
-    }
+    record = result_record(config, metrics, elapsed + time.perf_counter() - start)
     append_result(run_dir, record)
     return record, False
 
