@@ -32,9 +32,9 @@ RANDPOS = "+randpos"
 # for why these values: the quick preset must fit 15 minutes on 2 CPU cores and still
 # learn copy in distribution (exact match >= 0.95 for sinusoidal, rope, alibi, t5).
 _QUICK_SYNTHETIC = {
-    "task": {"train_length": 16, "num_symbols": 16, "eval_samples": 64},
+    "task": {"train_length": 8, "num_symbols": 32, "eval_samples": 64},
     "model": {"dim": 64, "num_layers": 2, "num_heads": 4},
-    "train": {"steps": 3000, "batch_size": 64, "lr": 3e-3, "warmup": 100},
+    "train": {"steps": 4000, "batch_size": 64, "lr": 3e-3, "warmup": 100},
 }
 _QUICK_LM = {
     "task": {"train_length": 64},
