@@ -63,6 +63,18 @@ def show(name: str = typer.Argument(..., help="a registered encoding name")) -> 
 # progress bars and printing. Bad input is one red line and exit code 2 (no traceback).
 
 
+def _harness_exit(err: BaseException, ctx, interrupted_hint: str) -> typer.Exit:
+    """The exit of `train`/`study` for an error: one red line (code 2), a lost rank
+    (code 3) or Ctrl-C (code 130, with how to resume)."""
+    from posenc.experiments.distributed import DistributedError
+
+    if isinstance(err, KeyboardInterrupt):
+        console.print(f"[yellow]interrupted[/yellow]: {interrupted_hint}")
+        return typer.Exit(130)
+    exit_ = _fail(err, ctx)
+    return typer.Exit(3) if isinstance(err, DistributedError) else exit_
+
+
 def _fail(err: BaseException, ctx=None) -> typer.Exit:
     where = "" if ctx is None else f" (rank {ctx.rank}/{ctx.world_size})"
     console.print(f"[red]error{where}:[/red] {err}", highlight=False, soft_wrap=True)
@@ -150,14 +162,8 @@ def train(
                 record, skipped = train_run(cfg, out, on_step=on_step)
             else:
                 record, skipped = pd.train_distributed(cfg, out, ctx, on_step=on_step)
-    except (ValueError, TypeError, FloatingPointError) as err:
-        raise _fail(err, ctx) from None
-    except pd.DistributedError as err:
-        _fail(err, ctx)
-        raise typer.Exit(3) from None
-    except KeyboardInterrupt:
-        console.print("[yellow]interrupted[/yellow]: run the same command again to resume from the checkpoint")
-        raise typer.Exit(130) from None
+    except (ValueError, TypeError, FloatingPointError, pd.DistributedError, KeyboardInterrupt) as err:
+        raise _harness_exit(err, ctx, "run the same command again to resume from the checkpoint") from None
     finally:
         pd.shutdown()
     if ctx is not None and not ctx.is_main:
@@ -296,14 +302,8 @@ def study(
             return
         _print_tables(records)
         outputs = write_outputs(run_dir, report=not no_report)
-    except (ValueError, TypeError, FloatingPointError) as err:
-        raise _fail(err, ctx) from None
-    except pd.DistributedError as err:
-        _fail(err, ctx)
-        raise typer.Exit(3) from None
-    except KeyboardInterrupt:
-        console.print("[yellow]interrupted[/yellow]: run the same command again to resume (finished runs are kept)")
-        raise typer.Exit(130) from None
+    except (ValueError, TypeError, FloatingPointError, pd.DistributedError, KeyboardInterrupt) as err:
+        raise _harness_exit(err, ctx, "run the same command again to resume (finished runs are kept)") from None
     finally:
         pd.shutdown()
     _print_outputs(run_dir, outputs)
