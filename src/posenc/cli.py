@@ -72,7 +72,13 @@ def _harness_exit(err: BaseException, ctx, interrupted_hint: str) -> typer.Exit:
         console.print(f"[yellow]interrupted[/yellow]: {interrupted_hint}")
         return typer.Exit(130)
     exit_ = _fail(err, ctx)
-    return typer.Exit(3) if isinstance(err, DistributedError) else exit_
+    if isinstance(err, DistributedError):
+        if ctx is not None:  # the broken group cannot be destroyed safely: leave at once
+            from posenc.experiments.distributed import exit_now
+
+            exit_now(3)
+        return typer.Exit(3)
+    return exit_
 
 
 def _fail(err: BaseException, ctx=None) -> typer.Exit:

@@ -25,7 +25,8 @@ Both run under ``torchrun`` (one machine or several); see docs/distributed.md.
 Timeouts: collectives fail after ``POSENC_DIST_TIMEOUT`` seconds (default 60); the
 barrier that ends a study waits ``POSENC_DIST_STUDY_TIMEOUT`` seconds (default 86400)
 for the slowest shard. A rank that dies is reported by ``torchrun``, which stops the
-others; the survivors raise ``DistributedError``.
+others; the survivors raise ``DistributedError`` and should leave with ``exit_now``
+(the broken group cannot be destroyed safely).
 """
 
 from __future__ import annotations
@@ -179,6 +180,19 @@ def init(backend: str | None = None, *, timeout_s: float | None = None) -> DistC
 def shutdown() -> None:
     if dist.is_initialized():
         dist.destroy_process_group()
+
+
+def exit_now(code: int) -> None:
+    """End this process at once after a ``DistributedError``.
+
+    A process group whose peer died or hung cannot be torn down: destroying it may
+    block, and gloo's destructor can call ``std::terminate`` (SIGABRT) at interpreter
+    exit, which would replace the exit code and the error message. Checkpoints and
+    results are written atomically, so nothing is lost by skipping the clean-up.
+    """
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(code)
 
 
 def _lost(ctx: DistContext, what: str, err: BaseException) -> DistributedError:
