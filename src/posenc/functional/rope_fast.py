@@ -27,6 +27,9 @@ Paths (all compute the same function; ``compiled="auto"`` picks):
   cached here; arithmetic in float32 (float64 for float64 inputs), rounded once. Backward
   is compiled too. In place, inductor rotates into a buffer and copies back (two passes):
   it cannot prove that a loop reading a pair and writing it is safe in place.
+* native, in place (half layout, float32/bfloat16, CPU, no autograd, ``"auto"``): a C
+  loop over pairs, one read and one write of every element (``rope_native``); inductor
+  would need a buffer and a copy back.
 * complex (interleaved layout, float32/float64, no autograd): one complex multiply
   ``(x_a + i x_b) e^{iθ}``, a single vectorized pass, truly in place when asked.
 * eager, large: ``out=``/``addcmul_`` on half-size views of one preallocated output (no
@@ -42,11 +45,13 @@ the eager fallback is the plain differentiable formula; inside an outer
 from __future__ import annotations
 
 import types
+import warnings
 from collections import OrderedDict
 from collections.abc import Callable
 
 import torch
 
+from posenc.functional import rope_native
 from posenc.functional.checks import one_of
 
 LAYOUTS = ("half", "interleaved")
@@ -288,6 +293,24 @@ def _rotate_small(x: torch.Tensor, cw, sw, layout: str, rotary_dim: int, inplace
     return out.addcmul_(p, sw)
 
 
+def _native_ok() -> bool:
+    """Whether the native in-place kernel is built; warns once (with the reason) if not."""
+    if rope_native.available():
+        return True
+    if not _WARNED:
+        _WARNED.append(True)
+        warnings.warn(
+            f"posenc: the native in-place rotary kernel could not be built ({rope_native.unavailable_reason()}); "
+            "apply_rotary(inplace=True, layout='half') uses torch.compile instead (two passes, slower)",
+            RuntimeWarning,
+            stacklevel=3,
+        )
+    return False
+
+
+_WARNED: list[bool] = []
+
+
 # -- public entry point ------------------------------------------------------------------------
 def apply_rotary(
     q: torch.Tensor,
@@ -318,7 +341,8 @@ def apply_rotary(
             (eager), or ``"auto"``: compiled from ``AUTO_COMPILE_NUMEL`` elements once
             the same shape has come ``AUTO_COMPILE_AFTER`` times, never inside an outer
             torch.compile trace; without autograd the interleaved layout in
-            float32/float64 takes the one-pass complex multiply instead.
+            float32/float64 takes the one-pass complex multiply instead, and the half
+            layout in place (float32/bfloat16, CPU) the native kernel.
         k_cos, k_sin: tables of the key positions ``[s_k, r/2]`` or ``[b|1, s_k, r/2]``
             when they differ from the queries' (KV-cache decoding); both or neither.
 
@@ -358,6 +382,10 @@ def apply_rotary(
 
     needs_grad = torch.is_grad_enabled() and (q.requires_grad or k.requires_grad)
     small = q.numel() + k.numel() < AUTO_COMPILE_NUMEL
+    if inplace and layout == "half" and compiled == "auto" and not needs_grad and not small:
+        if rope_native.supports(q, rotary_dim) and rope_native.supports(k, rotary_dim) and _native_ok():
+            rope_native.rotate_half_inplace(q, cq, sq, rotary_dim)
+            return q, rope_native.rotate_half_inplace(k, ck, sk, rotary_dim)
     zq = zk = None
     if layout == "interleaved" and not needs_grad:
         zq, zk = _complex_view(q, rotary_dim), _complex_view(k, rotary_dim)
