@@ -336,6 +336,13 @@ def test_tables_and_mean_ranks_by_hand():
     # copy at 2L: a 0.8, b 0.2, c 0.2 -> ranks 1, 2.5, 2.5; sort: a 0.1, b 0.3, c 0.5 -> 3, 2, 1.
     ranked = mean_ranks(recs)
     assert [(r[0], r[1]) for r in ranked.rows] == [("a", "2.00"), ("c", "1.75")][::-1] + [("b", "2.25")]
+    # per seed: only seed 0 is common to every encoding of both tasks; copy seed 0 at 2L:
+    # a 0.9, b 0.2, c 0.2 -> 1, 2.5, 2.5 (so the same as the means here).
+    assert [r[2] for r in ranked.rows] == ["1.75", "2.00", "2.25"] and ranked.columns[2] == "per-seed rank (1 seeds)"
+    # two seeds that disagree: a wins seed 0, b wins seed 1 -> per-seed ranks 1 and 2 each
+    two = [_rec("copy", "a", 0, {1: 1.0, 4: 0.9}), _rec("copy", "a", 1, {1: 1.0, 4: 0.1}),
+           _rec("copy", "b", 0, {1: 1.0, 4: 0.5}), _rec("copy", "b", 1, {1: 1.0, 4: 0.5})]  # fmt: skip
+    assert [r[1:3] for r in mean_ranks(two).rows] == [["1.50", "1.50 ± 0.71"]] * 2
     em = tables(recs)[0]
     assert em.columns == ["encoding", "1..2", "2", "4"]
     # a over two seeds: in-distribution mean of (1.0 + 1.0)/2 and (1.0 + 0.5)/2; std of (1.0, 0.75).

@@ -104,46 +104,64 @@ def tables(records: list[dict[str, Any]]) -> list[TableData]:
     return out
 
 
+def _ranks(scores: dict[str, float]) -> dict[str, float]:
+    """1 = highest score; ties share the mean of their ranks."""
+    ordered = sorted(scores.values(), reverse=True)
+    return {enc: ordered.index(v) + 1 + (ordered.count(v) - 1) / 2 for enc, v in scores.items()}
+
+
+def _window_mean(recs: list[dict[str, Any]], key: str, factor: int) -> float | None:
+    vals = [m[key] for r in recs for m in r["metrics"] if r["train_length"] < m["length"] <= factor * r["train_length"]]
+    return statistics.fmean(vals) if vals else None
+
+
 def mean_ranks(records: list[dict[str, Any]], factor: int = 2, key: str = "token_accuracy") -> TableData | None:
     """Kazemnejad et al. 2023's summary: rank the encodings on every synthetic task by
     ``key`` (mean over seeds) averaged over the lengths ``L < n <= factor * L``, then
     average the ranks over tasks (1 = best; ties share the mean rank). ``None`` if there
-    are no synthetic tasks."""
+    are no synthetic tasks.
+
+    Seed spread: the same ranking done separately for every seed that all encodings of a
+    task have (each seed's scores ranked, averaged over tasks), shown as mean ± std of
+    those per-seed mean ranks."""
     per_task: dict[str, dict[str, float]] = {}
+    per_seed: dict[int, dict[str, list[float]]] = defaultdict(lambda: defaultdict(list))
     for task, by_enc in group(records).items():
         first = next(iter(by_enc.values()))
         if is_lm(first):
             continue
-        scores = {}
-        for enc, recs in by_enc.items():
-            vals = [
-                m[key]
-                for r in recs
-                for m in r["metrics"]
-                if r["train_length"] < m["length"] <= factor * r["train_length"]
-            ]
-            if vals:
-                scores[enc] = statistics.fmean(vals)
+        scores = {enc: v for enc, recs in by_enc.items() if (v := _window_mean(recs, key, factor)) is not None}
         per_task[task] = scores
+        common = set.intersection(*({r["seed"] for r in recs} for recs in by_enc.values()))
+        for seed in sorted(common):
+            seeded = {
+                enc: _window_mean([r for r in recs if r["seed"] == seed], key, factor) for enc, recs in by_enc.items()
+            }
+            for enc, rank in _ranks({e: v for e, v in seeded.items() if v is not None}).items():
+                per_seed[seed][enc].append(rank)
     if not per_task:
         return None
     ranks: dict[str, list[float]] = defaultdict(list)
     for scores in per_task.values():
-        ordered = sorted(scores.values(), reverse=True)
-        for enc, v in scores.items():
-            first = ordered.index(v) + 1
-            ties = ordered.count(v)
-            ranks[enc].append(first + (ties - 1) / 2)
+        for enc, rank in _ranks(scores).items():
+            ranks[enc].append(rank)
+
+    def spread(enc: str) -> str:
+        vals = [statistics.fmean(by_enc[enc]) for by_enc in per_seed.values() if by_enc.get(enc)]
+        return _cell(vals).fmt(2) if vals else "-"
+
     rows = [
         [
             enc,
             f"{statistics.fmean(r):.2f}",
+            spread(enc),
             str(len(r)),
             *(f"{per_task[t].get(enc, float('nan')):.3f}" for t in per_task),
         ]
         for enc, r in sorted(ranks.items(), key=lambda kv: statistics.fmean(kv[1]))
     ]
-    cols = ["encoding", "mean rank", "tasks", *(f"{t} {key} (L, {factor}L]" for t in per_task)]
+    cols = ["encoding", "mean rank", f"per-seed rank ({len(per_seed)} seeds)", "tasks",
+            *(f"{t} {key} (L, {factor}L]" for t in per_task)]  # fmt: skip
     return TableData(f"mean rank by {key} on lengths (L, {factor}L], over synthetic tasks (1 = best)", cols, rows)
 
 
