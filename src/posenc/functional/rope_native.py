@@ -56,13 +56,14 @@ static inline uint16_t f2bf(float f) {
 }
 
 /* Rows [begin, end) of x viewed as [b, h, s, d] with strides (sb, sh, ss, 1); the table
-   of row (bi, hi, t) starts at cos + bi * tb + t * half (tb = 0: one table for all). */
+   of row (bi, hi, t) starts at cos + bi * tb + t * half (tb = 0: one table for all).
+   The row index is split once, then (bi, hi, t) is carried: no division per row. */
 #define ROPE_HALF(NAME, T, LOAD, STORE)                                                   \
 void NAME(T *x, const float *cos, const float *sin, int64_t begin, int64_t end,          \
           int64_t h, int64_t s, int64_t sb, int64_t sh, int64_t ss, int64_t half,        \
           int64_t tb) {                                                                   \
+    int64_t t = begin % s, hi = (begin / s) % h, bi = begin / s / h;                      \
     for (int64_t row = begin; row < end; ++row) {                                         \
-        int64_t t = row % s, bh = row / s, hi = bh % h, bi = bh / h;                      \
         T *restrict p1 = x + bi * sb + hi * sh + t * ss;                                  \
         T *restrict p2 = p1 + half;                                                       \
         const float *restrict c = cos + bi * tb + t * half;                               \
@@ -73,6 +74,7 @@ void NAME(T *x, const float *cos, const float *sin, int64_t begin, int64_t end, 
             p1[i] = STORE(ac - bs);                                                       \
             p2[i] = STORE(bc + as);                                                       \
         }                                                                                 \
+        if (++t == s) { t = 0; if (++hi == h) { hi = 0; ++bi; } }                         \
     }                                                                                     \
 }
 #define ID(v) (v)
