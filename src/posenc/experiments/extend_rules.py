@@ -1,0 +1,118 @@
+"""The context-extension rules of ``posenc extend``: each rule's Hugging Face
+``rope_parameters`` for a model trained at context ``C`` and a factor ``s``, and the
+swap of a trained model's plain RoPE for a rule (same weights).
+
+Chen et al. 2023 (linear / position interpolation), bloc97 2023 (NTK-aware), emozilla
+2023 (dynamic NTK), Peng et al. 2023 (YaRN), Meta 2024 (Llama 3.1); the table of rules
+is in ``posenc.experiments.extend``'s docstring and docs/extension.md.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any
+
+from posenc.data.synthetic import SyntheticTask
+from posenc.experiments.config import RunConfig, replace
+from posenc.model import Transformer
+
+RULES: tuple[str, ...] = ("none", "linear", "ntk", "dynamic", "yarn", "llama3")
+# Keys a base model's rope parameters may carry (anything else means it was already scaled).
+_KEPT_ROPE_KEYS = ("rope_theta", "partial_rotary_factor")
+_KEPT_FLAT = ("layout", "rotary_dim", "partial_rotary_factor")
+
+
+def check_factor(name: str, value: Any) -> int:
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise ValueError(f"{name} must be an integer >= 1 (a multiple of the trained length), got {value!r}")
+    if value < 1:
+        raise ValueError(f"{name} must be >= 1 (rules only stretch the context), got {value}")
+    return value
+
+
+def check_rules(rules: list[str] | tuple[str, ...]) -> tuple[str, ...]:
+    if not rules:
+        raise ValueError("no rules given")
+    for r in rules:
+        if r not in RULES:
+            raise ValueError(f"unknown rule {r!r}; available: {list(RULES)}")
+    return tuple(rules)
+
+
+def check_factors(factors: list[int] | tuple[int, ...]) -> tuple[int, ...]:
+    if not factors:
+        raise ValueError("no factors given")
+    return tuple(sorted({check_factor("factor", f) for f in factors}))
+
+
+def trained_context(config: RunConfig) -> int:
+    """``C``: positions the model saw in training (``L`` for corpora; the longest
+    training input ``sequence_length(L) - 1`` for synthetic tasks)."""
+    t = config.task
+    if t.is_lm:
+        return t.train_length
+    return SyntheticTask(t.name, t.num_symbols).sequence_length(t.train_length) - 1
+
+
+def _base_rope(config: RunConfig) -> tuple[dict[str, Any], dict[str, Any], int]:
+    """(kept flat params, kept HF keys, rotary dim) of a plain (unscaled) RoPE model."""
+    if config.model.encoding != "rope":
+        raise ValueError(f"extend needs a rope model, got encoding {config.model.encoding!r}")
+    head_dim = config.model.dim // config.model.num_heads
+    pe = _rope(head_dim, dict(config.model.encoding_params))
+    hf = pe.params.hf_parameters()
+    if hf.get("rope_type", "default") != "default" or set(hf) - {"rope_type", *_KEPT_ROPE_KEYS}:
+        raise ValueError(f"extend needs a plain (unscaled) rope model, got rope parameters {hf}")
+    flat = {k: v for k, v in config.model.encoding_params.items() if k in _KEPT_FLAT}
+    return flat, {k: hf[k] for k in _KEPT_ROPE_KEYS if k in hf}, pe.cfg.rotary_dim
+
+
+def _rope(head_dim: int, params: dict[str, Any]):
+    from posenc.registry import create
+
+    return create("rope", head_dim=head_dim, **params)
+
+
+def rule_parameters(rule: str, factor: int, context: int, *, rotary_dim: int, rope_theta: float = 10000.0,
+                    extra: dict[str, Any] | None = None) -> dict[str, Any]:  # fmt: skip
+    """The Hugging Face ``rope_parameters`` of ``rule`` stretching ``context`` by ``factor``.
+
+    ``posenc.rope_frequencies(head_dim, rule_parameters(...), max_position_embeddings=context,
+    seq_len=n)`` gives the frequencies used at length ``n``.
+    """
+    check_rules([rule])
+    check_factor("factor", factor)
+    base = {"rope_theta": float(rope_theta), **(extra or {})}
+    if rule == "none":
+        return {"rope_type": "default", **base}
+    if rule == "linear":
+        return {"rope_type": "linear", "factor": float(factor), **base}
+    if rule == "ntk":
+        base["rope_theta"] = float(rope_theta) * float(factor) ** (rotary_dim / (rotary_dim - 2))
+        return {"rope_type": "default", **base}
+    if rule == "dynamic":
+        return {"rope_type": "dynamic", "factor": float(factor), **base}
+    if rule == "yarn":
+        return {"rope_type": "yarn", "factor": float(factor), "original_max_position_embeddings": context,
+                "beta_fast": 32.0, "beta_slow": 1.0, **base}  # fmt: skip
+    return {"rope_type": "llama3", "factor": float(factor), "low_freq_factor": 1.0, "high_freq_factor": 4.0,
+            "original_max_position_embeddings": context, **base}  # fmt: skip
+
+
+def rule_config(config: RunConfig, rule: str, factor: int) -> RunConfig:
+    """``config`` with its plain RoPE replaced by ``rule`` at ``factor`` (``max_len`` = the
+    trained context, dynamic NTK's threshold)."""
+    flat, hf, rotary_dim = _base_rope(config)
+    theta = hf.pop("rope_theta", 10000.0)
+    params = rule_parameters(rule, factor, trained_context(config), rotary_dim=rotary_dim, rope_theta=theta,
+                             extra=hf)  # fmt: skip
+    encoding_params = {**flat, "rope_parameters": params, "max_len": trained_context(config)}
+    return replace(config, model={"encoding_params": encoding_params})
+
+
+def swap_rule(model: Transformer, config: RunConfig, rule: str, factor: int) -> tuple[RunConfig, Transformer]:
+    """A copy of ``model`` (same weights) whose encoding is ``rule`` at ``factor``."""
+    new_cfg = rule_config(config, rule, factor)
+    new = Transformer(dataclasses.replace(model.config, encoding_params=dict(new_cfg.model.encoding_params)))
+    new.load_state_dict(model.state_dict())  # rope has no weights: every tensor must match
+    return new_cfg, new.eval()
