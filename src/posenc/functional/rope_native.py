@@ -21,9 +21,12 @@ Build: plain C (no torch headers), compiled once per machine with the system C c
 (``$CC`` or ``cc``; the same one ``torch.compile`` needs on CPU) into
 ``$XDG_CACHE_HOME/posenc`` (default ``~/.cache/posenc``), keyed by the source, the flags
 and the CPU's feature flags (``-march=native``), written atomically, loaded with
-``ctypes``. Threads: the rows are split over ``torch.get_num_threads()`` Python threads
-(``ctypes`` releases the GIL). When no compiler works, ``available()`` is False,
-``unavailable_reason()`` says why, and ``apply_rotary`` warns once and uses its other paths.
+``ctypes``. Threads: OpenMP (``-fopenmp``) with ``torch.get_num_threads()`` threads; the
+library's ``libgomp.so.1`` resolves to the one torch has already loaded (same soname), so
+the kernel runs on torch's thread pool instead of competing with it (Python threads did:
+libgomp's workers spin after each torch op and took the cores from them). When no
+compiler works, ``available()`` is False, ``unavailable_reason()`` says why, and
+``apply_rotary`` warns once and uses its other paths.
 """
 
 from __future__ import annotations
@@ -35,13 +38,12 @@ import shutil
 import subprocess
 import tempfile
 import threading
-from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import torch
 
 DTYPES = (torch.float32, torch.bfloat16)
-_FLAGS = ("-O3", "-march=native", "-ffp-contract=off", "-fPIC", "-shared", "-std=c11")
+_FLAGS = ("-O3", "-march=native", "-ffp-contract=off", "-fopenmp", "-fPIC", "-shared", "-std=c11")
 
 _SOURCE = r"""
 #include <stdint.h>
@@ -78,13 +80,25 @@ void NAME(T *x, const float *cos, const float *sin, int64_t begin, int64_t end, 
     }                                                                                     \
 }
 #define ID(v) (v)
-ROPE_HALF(rope_half_f32, float, ID, ID)
-ROPE_HALF(rope_half_bf16, uint16_t, bf2f, f2bf)
+ROPE_HALF(rows_f32, float, ID, ID)
+ROPE_HALF(rows_bf16, uint16_t, bf2f, f2bf)
+
+/* All rows, split evenly over the OpenMP threads (torch's own pool: see the docstring). */
+#define ROPE_PARALLEL(NAME, ROWS, T)                                                      \
+void NAME(T *x, const float *cos, const float *sin, int64_t rows, int64_t nthreads,      \
+          int64_t h, int64_t s, int64_t sb, int64_t sh, int64_t ss, int64_t half,        \
+          int64_t tb) {                                                                   \
+    _Pragma("omp parallel for schedule(static) num_threads(nthreads)")                   \
+    for (int64_t i = 0; i < nthreads; ++i)                                                \
+        ROWS(x, cos, sin, rows * i / nthreads, rows * (i + 1) / nthreads,                 \
+             h, s, sb, sh, ss, half, tb);                                                 \
+}
+ROPE_PARALLEL(rope_half_f32, rows_f32, float)
+ROPE_PARALLEL(rope_half_bf16, rows_bf16, uint16_t)
 """
 
 _lock = threading.Lock()
 _state: dict[str, object] = {}
-_pool: ThreadPoolExecutor | None = None
 
 
 def _cache_dir() -> Path:
@@ -121,7 +135,7 @@ def _build() -> ctypes.CDLL:
     i64, vp = ctypes.c_int64, ctypes.c_void_p
     for name in ("rope_half_f32", "rope_half_bf16"):
         fn = getattr(dll, name)
-        fn.argtypes = [vp, vp, vp, *([i64] * 9)]
+        fn.argtypes = [vp, vp, vp, *([i64] * 9)]  # x, cos, sin, rows, threads, h, s, strides, half, tb
         fn.restype = None
     return dll
 
@@ -180,22 +194,9 @@ def rotate_half_inplace(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, r
     b, h, s, _ = x.shape
     half = rotary_dim // 2
     c, tb = _table(cos, b, s, half)
-    sn, _ = _table(sin, b, s, half)  # both kept alive until the calls return
+    sn, _ = _table(sin, b, s, half)  # both kept alive until the call returns
     fn = dll.rope_half_f32 if x.dtype == torch.float32 else dll.rope_half_bf16
     rows = b * h * s
     n = max(1, min(torch.get_num_threads(), rows // 64))
-    bounds = [rows * i // n for i in range(n + 1)]
-    common = (h, s, *x.stride()[:3], half, tb)
-    if n == 1:
-        fn(x.data_ptr(), c.data_ptr(), sn.data_ptr(), 0, rows, *common)
-        return x
-    global _pool
-    with _lock:
-        if _pool is None or _pool._max_workers < n:  # noqa: SLF001
-            _pool = ThreadPoolExecutor(max_workers=n, thread_name_prefix="posenc-rope")
-        pool = _pool
-    futures = [pool.submit(fn, x.data_ptr(), c.data_ptr(), sn.data_ptr(), bounds[i], bounds[i + 1], *common)
-               for i in range(n)]  # fmt: skip
-    for f in futures:
-        f.result()
+    fn(x.data_ptr(), c.data_ptr(), sn.data_ptr(), rows, n, h, s, *x.stride()[:3], half, tb)
     return x
