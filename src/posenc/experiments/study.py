@@ -218,7 +218,12 @@ def write_outputs(
     if not records:
         raise ValueError(f"no results in {str(run_dir)!r} to summarize")
     plots = plot_study(records, run_dir / "plots")
+    from posenc.experiments.published import published_tables
+
     md = ["# Study results", "", f"Run folder: `{run_dir}`; {len(records)} runs.", "", to_markdown(tables(records))]
+    compared = published_tables(records)
+    if compared:
+        md += ["## Beside the published findings", "", to_markdown(compared)]
     md += [f"![{p.stem}](plots/{p.name})" for p in plots]
     (run_dir / "results.md").write_text("\n".join(md) + "\n", encoding="utf-8")
     out: dict[str, Any] = {"markdown": run_dir / "results.md", "plots": plots, "report": None}

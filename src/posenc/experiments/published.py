@@ -1,0 +1,123 @@
+"""The study's results set beside three published findings, with seed spread.
+
+* Press et al. 2022 ("Train Short, Test Long", arXiv:2108.12409), Table 2: perplexity
+  at an evaluation length E divided by the perplexity at the training length L
+  (non-overlapping evaluation) for sinusoidal, rotary, T5 and ALiBi at E ≈ 2L and ≈ 5L.
+* Kazemnejad et al. 2023 ("The Impact of Positional Encoding on Length Generalization in
+  Transformers", arXiv:2305.19466): on synthetic tasks, evaluated up to about 2L, the
+  mean rank is NoPE best, then T5, ALiBi, RoPE, and absolute embeddings (APE) last.
+* Ruoss et al. 2023 ("Randomized Positional Encodings Boost Length Generalization of
+  Transformers", arXiv:2305.16843): training with sorted random positions from a range
+  longer than the training length improves accuracy past it.
+
+Each function returns ``TableData`` (``posenc.experiments.summary``) or ``None`` when the
+records lack what it needs. Nothing here is tuned to match: the paper values are
+constants for display only.
+"""
+
+from __future__ import annotations
+
+import statistics
+from typing import Any
+
+from posenc.experiments.study import RANDPOS
+from posenc.experiments.summary import TableData, _cell, group, is_lm, mean_ranks, ratio
+
+#: Press et al. 2022, Table 2 (WikiText-103, L = 512): ppl(E) / ppl(L) at E ≈ 2L and ≈ 5L.
+PRESS_TABLE2: dict[str, tuple[float, float]] = {
+    "sinusoidal": (2.2, 6.6),
+    "rope": (1.06, 1.57),
+    "t5": (0.96, 1.04),
+    "alibi": (0.95, 0.93),
+}
+#: Kazemnejad et al. 2023's order (best first); "APE" is played by ``sinusoidal`` here.
+KAZEMNEJAD_ORDER: tuple[str, ...] = ("none", "t5", "alibi", "rope", "sinusoidal")
+
+
+def press_table(records: list[dict[str, Any]]) -> list[TableData]:
+    """One table per language-modelling task: the paper's ratios next to ours at 2L,
+    4L and 8L (mean ± std over seeds) and our perplexity at L."""
+    out = []
+    for task, by_enc in group(records).items():
+        first = next(iter(by_enc.values()))
+        if not is_lm(first) or not any(e in by_enc for e in PRESS_TABLE2):
+            continue
+        L = first[0]["train_length"]
+        lengths = {m["length"] for m in first[0]["metrics"]}
+        factors = [f for f in (2, 4, 8) if f * L in lengths]
+        rows = []
+        for enc, (p2, p5) in PRESS_TABLE2.items():
+            recs = by_enc.get(enc)
+            if not recs:
+                continue
+            ours = {f: _cell([ratio(r, f * L) for r in recs]).fmt(2) for f in factors}
+            at_l = _cell([{m["length"]: m["ppl"] for m in r["metrics"]}[L] for r in recs]).fmt(2)
+            rows.append([enc, f"{p2:g}", ours.get(2, "-"), f"{p5:g}", ours.get(4, "-"), ours.get(8, "-"), at_l])
+        seeds = max(len(v) for v in by_enc.values())
+        cols = ["encoding", "paper ~2L", "ours 2L", "paper ~5L", "ours 4L", "ours 8L", "ours ppl at L"]
+        out.append(TableData(f"Press et al. 2022 Table 2 vs {task} (L={L}, {seeds} seeds): ppl(E) / ppl(L)", cols, rows))
+    return out
+
+
+def kazemnejad_ranks(records: list[dict[str, Any]], factor: int = 2) -> TableData | None:
+    """``mean_ranks`` over the encodings Kazemnejad et al. compare (those present), with
+    the paper's rank next to each."""
+    chosen = [r for r in records if r["encoding"] in KAZEMNEJAD_ORDER]
+    table = mean_ranks(chosen, factor=factor)
+    if table is None:
+        return None
+    paper = {enc: str(i + 1) for i, enc in enumerate(KAZEMNEJAD_ORDER)}
+    rows = [[row[0], paper[row[0]], *row[1:]] for row in table.rows]
+    title = f"Kazemnejad et al. 2023 vs this study: {table.title}"
+    return TableData(title, [table.columns[0], "paper rank", *table.columns[1:]], rows)
+
+
+def _window(record: dict[str, Any], lo: int, hi: int, key: str) -> float | None:
+    """Mean of ``key`` over lengths ``lo * L < n <= hi * L``."""
+    L = record["train_length"]
+    vals = [m[key] for m in record["metrics"] if lo * L < m["length"] <= hi * L]
+    return statistics.fmean(vals) if vals else None
+
+
+def randpos_table(records: list[dict[str, Any]], key: str = "token_accuracy") -> TableData | None:
+    """Ruoss et al. 2023: for every synthetic task and encoding trained both ways, ``key``
+    in distribution (1..L) and past it ((L, 2L] and (2L, 8L]) without and with randomized
+    positions, and the gain (randpos − plain, paired by seed: mean ± std)."""
+    rows = []
+    for task, by_enc in group(records).items():
+        first = next(iter(by_enc.values()))
+        if is_lm(first):
+            continue
+        for enc in by_enc:
+            if enc.endswith(RANDPOS) or enc + RANDPOS not in by_enc:
+                continue
+            plain = {r["seed"]: r for r in by_enc[enc]}
+            rand = {r["seed"]: r for r in by_enc[enc + RANDPOS]}
+            seeds = sorted(set(plain) & set(rand))
+            if not seeds:
+                continue
+            row = [task, enc, str(len(seeds))]
+            for lo, hi in ((0, 1), (1, 2), (2, 8)):
+                a = [_window(plain[s], lo, hi, key) for s in seeds]
+                b = [_window(rand[s], lo, hi, key) for s in seeds]
+                if None in a or None in b:
+                    row += ["-", "-", "-"]
+                    continue
+                row += [_cell(a).fmt(2), _cell(b).fmt(2), _cell([y - x for x, y in zip(a, b, strict=True)]).fmt(2)]
+            rows.append(row)
+    if not rows:
+        return None
+    cols = ["task", "encoding", "seeds"]
+    for w in ("1..L", "(L, 2L]", "(2L, 8L]"):
+        cols += [f"{w} plain", f"{w} +randpos", f"{w} gain"]
+    return TableData(f"Ruoss et al. 2023: randomized positions, {key} (gain = +randpos − plain, paired by seed)",
+                     cols, rows)  # fmt: skip
+
+
+def published_tables(records: list[dict[str, Any]]) -> list[TableData]:
+    """Every comparison the records allow, in the order above."""
+    out = press_table(records)
+    for t in (kazemnejad_ranks(records), randpos_table(records)):
+        if t is not None:
+            out.append(t)
+    return out

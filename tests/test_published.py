@@ -1,0 +1,64 @@
+"""The comparison tables beside published findings, on hand-made records."""
+
+from __future__ import annotations
+
+from posenc.experiments.published import kazemnejad_ranks, press_table, published_tables, randpos_table
+
+
+def _lm(enc, seed, ppl_by_len, L=10):
+    metrics = [{"length": n, "ppl": p, "ppl_sliding": p} for n, p in ppl_by_len.items()]
+    return {"run_id": f"lm{enc}{seed}", "task": "shakespeare", "encoding": enc, "seed": seed, "train_length": L,
+            "metrics": metrics}  # fmt: skip
+
+
+def _syn(task, enc, seed, acc_by_len, L=2):
+    metrics = [{"length": n, "exact_match": a, "token_accuracy": a} for n, a in acc_by_len.items()]
+    return {"run_id": f"{task}{enc}{seed}", "task": task, "encoding": enc, "seed": seed, "train_length": L,
+            "metrics": metrics}  # fmt: skip
+
+
+def test_press_table_ratios_and_paper_values():
+    recs = [
+        _lm("alibi", 0, {10: 5.0, 20: 5.0, 40: 4.5, 80: 4.0}),
+        _lm("alibi", 1, {10: 4.0, 20: 4.4, 40: 4.0, 80: 4.0}),
+        _lm("learned", 0, {10: 5.0, 20: 50.0, 40: 60.0, 80: 70.0}),  # not in Press's table: left out
+    ]
+    (t,) = press_table(recs)
+    assert t.title == "Press et al. 2022 Table 2 vs shakespeare (L=10, 2 seeds): ppl(E) / ppl(L)"
+    # 2L ratios 1.0 and 1.1 -> 1.05 ± 0.07; 4L 0.9, 1.0; 8L 0.8, 1.0; ppl at L 5, 4
+    assert t.rows == [["alibi", "0.95", "1.05 ± 0.07", "0.93", "0.95 ± 0.07", "0.90 ± 0.14", "4.50 ± 0.71"]]
+
+
+def test_kazemnejad_ranks_only_their_encodings_with_paper_rank():
+    recs = [
+        _syn("copy", "none", 0, {1: 1.0, 2: 1.0, 4: 0.9}),
+        _syn("copy", "rope", 0, {1: 1.0, 2: 1.0, 4: 0.2}),
+        _syn("copy", "binary", 0, {1: 1.0, 2: 1.0, 4: 1.0}),  # not compared by the paper
+    ]
+    t = kazemnejad_ranks(recs)
+    assert [r[:3] for r in t.rows] == [["none", "1", "1.00"], ["rope", "4", "2.00"]]
+    assert t.columns[:3] == ["encoding", "paper rank", "mean rank"]
+
+
+def test_randpos_gain_is_paired_by_seed():
+    recs = [
+        _syn("copy", "rope", 0, {1: 1.0, 2: 1.0, 4: 0.2, 8: 0.0, 16: 0.0}),
+        _syn("copy", "rope", 1, {1: 1.0, 2: 0.8, 4: 0.4, 8: 0.0, 16: 0.0}),
+        _syn("copy", "rope+randpos", 0, {1: 1.0, 2: 1.0, 4: 0.6, 8: 0.2, 16: 0.0}),
+        _syn("copy", "rope+randpos", 1, {1: 1.0, 2: 1.0, 4: 0.6, 8: 0.4, 16: 0.2}),
+        _syn("copy", "alibi", 0, {1: 1.0, 2: 1.0, 4: 0.2, 8: 0.0, 16: 0.0}),  # no randpos twin: no row
+    ]
+    t = randpos_table(recs)
+    assert len(t.rows) == 1
+    row = dict(zip(t.columns, t.rows[0], strict=True))
+    assert row["task"] == "copy" and row["encoding"] == "rope" and row["seeds"] == "2"
+    # 1..L: plain (1.0, 0.9), randpos (1.0, 1.0): gains 0.0, 0.1
+    assert (row["1..L plain"], row["1..L +randpos"], row["1..L gain"]) == ("0.95 ± 0.07", "1.00 ± 0.00", "0.05 ± 0.07")
+    # (L, 2L]: plain 0.2, 0.4; randpos 0.6, 0.6 -> gains 0.4, 0.2
+    assert row["(L, 2L] gain"] == "0.30 ± 0.14"
+    # (2L, 8L]: plain 0, 0; randpos mean(0.2, 0) = 0.1, mean(0.4, 0.2) = 0.3
+    assert row["(2L, 8L] +randpos"] == "0.20 ± 0.14"
+
+
+def test_nothing_to_compare_gives_no_tables():
+    assert published_tables([_syn("copy", "binary", 0, {1: 1.0, 2: 1.0, 4: 0.5})]) == []
