@@ -8,8 +8,9 @@ Vocabulary (shared by every task, so one model size fits all):
     0 PAD   1 BOS   2 SEP   3 .. 3+S-1 symbols   3+S .. 3+S+9 digits 0..9
 
 ``n`` is the *length* of an example: the number of input items (symbols, or key/value
-pairs for ``recall``). Training draws ``n`` uniformly from ``1..L`` (one ``n`` per
-batch, so a batch needs no padding); evaluation runs at fixed ``n``.
+pairs for ``recall``). Training draws ``n`` uniformly from ``1..L`` for every example
+of a batch (``sample_mixed``: right-padded, causal, so padding cannot change an
+example); evaluation runs at fixed ``n`` (``sample``).
 
 Tasks (Deletang et al. 2023 and Ruoss et al. 2023 for copy/reverse/duplicate/sort;
 Zoology / Arora et al. 2023 for associative recall):
