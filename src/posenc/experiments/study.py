@@ -43,8 +43,8 @@ _QUICK_LM = {
 }
 # The full preset trains each run exactly like the quick one (so the quick study is its
 # seed-0 slice) and is longer in breadth: every task, every encoding, 3 seeds. Per run,
-# a quick copy run is compute-bound at ~17 ms/step on one core (measured), so 528 runs
-# already take hours on 2 CPU cores; longer runs would not fit a working day.
+# a quick copy run is compute-bound at ~17 ms/step on one core (measured), so the 504
+# runs already take ~4 hours on 2 CPU cores; longer runs would not fit. docs/results.md.
 _FULL_SYNTHETIC = _QUICK_SYNTHETIC
 _FULL_LM = _QUICK_LM
 #: Randomized positions (Ruoss et al. 2023) are studied for these encodings in the full preset.
