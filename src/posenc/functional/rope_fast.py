@@ -27,6 +27,8 @@ Paths (all compute the same function; ``compiled="auto"`` picks):
   cached here; arithmetic in float32 (float64 for float64 inputs), rounded once. Backward
   is compiled too. In place, inductor rotates into a buffer and copies back (two passes):
   it cannot prove that a loop reading a pair and writing it is safe in place.
+* triton (CUDA tensors, no autograd, Triton installed; ``"auto"`` or ``"triton"``): one
+  kernel pass per tensor, in place or out of place, both layouts (``rope_triton``).
 * native, in place (half layout, float32/bfloat16, CPU, no autograd, ``"auto"``): a C
   loop over pairs, one read and one write of every element (``rope_native``); inductor
   would need a buffer and a copy back.
@@ -51,7 +53,7 @@ from collections.abc import Callable
 
 import torch
 
-from posenc.functional import rope_native
+from posenc.functional import rope_native, rope_triton
 from posenc.functional.checks import one_of
 
 LAYOUTS = ("half", "interleaved")
@@ -338,8 +340,11 @@ def apply_rotary(
             ``None``: all of them.
         inplace: write the result into ``q`` and ``k`` and return them.
         compiled: ``True`` (torch.compile'd graph, cached per shape), ``False``
-            (eager), or ``"auto"``: compiled from ``AUTO_COMPILE_NUMEL`` elements once
-            the same shape has come ``AUTO_COMPILE_AFTER`` times, never inside an outer
+            (eager), ``"triton"`` (the Triton kernel: CUDA tensors, or CPU tensors under
+            ``TRITON_INTERPRET=1``; forward only), or ``"auto"``: the Triton kernel for
+            CUDA tensors without autograd when Triton is installed, else compiled from
+            ``AUTO_COMPILE_NUMEL`` elements once the same shape has come
+            ``AUTO_COMPILE_AFTER`` times, never inside an outer
             torch.compile trace; without autograd the interleaved layout in
             float32/float64 takes the one-pass complex multiply instead, and the half
             layout in place (float32/bfloat16, CPU) the native kernel.
@@ -359,8 +364,8 @@ def apply_rotary(
     rotary_dim = _check_rotary_dim(rotary_dim, q.shape[-1])
     if not isinstance(inplace, bool):
         raise TypeError(f"inplace must be a bool, got {inplace!r}")
-    if not (isinstance(compiled, bool) or compiled == "auto"):
-        raise ValueError(f"compiled must be True, False or 'auto', got {compiled!r}")
+    if not (isinstance(compiled, bool) or compiled in ("auto", "triton")):
+        raise ValueError(f"compiled must be True, False, 'auto' or 'triton', got {compiled!r}")
     half = rotary_dim // 2
     cq, sq = _check_table(cos, sin, q, half, ("cos", "sin"), "q")
     if (k_cos is None) != (k_sin is None):
@@ -381,6 +386,13 @@ def apply_rotary(
         return _rotate_qk(q, k, cq, sq, ck, sk, layout, rotary_dim)
 
     needs_grad = torch.is_grad_enabled() and (q.requires_grad or k.requires_grad)
+    if compiled == "triton" or (
+        compiled == "auto" and q.is_cuda and not needs_grad and rope_triton.supports(q) and rope_triton.supports(k)
+    ):
+        if needs_grad:
+            raise ValueError("compiled='triton' is forward only: under autograd use compiled='auto' (or True/False)")
+        qr = rope_triton.rotate(q, cq, sq, layout, rotary_dim, inplace)
+        return qr, rope_triton.rotate(k, ck, sk, layout, rotary_dim, inplace)
     small = q.numel() + k.numel() < AUTO_COMPILE_NUMEL
     if inplace and layout == "half" and compiled == "auto" and not needs_grad and not small:
         if rope_native.supports(q, rotary_dim) and rope_native.supports(k, rotary_dim) and _native_ok():
