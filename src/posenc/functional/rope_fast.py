@@ -27,8 +27,9 @@ Paths (all compute the same function; ``compiled="auto"`` picks):
   cached here; arithmetic in float32 (float64 for float64 inputs), rounded once. Backward
   is compiled too. In place, inductor rotates into a buffer and copies back (two passes):
   it cannot prove that a loop reading a pair and writing it is safe in place.
-* triton (CUDA tensors, no autograd, Triton installed; ``"auto"`` or ``"triton"``): one
-  kernel pass per tensor, in place or out of place, both layouts (``rope_triton``).
+* triton (``compiled="triton"``; CUDA tensors, no autograd): one kernel pass per tensor,
+  in place or out of place, both layouts (``rope_triton``). Opt-in: it is checked in
+  Triton's CPU interpreter but has not yet run on a GPU (``benchmarks/rope_gpu.py``).
 * native, in place (half layout, float32/bfloat16, CPU, no autograd, ``"auto"``): a C
   loop over pairs, one read and one write of every element (``rope_native``); inductor
   would need a buffer and a copy back.
@@ -341,8 +342,7 @@ def apply_rotary(
         inplace: write the result into ``q`` and ``k`` and return them.
         compiled: ``True`` (torch.compile'd graph, cached per shape), ``False``
             (eager), ``"triton"`` (the Triton kernel: CUDA tensors, or CPU tensors under
-            ``TRITON_INTERPRET=1``; forward only), or ``"auto"``: the Triton kernel for
-            CUDA tensors without autograd when Triton is installed, else compiled from
+            ``TRITON_INTERPRET=1``; forward only), or ``"auto"``: compiled from
             ``AUTO_COMPILE_NUMEL`` elements once the same shape has come
             ``AUTO_COMPILE_AFTER`` times, never inside an outer
             torch.compile trace; without autograd the interleaved layout in
@@ -386,9 +386,7 @@ def apply_rotary(
         return _rotate_qk(q, k, cq, sq, ck, sk, layout, rotary_dim)
 
     needs_grad = torch.is_grad_enabled() and (q.requires_grad or k.requires_grad)
-    if compiled == "triton" or (
-        compiled == "auto" and q.is_cuda and not needs_grad and rope_triton.supports(q) and rope_triton.supports(k)
-    ):
+    if compiled == "triton":
         if needs_grad:
             raise ValueError("compiled='triton' is forward only: under autograd use compiled='auto' (or True/False)")
         qr = rope_triton.rotate(q, cq, sq, layout, rotary_dim, inplace)

@@ -16,8 +16,9 @@ Shapes:
     x         [b, h, s, d]               last dimension contiguous (stride 1)
     cos, sin  [s, r/2] or [b|1, 1, s, r/2]   as ``rope_fast._check_table`` returns them
 
-Where it runs: ``apply_rotary`` takes it for CUDA tensors without autograd when Triton is
-installed (``compiled="auto"``), or when asked with ``compiled="triton"``. Without a GPU,
+Where it runs: ``apply_rotary(..., compiled="triton")`` on CUDA tensors without autograd.
+It is opt-in, not yet chosen by ``compiled="auto"``: no session has had a GPU to compile
+and time it (``benchmarks/rope_gpu.py`` does both, in one run). Without a GPU,
 Triton's interpreter (``TRITON_INTERPRET=1`` set before the first call) runs the same
 kernel on CPU tensors: that is how the test suite checks it against the reference
 formula on a machine without a GPU. Forward only: under autograd ``apply_rotary`` uses
