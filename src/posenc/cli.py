@@ -6,13 +6,21 @@ import dataclasses
 import os
 
 import typer
-from rich.console import Console
 from rich.table import Table
 
 import posenc
+from posenc.cli_output import (
+    NoProgress,
+    console,
+    csv,
+    fail,
+    harness_exit,
+    print_outputs,
+    print_tables,
+    progress_bars,
+)
 
 app = typer.Typer(help="posenc: a positional-encoding laboratory for PyTorch.", no_args_is_help=True)
-console = Console()
 
 
 def _default(field: dataclasses.Field) -> str:
@@ -63,78 +71,6 @@ def show(name: str = typer.Argument(..., help="a registered encoding name")) -> 
 # progress bars and printing. Bad input is one red line and exit code 2 (no traceback).
 
 
-def _harness_exit(err: BaseException, ctx, interrupted_hint: str) -> typer.Exit:
-    """The exit of `train`/`study` for an error: one red line (code 2), a lost rank
-    (code 3) or Ctrl-C (code 130, with how to resume)."""
-    from posenc.experiments.distributed import DistributedError
-
-    if isinstance(err, KeyboardInterrupt):
-        console.print(f"[yellow]interrupted[/yellow]: {interrupted_hint}")
-        return typer.Exit(130)
-    exit_ = _fail(err, ctx)
-    if isinstance(err, DistributedError):
-        if ctx is not None:  # the broken group cannot be destroyed safely: leave at once
-            from posenc.experiments.distributed import exit_now
-
-            exit_now(3)
-        return typer.Exit(3)
-    return exit_
-
-
-def _fail(err: BaseException, ctx=None) -> typer.Exit:
-    where = "" if ctx is None else f" (rank {ctx.rank}/{ctx.world_size})"
-    console.print(f"[red]error{where}:[/red] {err}", highlight=False, soft_wrap=True)
-    return typer.Exit(2)
-
-
-class _NoProgress:
-    """Stands in for the progress bars on ranks other than 0 under torchrun."""
-
-    def __enter__(self):
-        return self
-
-    def __exit__(self, *exc) -> None:
-        return None
-
-    def add_task(self, *args, **kwargs) -> int:
-        return 0
-
-    def update(self, *args, **kwargs) -> None:
-        return None
-
-    def reset(self, *args, **kwargs) -> None:
-        return None
-
-
-def _csv(value: str | None) -> list[str] | None:
-    if value is None:
-        return None
-    items = [v.strip() for v in value.split(",") if v.strip()]
-    if not items:
-        raise ValueError(f"expected a comma-separated list, got {value!r}")
-    return items
-
-
-def _progress():
-    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
-
-    return Progress(
-        TextColumn("{task.description}"),
-        BarColumn(),
-        MofNCompleteColumn(),
-        TextColumn("{task.fields[info]}"),
-        TimeElapsedColumn(),
-        console=console,
-    )
-
-
-def _print_tables(records: list) -> None:
-    from posenc.experiments.summary import tables, to_rich
-
-    for t in tables(records):
-        console.print(to_rich(t))
-
-
 @app.command("train")
 def train(
     config: str = typer.Option(..., "--config", "-c", help="YAML run config (task / model / train sections)"),
@@ -158,7 +94,7 @@ def train(
             if note and ctx.is_main:
                 console.print(f"[yellow]note:[/yellow] {note}")
         show = ctx is None or ctx.is_main
-        with _progress() if show else _NoProgress() as progress:
+        with progress_bars() if show else NoProgress() as progress:
             bar = progress.add_task(cfg.run_id, total=cfg.train.steps, info="")
 
             def on_step(step: int, total: int, loss: float) -> None:
@@ -169,14 +105,14 @@ def train(
             else:
                 record, skipped = pd.train_distributed(cfg, out, ctx, on_step=on_step)
     except (ValueError, TypeError, FloatingPointError, pd.DistributedError, KeyboardInterrupt) as err:
-        raise _harness_exit(err, ctx, "run the same command again to resume from the checkpoint") from None
+        raise harness_exit(err, ctx, "run the same command again to resume from the checkpoint") from None
     finally:
         pd.shutdown()
     if ctx is not None and not ctx.is_main:
         return
     if skipped:
         console.print(f"already finished: {record['run_id']} (delete its line in results.jsonl to retrain)")
-    _print_tables([record])
+    print_tables([record])
     console.print(f"results: {out}/results.jsonl")
     console.print(f"checkpoint: {checkpoint_path(out, record['run_id'])}")
 
@@ -194,7 +130,7 @@ def evaluate(
     try:
         cfg, model, s = load_trained(checkpoint)
         if factors is not None:
-            fs = tuple(int(f) for f in _csv(factors))
+            fs = tuple(int(f) for f in csv(factors))
             cfg = dc.replace(cfg, task=dc.replace(cfg.task, eval_factors=fs))
             s2 = setup(cfg)
             if s2.max_len > s.max_len and cfg.model.encoding == "learned":
@@ -203,20 +139,10 @@ def evaluate(
         with console.status("evaluating"):
             metrics = evaluate_model(model, s)
     except (ValueError, TypeError) as err:
-        raise _fail(err) from None
+        raise fail(err) from None
     record = {"task": cfg.task.label, "encoding": cfg.encoding_label, "train_length": cfg.task.train_length,
               "metrics": metrics}  # fmt: skip
-    _print_tables([record])
-
-
-def _print_outputs(run_dir, outputs) -> None:
-    console.print(f"results: {run_dir / 'results.jsonl'}")
-    console.print(f"tables: {outputs['markdown']}")
-    console.print(f"plots: {run_dir / 'plots'} ({len(outputs['plots'])} files)")
-    if outputs["report"] is None:
-        console.print("no report.html written (--no-report, or posenc.viz.report is not installed)")
-    else:
-        console.print(f"report: {outputs['report']}")
+    print_tables([record])
 
 
 @app.command("study")
@@ -244,26 +170,26 @@ def study(
     from posenc.experiments.study import plan_study, run_study, write_outputs
 
     try:
-        seed_list = [int(x) for x in _csv(seeds)] if seeds is not None else None
+        seed_list = [int(x) for x in csv(seeds)] if seeds is not None else None
         configs, missing = plan_study(
             preset,
-            encodings=_csv(encodings),
-            tasks=_csv(tasks),
+            encodings=csv(encodings),
+            tasks=csv(tasks),
             seeds=seed_list,
             steps=steps,
             text_path=text_path,
             threads=threads,
         )
     except (ValueError, TypeError) as err:
-        raise _fail(err) from None
+        raise fail(err) from None
     run_dir = Path(out) if out else Path("runs") / preset
     if summarize_only:
         try:
             outputs = write_outputs(run_dir, report=not no_report)
         except (ValueError, TypeError) as err:
-            raise _fail(err) from None
-        _print_tables(read_results(run_dir))
-        _print_outputs(run_dir, outputs)
+            raise fail(err) from None
+        print_tables(read_results(run_dir))
+        print_outputs(run_dir, outputs)
         return
     if missing:
         console.print(
@@ -279,7 +205,7 @@ def study(
             if note and ctx.is_main:
                 console.print(f"[yellow]note:[/yellow] {note}")
         mine = len(configs) if ctx is None else len(pd.shard(len(configs), ctx.rank, ctx.world_size))
-        with _progress() if ctx is None or ctx.is_main else _NoProgress() as progress:
+        with progress_bars() if ctx is None or ctx.is_main else NoProgress() as progress:
             label = "runs" if ctx is None else f"runs of rank 0/{ctx.world_size}"
             runs_bar = progress.add_task(label, total=mine, info="")
             steps_bar = progress.add_task("steps", total=1, info="")
@@ -306,13 +232,13 @@ def study(
         if ctx is not None and not ctx.is_main:
             console.print(f"rank {ctx.rank}/{ctx.world_size}: {len(records)} runs done; rank 0 writes the outputs")
             return
-        _print_tables(records)
+        print_tables(records)
         outputs = write_outputs(run_dir, report=not no_report)
     except (ValueError, TypeError, FloatingPointError, pd.DistributedError, KeyboardInterrupt) as err:
-        raise _harness_exit(err, ctx, "run the same command again to resume (finished runs are kept)") from None
+        raise harness_exit(err, ctx, "run the same command again to resume (finished runs are kept)") from None
     finally:
         pd.shutdown()
-    _print_outputs(run_dir, outputs)
+    print_outputs(run_dir, outputs)
 
 
 # -- evidence: analyze, plot, report (issue 5) ---------------------------------------------------
@@ -350,7 +276,7 @@ def analyze(
                 probe = P.learned_probe(info, name="all-MiniLM-L6-v2" if pretrained == "minilm" else None)
                 cards.append(analysis.card_for_probe(probe, cfg, token_norm=info.token_norm))
     except (ValueError, TypeError, FileNotFoundError) as err:
-        raise _fail(err) from None
+        raise fail(err) from None
     table = Table(title=f"posenc report card (dim={dim}, {heads} heads, horizon {horizon}, L={train_length})")
     for col in cards[0].row():
         table.add_column(col, overflow="fold")
@@ -413,7 +339,7 @@ def plot(
         console.print(f"[yellow]skipped:[/yellow] {err}")
         raise typer.Exit(3) from None
     except (ValueError, TypeError, FileNotFoundError) as err:
-        raise _fail(err) from None
+        raise fail(err) from None
     console.print(f"wrote {path}")
 
 
@@ -449,7 +375,7 @@ def report(
                 progress=lambda msg: status.update(msg),
             )
     except (ValueError, TypeError, FileNotFoundError) as err:
-        raise _fail(err) from None
+        raise fail(err) from None
     console.print(f"wrote {path}")
 
 
@@ -502,16 +428,16 @@ def extend(
             if value is None:
                 return None
             try:
-                return [int(x) for x in _csv(value)]
+                return [int(x) for x in csv(value)]
             except ValueError:
                 raise ValueError(f"{name} must be comma-separated integers, got {value!r}") from None
 
         command = "posenc extend " + " ".join(shlex.quote(a) for a in sys.argv[1:][1:]) if sys.argv[1:2] == [
             "extend"] else "posenc extend"  # fmt: skip
-        check_request(preset, rules=tuple(_csv(rules)), factors=tuple(ints("--factors", factors)),
-                      baselines=tuple(_csv(baselines) or ()) if baselines.strip() else (),
-                      checkpoints=_csv(checkpoint), tasks=_csv(tasks), seeds=ints("--seeds", seeds))  # fmt: skip
-        with _progress() as progress:
+        check_request(preset, rules=tuple(csv(rules)), factors=tuple(ints("--factors", factors)),
+                      baselines=tuple(csv(baselines) or ()) if baselines.strip() else (),
+                      checkpoints=csv(checkpoint), tasks=csv(tasks), seeds=ints("--seeds", seeds))  # fmt: skip
+        with progress_bars() as progress:
             bar = progress.add_task("extend", total=1, info="")
 
             def on_stage(msg: str) -> None:
@@ -521,14 +447,14 @@ def extend(
                 progress.update(bar, total=total, completed=step, info=f"loss {loss:.3f}")
 
             data = run_extension(
-                preset, out, tasks=_csv(tasks), seeds=ints("--seeds", seeds),
-                checkpoints=_csv(checkpoint), rules=tuple(_csv(rules)), factors=tuple(ints("--factors", factors)),
-                finetune=finetune, baselines=tuple(_csv(baselines) or ()) if baselines.strip() else (),
+                preset, out, tasks=csv(tasks), seeds=ints("--seeds", seeds),
+                checkpoints=csv(checkpoint), rules=tuple(csv(rules)), factors=tuple(ints("--factors", factors)),
+                finetune=finetune, baselines=tuple(csv(baselines) or ()) if baselines.strip() else (),
                 base_dir=base_dir, threads=threads, command=command, on_stage=on_stage, on_step=on_step,
             )  # fmt: skip
         outputs = write_outputs(data, out)
     except (ValueError, TypeError, FloatingPointError) as err:
-        raise _fail(err) from None
+        raise fail(err) from None
     except KeyboardInterrupt:
         console.print("[yellow]interrupted[/yellow]: run the same command again (finished runs are kept)")
         raise typer.Exit(130) from None

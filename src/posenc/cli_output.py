@@ -1,0 +1,91 @@
+"""Output helpers of the ``posenc`` command line: the rich console, progress bars,
+result tables and the one-line errors (exit codes) shared by its commands."""
+
+from __future__ import annotations
+
+import typer
+from rich.console import Console
+
+console = Console()
+
+
+def harness_exit(err: BaseException, ctx, interrupted_hint: str) -> typer.Exit:
+    """The exit of `train`/`study` for an error: one red line (code 2), a lost rank
+    (code 3) or Ctrl-C (code 130, with how to resume)."""
+    from posenc.experiments.distributed import DistributedError
+
+    if isinstance(err, KeyboardInterrupt):
+        console.print(f"[yellow]interrupted[/yellow]: {interrupted_hint}")
+        return typer.Exit(130)
+    exit_ = fail(err, ctx)
+    if isinstance(err, DistributedError):
+        if ctx is not None:  # the broken group cannot be destroyed safely: leave at once
+            from posenc.experiments.distributed import exit_now
+
+            exit_now(3)
+        return typer.Exit(3)
+    return exit_
+
+
+def fail(err: BaseException, ctx=None) -> typer.Exit:
+    where = "" if ctx is None else f" (rank {ctx.rank}/{ctx.world_size})"
+    console.print(f"[red]error{where}:[/red] {err}", highlight=False, soft_wrap=True)
+    return typer.Exit(2)
+
+
+class NoProgress:
+    """Stands in for the progress bars on ranks other than 0 under torchrun."""
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc) -> None:
+        return None
+
+    def add_task(self, *args, **kwargs) -> int:
+        return 0
+
+    def update(self, *args, **kwargs) -> None:
+        return None
+
+    def reset(self, *args, **kwargs) -> None:
+        return None
+
+
+def csv(value: str | None) -> list[str] | None:
+    if value is None:
+        return None
+    items = [v.strip() for v in value.split(",") if v.strip()]
+    if not items:
+        raise ValueError(f"expected a comma-separated list, got {value!r}")
+    return items
+
+
+def progress_bars():
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+    return Progress(
+        TextColumn("{task.description}"),
+        BarColumn(),
+        MofNCompleteColumn(),
+        TextColumn("{task.fields[info]}"),
+        TimeElapsedColumn(),
+        console=console,
+    )
+
+
+def print_tables(records: list) -> None:
+    from posenc.experiments.summary import tables, to_rich
+
+    for t in tables(records):
+        console.print(to_rich(t))
+
+
+def print_outputs(run_dir, outputs) -> None:
+    console.print(f"results: {run_dir / 'results.jsonl'}")
+    console.print(f"tables: {outputs['markdown']}")
+    console.print(f"plots: {run_dir / 'plots'} ({len(outputs['plots'])} files)")
+    if outputs["report"] is None:
+        console.print("no report.html written (--no-report, or posenc.viz.report is not installed)")
+    else:
+        console.print(f"report: {outputs['report']}")
