@@ -78,6 +78,20 @@ def test_count_answer_is_zero_padded_decimal(n):
         assert int("".join(str(d - digit0) for d in ans)) == x.count(q) >= 1
 
 
+@pytest.mark.parametrize("preset", ["quick", "full"])
+def test_preset_count_task_is_not_won_by_one_constant_answer(preset):
+    """With the preset's symbols, the most common count at n = 8 is far from certain (at 32
+    symbols "1" was right 92% of the time and every encoding scored exactly that)."""
+    from posenc.experiments.study import plan_study
+
+    (cfg,) = plan_study(preset, encodings=["none"], tasks=["count"], seeds=[0])[0]
+    ex = SyntheticTask("count", num_symbols=cfg.task.num_symbols).sample(8, 2000, _gen(0))
+    answers = ex.tokens[ex.answer_mask]  # one digit per example at n = 8
+    assert answers.numel() == 2000
+    majority = answers.bincount().max().item() / 2000
+    assert majority < 0.5, (cfg.task.num_symbols, majority)
+
+
 def test_sample_mixed_pads_and_restarts_positions():
     task = SyntheticTask("copy", num_symbols=4)
     lengths = torch.tensor([3, 1, 3, 2])
