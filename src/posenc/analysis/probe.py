@@ -150,8 +150,8 @@ def scores(
     q = rearrange(xq, "b s (h d) -> b h s d", h=h)
     k = rearrange(xk, "b s (h d) -> b h s d", h=h)
     q, k = pe.rotate(q, k, qp, kp)
-    # float64 product: a float32 GEMM rounds differently for different s (kernel choice
-    # depends on shape and CPU), which would show as a fake length dependence of ~1e-7.
+    # float64 product: a float32 GEMM may round differently for different s (seen on AMD
+    # EPYC: 1.8e-7), which length_dependence would report as a dependence on the length.
     out = q.double() @ k.double().transpose(-1, -2) / math.sqrt(probe.head_dim)  # [B, h, s_q, s_k]
     bias = pe.bias(qp, kp, q=q, k=k)
     if bias is not None:
