@@ -18,6 +18,7 @@ from posenc.cli_output import (
     print_outputs,
     print_tables,
     progress_bars,
+    study_hooks,
 )
 
 app = typer.Typer(help="posenc: a positional-encoding laboratory for PyTorch.", no_args_is_help=True)
@@ -154,35 +155,36 @@ def study(
     steps: int = typer.Option(None, "--steps", help="training steps of every run"),
     text_path: str = typer.Option(None, "--text", help="file or folder for task 'text'"),
     out: str = typer.Option(None, "--out", help="run folder (default runs/<preset>)"),
-    threads: int = typer.Option(None, "--threads", help="torch threads (default min(2, cores))"),
+    threads: int = typer.Option(None, "--threads", help="torch threads per run (default min(2, cores // jobs))"),
+    jobs: int = typer.Option(None, "--jobs", help="runs trained side by side (default: one per core, at most 8)"),
     no_report: bool = typer.Option(False, "--no-report", help="skip report.html (tables and plots only)"),
     summarize_only: bool = typer.Option(
         False, "--summarize-only", help="train nothing: tables, plots and report from the finished runs in --out"
     ),
 ) -> None:
     """Train encodings x tasks x seeds (skipping finished runs), then write tables, plots
-    and the HTML report into the run folder. Under torchrun the runs are sharded across
-    ranks (docs/distributed.md)."""
+    and the HTML report into the run folder. Runs are trained by --jobs worker processes
+    side by side; under torchrun they are sharded across ranks (docs/distributed.md)."""
     from pathlib import Path
 
     from posenc.experiments import distributed as pd
+    from posenc.experiments.parallel import StudyWorkerError, plan_jobs, run_study_parallel
     from posenc.experiments.results import read_results
     from posenc.experiments.study import plan_study, run_study, write_outputs
 
+    run_dir = Path(out) if out else Path("runs") / preset
     try:
         seed_list = [int(x) for x in csv(seeds)] if seeds is not None else None
-        configs, missing = plan_study(
-            preset,
-            encodings=csv(encodings),
-            tasks=csv(tasks),
-            seeds=seed_list,
-            steps=steps,
-            text_path=text_path,
-            threads=threads,
-        )
+        plan = {"encodings": csv(encodings), "tasks": csv(tasks), "seeds": seed_list, "steps": steps,
+                "text_path": text_path}  # fmt: skip
+        configs, missing = plan_study(preset, **plan, threads=threads)
+        done = set() if summarize_only else {r["run_id"] for r in read_results(run_dir)}
+        pending = sum(c.run_id not in done for c in configs)
+        jobs, run_threads, jobs_note = plan_jobs(jobs, threads, pending, launched=pd.launched())
+        if run_threads != threads:
+            configs, _ = plan_study(preset, **plan, threads=run_threads)
     except (ValueError, TypeError) as err:
         raise fail(err) from None
-    run_dir = Path(out) if out else Path("runs") / preset
     if summarize_only:
         try:
             outputs = write_outputs(run_dir, report=not no_report)
@@ -197,6 +199,8 @@ def study(
         )
     if os.environ.get("RANK", "0") == "0":  # once under torchrun
         console.print(f"study {preset!r}: {len(configs)} runs into {run_dir}")
+    if jobs_note:
+        console.print(f"[yellow]note:[/yellow] {jobs_note}")
     ctx = None
     try:
         if pd.launched():  # under torchrun: plan entry i is trained by rank i % world size
@@ -205,36 +209,24 @@ def study(
             if note and ctx.is_main:
                 console.print(f"[yellow]note:[/yellow] {note}")
         mine = len(configs) if ctx is None else len(pd.shard(len(configs), ctx.rank, ctx.world_size))
+        parallel = ctx is None and jobs > 1
         with progress_bars() if ctx is None or ctx.is_main else NoProgress() as progress:
             label = "runs" if ctx is None else f"runs of rank 0/{ctx.world_size}"
-            runs_bar = progress.add_task(label, total=mine, info="")
-            steps_bar = progress.add_task("steps", total=1, info="")
-            finished = [0]
-
-            def start(i, cfg):
-                progress.update(runs_bar, info=f"{cfg.task.label} / {cfg.encoding_label} / seed {cfg.train.seed}")
-                progress.reset(steps_bar, total=cfg.train.steps, info="")
-
-            def end(i, rec, skipped):
-                finished[0] += 1
-                progress.update(runs_bar, completed=finished[0])
-                if skipped:
-                    progress.update(steps_bar, completed=configs[i].train.steps, info="(already done)")
-
-            def on_step(step, total, loss):
-                progress.update(steps_bar, completed=step, info=f"loss {loss:.3f}")
-
-            hooks = {"on_run_start": start, "on_run_end": end, "on_step": on_step}
-            if ctx is None:
-                records = run_study(configs, run_dir, **hooks)
-            else:
+            if parallel:
+                label = f"runs ({jobs} processes x {configs[0].train.threads} threads)"
+            hooks = study_hooks(progress, configs, mine, label, parallel)
+            if ctx is not None:
                 records = pd.run_study_sharded(configs, run_dir, ctx, **hooks)
+            elif parallel:
+                records = run_study_parallel(configs, run_dir, jobs, **hooks)
+            else:
+                records = run_study(configs, run_dir, **hooks)
         if ctx is not None and not ctx.is_main:
             console.print(f"rank {ctx.rank}/{ctx.world_size}: {len(records)} runs done; rank 0 writes the outputs")
             return
         print_tables(records)
         outputs = write_outputs(run_dir, report=not no_report)
-    except (ValueError, TypeError, FloatingPointError, pd.DistributedError, KeyboardInterrupt) as err:
+    except (ValueError, TypeError, FloatingPointError, pd.DistributedError, StudyWorkerError, KeyboardInterrupt) as err:
         raise harness_exit(err, ctx, "run the same command again to resume (finished runs are kept)") from None
     finally:
         pd.shutdown()

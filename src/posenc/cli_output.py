@@ -51,6 +51,9 @@ class NoProgress:
     def reset(self, *args, **kwargs) -> None:
         return None
 
+    def remove_task(self, *args, **kwargs) -> None:
+        return None
+
 
 def csv(value: str | None) -> list[str] | None:
     if value is None:
@@ -89,3 +92,42 @@ def print_outputs(run_dir, outputs) -> None:
         console.print("no report.html written (--no-report, or posenc.viz.report is not installed)")
     else:
         console.print(f"report: {outputs['report']}")
+
+
+def study_hooks(progress, configs: list, runs: int, label: str, parallel: bool) -> dict:
+    """Progress hooks for ``run_study`` (one steps bar, reused run after run) or, with
+    ``parallel``, for ``run_study_parallel`` (one steps bar per active run). ``configs``
+    is the whole plan (hooks get plan indices); ``runs`` how many of them this process
+    trains."""
+    runs_bar = progress.add_task(label, total=runs, info="")
+    bars: dict[int, int] = {}  # plan index -> its steps bar
+    finished = [0]
+
+    def describe(cfg) -> str:
+        return f"{cfg.task.label} / {cfg.encoding_label} / seed {cfg.train.seed}"
+
+    def start(i, cfg):
+        if parallel:
+            bars[i] = progress.add_task("  steps", total=cfg.train.steps, info=describe(cfg))
+        else:
+            progress.update(runs_bar, info=describe(cfg))
+            progress.reset(bars.setdefault(0, progress.add_task("steps", total=1, info="")), total=cfg.train.steps,
+                           info="")  # fmt: skip
+
+    def end(i, rec, skipped):
+        finished[0] += 1
+        progress.update(runs_bar, completed=finished[0])
+        bar = bars.pop(i, None) if parallel else bars.get(0)
+        if parallel and bar is not None:
+            progress.remove_task(bar)
+        elif skipped and bar is not None:
+            progress.update(bar, completed=configs[i].train.steps, info="(already done)")
+
+    def step(*args):  # (step, steps, loss), or (i, step, steps, loss) in parallel
+        i, done, total, loss = args if parallel else (0, *args)
+        bar = bars.get(i)
+        if bar is not None:
+            info = f"{describe(configs[i])}, loss {loss:.3f}" if parallel else f"loss {loss:.3f}"
+            progress.update(bar, completed=done, info=info)
+
+    return {"on_run_start": start, "on_run_end": end, "on_step": step}

@@ -47,14 +47,7 @@ import torch.distributed as dist
 from torch import nn
 
 from posenc.experiments.config import RunConfig
-from posenc.experiments.results import (
-    RESULTS_FILE,
-    _locked,
-    append_result,
-    atomic_write_bytes,
-    find_result,
-    read_results,
-)
+from posenc.experiments.results import RESULTS_FILE, append_result, find_result, order_results, read_results
 
 ENV_TIMEOUT = "POSENC_DIST_TIMEOUT"
 ENV_STUDY_TIMEOUT = "POSENC_DIST_STUDY_TIMEOUT"
@@ -362,18 +355,6 @@ def train_distributed(
 def shard(n: int, rank: int, world_size: int) -> list[int]:
     """Plan indices of ``rank``: ``rank, rank + world_size, ...`` (round robin)."""
     return list(range(rank, n, world_size))
-
-
-def order_results(run_dir: str | Path, run_ids: list[str]) -> None:
-    """Rewrite ``results.jsonl`` with the lines of ``run_ids`` first, in that order, then
-    any others as they were (atomically, under the results lock)."""
-    run_dir = Path(run_dir)
-    with _locked(run_dir):
-        records = read_results(run_dir)
-        rank = {rid: i for i, rid in enumerate(run_ids)}
-        ordered = sorted(records, key=lambda r: rank.get(r["run_id"], len(rank)))  # stable for the others
-        text = "".join(json.dumps(r, sort_keys=False, allow_nan=False) + "\n" for r in ordered)
-        atomic_write_bytes(run_dir / RESULTS_FILE, text.encode("utf-8"))
 
 
 def run_study_sharded(

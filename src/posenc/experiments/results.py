@@ -152,3 +152,15 @@ def find_result(run_dir: str | Path, run_id: str) -> dict[str, Any] | None:
         if rec["run_id"] == run_id:
             return rec
     return None
+
+
+def order_results(run_dir: str | Path, run_ids: list[str]) -> None:
+    """Rewrite ``results.jsonl`` with the lines of ``run_ids`` first, in that order, then
+    any others as they were (atomically, under the results lock)."""
+    run_dir = Path(run_dir)
+    with _locked(run_dir):
+        records = read_results(run_dir)
+        rank = {rid: i for i, rid in enumerate(run_ids)}
+        ordered = sorted(records, key=lambda r: rank.get(r["run_id"], len(rank)))  # stable for the others
+        text = "".join(json.dumps(r, sort_keys=False, allow_nan=False) + "\n" for r in ordered)
+        atomic_write_bytes(run_dir / RESULTS_FILE, text.encode("utf-8"))

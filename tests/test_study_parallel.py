@@ -1,0 +1,114 @@
+"""`posenc study --jobs N`: runs trained by worker processes side by side give the
+records a single process gives, in plan order; finished runs are skipped without a
+worker; a failing run and a killed worker stop the study with a clear error."""
+
+from __future__ import annotations
+
+import json
+import multiprocessing as mp
+import os
+import signal
+
+import pytest
+from typer.testing import CliRunner
+
+from posenc.cli import app
+from posenc.experiments.config import config_from_dict
+from posenc.experiments.parallel import StudyWorkerError, default_jobs, plan_jobs, run_study_parallel
+from posenc.experiments.results import read_results
+from posenc.experiments.study import run_study
+from posenc.experiments.train import checkpoint_path
+
+TINY = {
+    "task": {"name": "copy", "train_length": 3, "num_symbols": 4, "eval_samples": 8, "eval_factors": [2]},
+    "model": {"encoding": "sinusoidal", "dim": 16, "num_layers": 1, "num_heads": 2},
+    "train": {"steps": 30, "batch_size": 8, "lr": 0.003, "warmup": 5, "checkpoint_every": 10, "threads": 1},
+}
+
+
+def _configs(encodings=("sinusoidal", "rope", "alibi"), seeds=(0,), steps=30):
+    out = []
+    for enc in encodings:
+        for seed in seeds:
+            d = json.loads(json.dumps(TINY))
+            d["model"]["encoding"] = enc
+            d["train"].update(seed=seed, steps=steps)
+            out.append(config_from_dict(d))
+    return out
+
+
+def test_parallel_records_equal_sequential_and_are_in_plan_order(tmp_path):
+    configs = _configs(seeds=(0, 1))
+    seq = run_study(configs, tmp_path / "seq")
+    events = []
+    par = run_study_parallel(
+        configs,
+        tmp_path / "par",
+        2,
+        on_run_start=lambda i, cfg: events.append(("start", i)),
+        on_run_end=lambda i, rec, skipped: events.append(("end", i, skipped)),
+    )
+    assert [r["run_id"] for r in par] == [c.run_id for c in configs]
+    assert [r["metrics"] for r in par] == [r["metrics"] for r in seq]  # same computation, bit for bit
+    assert [r["run_id"] for r in read_results(tmp_path / "par")] == [c.run_id for c in configs]
+    assert sorted(e[1] for e in events if e[0] == "start") == list(range(len(configs)))
+    assert all(e[2] is False for e in events if e[0] == "end")
+
+    events.clear()  # re-run: every run skipped, no worker started
+    before = set(mp.active_children())
+    again = run_study_parallel(configs, tmp_path / "par", 2, on_run_end=lambda i, r, s: events.append(s))
+    assert again == par and events == [True] * len(configs) and set(mp.active_children()) == before
+
+
+def test_failing_run_stops_the_study_with_its_error(tmp_path):
+    configs = _configs(encodings=("sinusoidal", "rope"))
+    ckpt = checkpoint_path(tmp_path, configs[1].run_id)
+    ckpt.parent.mkdir(parents=True, exist_ok=True)
+    ckpt.write_bytes(b"not a checkpoint")
+    with pytest.raises(ValueError, match="checkpoint"):
+        run_study_parallel(configs, tmp_path, 2)
+    assert mp.active_children() == []  # the other worker was stopped
+    assert all(r["run_id"] != configs[1].run_id for r in read_results(tmp_path))
+
+
+def test_killed_worker_is_named(tmp_path):
+    configs = _configs(encodings=("sinusoidal",), steps=3000)
+    killed = []
+
+    def kill_once(i, step, steps, loss):
+        if not killed:
+            (child,) = mp.active_children()
+            os.kill(child.pid, signal.SIGKILL)
+            killed.append(child.pid)
+
+    with pytest.raises(StudyWorkerError, match=r"worker \d+ died \(exit code -9\) during run"):
+        run_study_parallel(configs, tmp_path, 2, on_step=kill_once)
+    assert read_results(tmp_path) == []
+
+
+def test_plan_jobs():
+    assert default_jobs(20, cores=2) == 2 and default_jobs(1, cores=16) == 1 and default_jobs(100, cores=64) == 8
+    assert plan_jobs(None, None, 20, cores=2) == (2, 1, None)  # two one-thread runs side by side
+    assert plan_jobs(None, None, 20, cores=8) == (8, 1, None)
+    assert plan_jobs(2, None, 20, cores=8) == (2, 2, None)  # at most 2 threads per run by default
+    assert plan_jobs(1, None, 20, cores=2) == (1, None, None)  # one process: the run's default threads
+    assert plan_jobs(None, None, 0, cores=2) == (1, None, None)
+    jobs, threads, note = plan_jobs(4, 2, 20, cores=2)
+    assert (jobs, threads) == (4, 2) and "4 processes x 2 threads > 2 cores" in note
+    assert plan_jobs(None, 3, 5, launched=True) == (1, 3, None)
+    with pytest.raises(ValueError, match="torchrun"):
+        plan_jobs(2, None, 5, launched=True)
+    for bad in (0, -1, True, 1.5):
+        with pytest.raises(ValueError, match="--jobs must be an integer >= 1"):
+            plan_jobs(bad, None, 5)
+
+
+def test_cli_jobs(tmp_path):
+    runner = CliRunner()
+    base = ["study", "--preset", "smoke", "--encodings", "sinusoidal,none", "--tasks", "copy", "--no-report"]
+    res = runner.invoke(app, [*base, "--jobs", "0", "--out", str(tmp_path / "bad")])
+    assert res.exit_code == 2 and "--jobs must be an integer >= 1" in res.output
+    assert not (tmp_path / "bad").exists()
+    res = runner.invoke(app, [*base, "--jobs", "2", "--out", str(tmp_path / "ok")])
+    assert res.exit_code == 0, res.output
+    assert [r["encoding"] for r in read_results(tmp_path / "ok")] == ["sinusoidal", "none"]
