@@ -148,7 +148,7 @@ def evaluate(
 
 @app.command("study")
 def study(
-    preset: str = typer.Option("quick", "--preset", help="quick (the default, ~15 min on 2 CPU cores) or full"),
+    preset: str = typer.Option("quick", "--preset", help="quick (the default, ~12 min on 2 CPU cores) or full"),
     encodings: str = typer.Option(None, "--encodings", help="comma-separated; NAME+randpos for randomized positions"),
     tasks: str = typer.Option(None, "--tasks", help="comma-separated: copy, reverse, ..., shakespeare, stdlib, text"),
     seeds: str = typer.Option(None, "--seeds", help="comma-separated ints, e.g. 0,1,2"),

@@ -42,9 +42,9 @@ _QUICK_LM = {
     "train": {"steps": 1000, "batch_size": 32, "lr": 3e-3, "warmup": 100},
 }
 # The full preset trains each run exactly like the quick one (so the quick study is its
-# seed-0 slice) and is longer in breadth: every task, every encoding, 3 seeds. Per run,
-# a quick copy run is compute-bound at ~17 ms/step on one core (measured), so the 504
-# runs already take ~4 hours on 2 CPU cores; longer runs would not fit. docs/results.md.
+# seed-0 slice) and is longer in breadth: every task, every encoding, 3 seeds. A synthetic
+# run takes ~105 s and a language-modelling run ~50 s on one core (measured), so the 504
+# runs already take ~13 core-hours (~6.5 hours on 2 cores); longer runs would not fit.
 _FULL_SYNTHETIC = _QUICK_SYNTHETIC
 _FULL_LM = _QUICK_LM
 # Task-specific settings on top of a preset's synthetic ones. count: with 32 symbols and
