@@ -8,6 +8,9 @@ import json
 import multiprocessing as mp
 import os
 import signal
+import subprocess
+import sys
+import time
 
 import pytest
 from typer.testing import CliRunner
@@ -112,3 +115,44 @@ def test_cli_jobs(tmp_path):
     res = runner.invoke(app, [*base, "--jobs", "2", "--out", str(tmp_path / "ok")])
     assert res.exit_code == 0, res.output
     assert [r["encoding"] for r in read_results(tmp_path / "ok")] == ["sinusoidal", "none"]
+
+
+def _children(pid: int) -> list[int]:
+    out = []
+    for entry in os.listdir("/proc"):
+        if entry.isdigit():
+            try:
+                with open(f"/proc/{entry}/stat") as f:
+                    fields = f.read().rsplit(")", 1)[1].split()
+            except OSError:
+                continue
+            if int(fields[1]) == pid and fields[0] != "Z":
+                out.append(int(entry))
+    return out
+
+
+@pytest.mark.skipif(not os.path.isdir("/proc"), reason="reads /proc")
+def test_workers_exit_when_the_parent_is_killed(tmp_path):
+    script = (
+        "import json, sys\n"
+        "from posenc.experiments.config import config_from_dict\n"
+        "from posenc.experiments.parallel import run_study_parallel\n"
+        "cfgs = [config_from_dict(d) for d in json.loads(sys.argv[1])]\n"
+        "run_study_parallel(cfgs, sys.argv[2], 2)\n"
+    )
+    dicts = [c.to_dict() for c in _configs(encodings=("sinusoidal", "rope"), steps=100_000)]
+    parent = subprocess.Popen([sys.executable, "-c", script, json.dumps(dicts), str(tmp_path)])
+    try:
+        deadline = time.monotonic() + 120
+        while len(list((tmp_path / "checkpoints").glob("*.pt"))) < 2:  # both workers are training
+            assert parent.poll() is None and time.monotonic() < deadline
+            time.sleep(0.2)
+        workers = [p for p in _children(parent.pid) if "spawn_main" in open(f"/proc/{p}/cmdline").read()]
+        assert len(workers) == 2
+    finally:
+        parent.kill()
+        parent.wait()
+    deadline = time.monotonic() + 30
+    while any(os.path.exists(f"/proc/{p}") and open(f"/proc/{p}/stat").read().split()[2] != "Z" for p in workers):
+        assert time.monotonic() < deadline, "study workers outlived their parent"
+        time.sleep(0.2)

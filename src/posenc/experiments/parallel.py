@@ -83,17 +83,21 @@ class StudyWorkerError(RuntimeError):
     """A worker process died without reporting (killed, out of memory)."""
 
 
-def _worker(tasks, messages, configs: list[dict[str, Any]], run_dir: str) -> None:
+def _worker(tasks, messages, configs: list[dict[str, Any]], run_dir: str, parent: int) -> None:
     """Loop of one worker process: train the runs whose plan indices arrive on ``tasks``
-    (``None`` ends the loop) and report on ``messages``."""
+    (``None`` ends the loop) and report on ``messages``. If the parent process ``parent``
+    dies (SIGKILL, or a SIGTERM that skips its clean-up), the worker exits at its next step
+    rather than train the rest of the study unseen; its run resumes from the checkpoint."""
     from posenc.experiments.config import config_from_dict
     from posenc.experiments.train import train_run
 
     cache: dict = {}  # corpora, shared by this worker's runs
-    while (i := tasks.get()) is not None:
+    while os.getppid() == parent and (i := tasks.get()) is not None:
         last = [0.0]
 
         def on_step(step: int, steps: int, loss: float, i: int = i, last: list[float] = last) -> None:
+            if os.getppid() != parent:
+                os._exit(3)
             now = time.monotonic()
             if step == steps or now - last[0] >= STEP_REPORT_S:
                 last[0] = now
@@ -163,7 +167,12 @@ def _train_pending(configs, pending, run_dir, jobs, records, on_run_start, on_ru
         tasks.put(None)
     dicts = [c.to_dict() for c in configs]
     workers = [
-        ctx.Process(target=_worker, args=(tasks, messages, dicts, str(run_dir)), daemon=True, name=f"posenc-study-{k}")
+        ctx.Process(
+            target=_worker,
+            args=(tasks, messages, dicts, str(run_dir), os.getpid()),
+            daemon=True,
+            name=f"posenc-study-{k}",
+        )
         for k in range(jobs)
     ]
     running: dict[int, int] = {}  # worker pid -> plan index of its current run
