@@ -338,7 +338,7 @@ def test_tables_and_mean_ranks_by_hand():
     assert [(r[0], r[1]) for r in ranked.rows] == [("a", "2.00"), ("c", "1.75")][::-1] + [("b", "2.25")]
     # per seed: only seed 0 is common to every encoding of both tasks; copy seed 0 at 2L:
     # a 0.9, b 0.2, c 0.2 -> 1, 2.5, 2.5 (so the same as the means here).
-    assert [r[2] for r in ranked.rows] == ["1.75", "2.00", "2.25"] and ranked.columns[2] == "per-seed rank (1 seeds)"
+    assert [r[2] for r in ranked.rows] == ["1.75", "2.00", "2.25"] and ranked.columns[2] == "per-seed rank (1 seed)"
     # two seeds that disagree: a wins seed 0, b wins seed 1 -> per-seed ranks 1 and 2 each
     two = [_rec("copy", "a", 0, {1: 1.0, 4: 0.9}), _rec("copy", "a", 1, {1: 1.0, 4: 0.1}),
            _rec("copy", "b", 0, {1: 1.0, 4: 0.5}), _rec("copy", "b", 1, {1: 1.0, 4: 0.5})]  # fmt: skip

@@ -55,7 +55,7 @@ def press_table(records: list[dict[str, Any]]) -> list[TableData]:
             rows.append([enc, f"{p2:g}", ours.get(2, "-"), f"{p5:g}", ours.get(4, "-"), ours.get(8, "-"), at_l])
         seeds = max(len(v) for v in by_enc.values())
         cols = ["encoding", "paper ~2L", "ours 2L", "paper ~5L", "ours 4L", "ours 8L", "ours ppl at L"]
-        title = f"Press et al. 2022 Table 2 vs {task} (L={L}, {seeds} seeds): ppl(E) / ppl(L)"
+        title = f"Press et al. 2022 Table 2 vs {task} (L={L}, {seeds} seed{'s' * (seeds != 1)}): ppl(E) / ppl(L)"
         out.append(TableData(title, cols, rows))
     return out
 

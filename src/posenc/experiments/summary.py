@@ -160,7 +160,7 @@ def mean_ranks(records: list[dict[str, Any]], factor: int = 2, key: str = "token
         ]
         for enc, r in sorted(ranks.items(), key=lambda kv: statistics.fmean(kv[1]))
     ]
-    cols = ["encoding", "mean rank", f"per-seed rank ({len(per_seed)} seeds)", "tasks",
+    cols = ["encoding", "mean rank", f"per-seed rank ({len(per_seed)} seed{'s' * (len(per_seed) != 1)})", "tasks",
             *(f"{t} {key} (L, {factor}L]" for t in per_task)]  # fmt: skip
     return TableData(f"mean rank by {key} on lengths (L, {factor}L], over synthetic tasks (1 = best)", cols, rows)
 
