@@ -349,6 +349,19 @@ def test_tables_and_mean_ranks_by_hand():
     assert em.rows[0] == ["a", "0.88 ± 0.18", "0.75 ± 0.35", "0.80 ± 0.14"]
 
 
+def test_tables_order_does_not_depend_on_record_order():
+    from posenc.experiments.summary import group
+
+    encodings = ("xpos", "rope+randpos", "alibi", "rope", "cope", "sinusoidal")
+    recs = [_rec(t, e, 0, {1: 1.0}) for t in ("count", "copy") for e in encodings]
+    want = {"copy": ["sinusoidal", "rope", "rope+randpos", "alibi", "cope", "xpos"]}
+    want["count"] = want["copy"]
+    for order in (recs, recs[::-1]):
+        got = group(order)
+        assert list(got) == ["copy", "count"]  # posenc.experiments.config.TASKS order
+        assert {t: list(by_enc) for t, by_enc in got.items()} == want
+
+
 def test_documented_configs_load():
     docs = Path(__file__).resolve().parents[1] / "docs" / "configs"
     configs = {p.stem: load_config(p) for p in sorted(docs.glob("*.yaml"))}

@@ -28,6 +28,9 @@ from posenc.functional.checks import positive_float, positive_int
 from posenc.registry import get as get_encoding
 
 TASKS: tuple[str, ...] = SYNTHETIC_TASKS + CORPORA
+#: The seven steps of the classic story, in order (README), then the quick preset's others.
+CLASSIC = ("integer", "normalized", "binary", "sine", "sinusoidal", "t5", "rope")
+QUICK_ENCODINGS = (*CLASSIC, "learned", "alibi", "none")
 
 
 def _positive_ints(name: str, values: tuple[int, ...]) -> None:

@@ -18,14 +18,12 @@ from pathlib import Path
 from typing import Any
 
 from posenc.data.synthetic import SYNTHETIC_TASKS
-from posenc.experiments.config import TASKS, RunConfig, config_from_dict
+from posenc.experiments.config import QUICK_ENCODINGS, TASKS, RunConfig, config_from_dict
 from posenc.experiments.results import read_results
 from posenc.experiments.summary import tables, to_markdown
 from posenc.experiments.train import StepCallback, train_run
 from posenc.registry import available, create_for_model
 
-CLASSIC = ("integer", "normalized", "binary", "sine", "sinusoidal", "t5", "rope")
-QUICK_ENCODINGS = (*CLASSIC, "learned", "alibi", "none")
 RANDPOS = "+randpos"
 
 # Per-task settings of each preset (model, training length, steps...). See docs/results.md

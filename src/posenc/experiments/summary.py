@@ -11,6 +11,8 @@ import statistics
 from collections import defaultdict
 from typing import Any
 
+from posenc.experiments.config import QUICK_ENCODINGS, TASKS
+
 LM_KEYS = ("ppl", "ppl_sliding")
 SYN_KEYS = ("exact_match", "token_accuracy")
 
@@ -50,11 +52,21 @@ def ratio(record: dict[str, Any], length: int, key: str = "ppl") -> float:
 
 
 def group(records: list[dict[str, Any]]) -> dict[str, dict[str, list[dict[str, Any]]]]:
-    """``{task: {encoding: [records over seeds]}}`` in first-seen order."""
+    """``{task: {encoding: [records over seeds]}}`` in a fixed order, whatever the order of
+    the records (a shared run folder's file is reordered by each study command): tasks as
+    in ``TASKS``, encodings as in the quick preset (the classic story first), then the
+    others alphabetically, each ``NAME+randpos`` right after ``NAME``."""
     out: dict[str, dict[str, list[dict[str, Any]]]] = defaultdict(lambda: defaultdict(list))
     for r in records:
         out[r["task"]][r["encoding"]].append(r)
-    return out
+    tasks = sorted(out, key=lambda t: (TASKS.index(t) if t in TASKS else len(TASKS), t))
+    return {t: {e: out[t][e] for e in sorted(out[t], key=_encoding_order)} for t in tasks}
+
+
+def _encoding_order(name: str) -> tuple[int, str, str]:
+    base, _, variant = name.partition("+")
+    rank = QUICK_ENCODINGS.index(base) if base in QUICK_ENCODINGS else len(QUICK_ENCODINGS)
+    return rank, base, variant
 
 
 @dataclasses.dataclass
