@@ -344,6 +344,8 @@ def test_tables_and_mean_ranks_by_hand():
            _rec("copy", "b", 0, {1: 1.0, 4: 0.5}), _rec("copy", "b", 1, {1: 1.0, 4: 0.5})]  # fmt: skip
     assert [r[1:3] for r in mean_ranks(two).rows] == [["1.50", "1.50 ± 0.71"]] * 2
     em = tables(recs)[0]
+    assert em.title.endswith("on 1..2 (mean ± std over 1–2 seeds; a value without ± is 1 seed)")
+    assert tables(recs)[2].title.endswith("(1 seed)")  # sort, exact match
     assert em.columns == ["encoding", "1..2", "2", "4"]
     # a over two seeds: in-distribution mean of (1.0 + 1.0)/2 and (1.0 + 0.5)/2; std of (1.0, 0.75).
     assert em.rows[0] == ["a", "0.88 ± 0.18", "0.75 ± 0.35", "0.80 ± 0.14"]

@@ -86,8 +86,7 @@ def tables(records: list[dict[str, Any]]) -> list[TableData]:
         first = next(iter(by_enc.values()))
         L = first[0]["train_length"]
         lengths = [m["length"] for m in first[0]["metrics"] if m["length"] >= L]
-        seeds = max(len(v) for v in by_enc.values())
-        spread = f" (mean ± std over {seeds} seeds)" if seeds > 1 else " (1 seed)"
+        spread = _seed_note(sorted({len(v) for v in by_enc.values()}))
         if is_lm(first):
             for key, name in (("ppl", "perplexity, non-overlapping"), ("ppl_sliding", "perplexity, sliding window")):
                 rows = []
@@ -114,6 +113,16 @@ def tables(records: list[dict[str, Any]]) -> list[TableData]:
     if ranked is not None:
         out.append(ranked)
     return out
+
+
+def _seed_note(counts: list[int]) -> str:
+    """Title suffix for rows over ``counts`` seeds (the distinct numbers of seeds per row)."""
+    if counts == [1]:
+        return " (1 seed)"
+    if len(counts) == 1:
+        return f" (mean ± std over {counts[0]} seeds)"
+    note = f" (mean ± std over {counts[0]}–{counts[-1]} seeds"
+    return note + ("; a value without ± is 1 seed)" if counts[0] == 1 else ")")
 
 
 def _ranks(scores: dict[str, float]) -> dict[str, float]:
