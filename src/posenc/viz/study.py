@@ -41,15 +41,21 @@ def plot_task(records: list[dict[str, Any]], metric: str, path: str | Path, *, t
     L = next(iter(by_enc.values()))[0]["train_length"]
     fig, ax = plt.subplots(figsize=(8.5, 4.5))
     cmap = plt.get_cmap("tab20")
-    for i, (enc, recs) in enumerate(sorted(by_enc.items())):
+    bases = list(dict.fromkeys(enc.partition("+")[0] for enc in by_enc))  # NAME+randpos: NAME's colour, dashed
+    for enc, recs in by_enc.items():
+        color = cmap(bases.index(enc.partition("+")[0]) % 20)
         lengths = sorted({m["length"] for r in recs for m in r["metrics"]})
         per_len = [[{m["length"]: m[metric] for m in r["metrics"]}[n] for r in recs] for n in lengths]
         mean = [statistics.fmean(v) for v in per_len]
         style = "--" if "+randpos" in enc else "-"
-        ax.plot(lengths, mean, style, marker="o", ms=3, color=cmap(i % 20), label=enc)
+        ax.plot(lengths, mean, style, marker="o", ms=3, color=color, label=enc)
         if len(recs) > 1:
             ax.fill_between(
-                lengths, [min(v) for v in per_len], [max(v) for v in per_len], color=cmap(i % 20), alpha=0.2
+                lengths,
+                [min(v) for v in per_len],
+                [max(v) for v in per_len],
+                color=color,
+                alpha=0.2 if len(by_enc) <= 10 else 0.08,
             )
     ax.axvline(L, color="grey", lw=1, ls=":")
     ax.text(L, 1.0, " trained up to L", transform=ax.get_xaxis_transform(), va="top", fontsize=8, color="grey")
@@ -59,8 +65,9 @@ def plot_task(records: list[dict[str, Any]], metric: str, path: str | Path, *, t
         ax.set_yscale("log")
     ax.set_xlabel("evaluation length")
     ax.set_ylabel(_LABELS.get(metric, metric))
-    seeds = max(len(v) for v in by_enc.values())
-    ax.set_title(title or f"{task}: {_LABELS.get(metric, metric)} (L={L}, {seeds} seed{'s' if seeds > 1 else ''})")
+    counts = sorted({len(v) for v in by_enc.values()})
+    seeds = f"{counts[0]}–{counts[-1]} seeds" if len(counts) > 1 else f"{counts[0]} seed{'s' if counts[0] > 1 else ''}"
+    ax.set_title(title or f"{task}: {_LABELS.get(metric, metric)} (L={L}, {seeds})")
     ax.grid(alpha=0.3)
     ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1.0), frameon=False)
     fig.tight_layout()
