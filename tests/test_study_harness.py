@@ -4,6 +4,7 @@ schema, and every bad input as a one-line error with nothing half-written."""
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 import os
@@ -367,10 +368,15 @@ def test_tables_order_does_not_depend_on_record_order():
 def test_documented_configs_load():
     docs = Path(__file__).resolve().parents[1] / "docs" / "configs"
     configs = {p.stem: load_config(p) for p in sorted(docs.glob("*.yaml"))}
-    assert len(configs) == 2
+    assert len(configs) == 3
     # The documented copy config is exactly one run of the quick preset.
     quick, _ = plan_study("quick", encodings=["sinusoidal"], tasks=["copy"])
     assert configs["copy_sinusoidal"] == quick[0]
+    # The T5 experiment of docs/results.md is the full preset's run but for max_distance.
+    full, _ = plan_study("full", encodings=["t5"], tasks=["shakespeare"], seeds=[0])
+    t5 = configs["shakespeare_t5_max_distance_64"]
+    assert t5.model.encoding_params == {"max_distance": 64}
+    assert dataclasses.replace(t5, model=dataclasses.replace(t5.model, encoding_params={})) == full[0]
 
 
 def test_unbuildable_preset_encoding_is_left_out_with_reason_but_named_one_is_an_error():
