@@ -2,7 +2,13 @@
 
 from __future__ import annotations
 
-from posenc.experiments.published import kazemnejad_ranks, press_table, published_tables, randpos_table
+from posenc.experiments.published import (
+    kazemnejad_ranks,
+    press_table,
+    published_tables,
+    randpos_lm_table,
+    randpos_table,
+)
 
 
 def _lm(enc, seed, ppl_by_len, L=10):
@@ -62,3 +68,29 @@ def test_randpos_gain_is_paired_by_seed():
 
 def test_nothing_to_compare_gives_no_tables():
     assert published_tables([_syn("copy", "binary", 0, {1: 1.0, 2: 1.0, 4: 0.5})]) == []
+
+
+def test_randpos_on_text_pairs_seeds_and_gives_ratios():
+    recs = [
+        _lm("rope", 0, {10: 5.0, 20: 10.0, 40: 20.0}),
+        _lm("rope", 1, {10: 4.0, 20: 6.0, 40: 8.0}),
+        _lm("rope", 2, {10: 4.0, 20: 6.0, 40: 8.0}),  # no randpos twin for seed 2: left out
+        _lm("rope+randpos", 0, {10: 6.0, 20: 6.0, 40: 6.0}),
+        _lm("rope+randpos", 1, {10: 5.0, 20: 5.5, 40: 6.0}),
+        _lm("alibi", 0, {10: 5.0, 20: 5.0, 40: 5.0}),  # no randpos twin: no row
+    ]
+    t = randpos_lm_table(recs)
+    assert t.columns == ["task", "encoding", "seeds", "ppl at L", "2L ratio", "4L ratio"]
+    # ppl at L: plain 5, 4 -> 4.50 ± 0.71; randpos 6, 5 -> 5.50 ± 0.71
+    # 2L: plain 2.0, 1.5; randpos 1.0, 1.1. 4L: plain 4.0, 2.0; randpos 1.0, 1.2
+    assert t.rows == [
+        [
+            "shakespeare",
+            "rope",
+            "2",
+            "4.50 ± 0.71 → 5.50 ± 0.71",
+            "1.75 ± 0.35 → 1.05 ± 0.07",
+            "3.00 ± 1.41 → 1.10 ± 0.14",
+        ]
+    ]
+    assert randpos_lm_table([r for r in recs if "randpos" not in r["encoding"]]) is None

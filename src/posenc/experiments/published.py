@@ -115,10 +115,50 @@ def randpos_table(records: list[dict[str, Any]], key: str = "token_accuracy") ->
                      cols, rows)  # fmt: skip
 
 
+def _ppl_or_ratio(record: dict[str, Any], length: int) -> float:
+    """Perplexity at the training length, ``ppl(length) / ppl(L)`` past it."""
+    if length == record["train_length"]:
+        return {m["length"]: m["ppl"] for m in record["metrics"]}[length]
+    return ratio(record, length)
+
+
+def randpos_lm_table(records: list[dict[str, Any]]) -> TableData | None:
+    """Ruoss et al. 2023's question on language modelling (the paper has only synthetic
+    tasks): for every corpus and encoding trained both ways, perplexity at L and the
+    ratio ppl(E) / ppl(L) at every longer E, plain -> randpos (mean ± std over the
+    seeds that both have)."""
+    rows = []
+    for task, by_enc in group(records).items():
+        first = next(iter(by_enc.values()))
+        if not is_lm(first):
+            continue
+        L = first[0]["train_length"]
+        longer = [m["length"] for m in first[0]["metrics"] if m["length"] > L]
+        for enc in by_enc:
+            if enc.endswith(RANDPOS) or enc + RANDPOS not in by_enc:
+                continue
+            plain = {r["seed"]: r for r in by_enc[enc]}
+            rand = {r["seed"]: r for r in by_enc[enc + RANDPOS]}
+            seeds = sorted(set(plain) & set(rand))
+            if not seeds:
+                continue
+            row = [task, enc, str(len(seeds))]
+            for n in (L, *longer):
+                a = _cell([_ppl_or_ratio(plain[s], n) for s in seeds]).fmt(2)
+                b = _cell([_ppl_or_ratio(rand[s], n) for s in seeds]).fmt(2)
+                row.append(f"{a} → {b}")
+            rows.append(row)
+    if not rows:
+        return None
+    cols = ["task", "encoding", "seeds", "ppl at L", *(f"{n // L}L ratio" for n in longer)]
+    title = "Ruoss et al. 2023 on text: randomized positions, ppl at L and ppl(E) / ppl(L), plain → +randpos"
+    return TableData(title, cols, rows)
+
+
 def published_tables(records: list[dict[str, Any]]) -> list[TableData]:
     """Every comparison the records allow, in the order above."""
     out = press_table(records)
-    for t in (kazemnejad_ranks(records), randpos_table(records)):
+    for t in (kazemnejad_ranks(records), randpos_table(records), randpos_lm_table(records)):
         if t is not None:
             out.append(t)
     return out
