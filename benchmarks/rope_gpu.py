@@ -3,17 +3,21 @@
 For each case (DESIGN.md shapes), in one run on the same tensors:
 
 * check: posenc's Triton kernel (``apply_rotary(..., compiled="triton")``), out of place
-  and in place, both layouts, against the float64 formula (max |difference| printed,
-  error above 1e-5 float32 / 1e-2 bfloat16 fails the run);
-* time (CUDA events, median of ``--reps`` after warm-up): ``copy_`` of q and k into
-  preallocated tensors (the memory limit), the Triton kernel out of place and in place,
-  posenc's torch.compile path (``compiled=True``), and transformers' Llama
-  ``apply_rotary_pos_emb`` when transformers is installed. Prints ``t_copy / t_impl``
-  and ``peer / posenc``.
+  and in place, both layouts, against the float64 formula. The kernel computes in
+  float32 and rounds once, so the printed error is what exceeds that rounding: max
+  ``|got - want| - u·|want|`` with ``u`` = 0 for float32 and 2^-8 (half a bfloat16
+  unit in the last place) for bfloat16; above 1e-5 fails the run.
+* time (CUDA events, median of ``--reps`` after warm-up), twice: each call launched from
+  Python (what eager code pays, launch overhead included) and replayed from a CUDA graph
+  (the kernels' own GPU time, as in graph-captured decoding). Rows: ``copy_`` of q and k
+  into preallocated tensors (the memory limit), the Triton kernel out of place and in
+  place, posenc's torch.compile path (``compiled=True``), posenc's default
+  (``compiled="auto"``), and transformers' Llama ``apply_rotary_pos_emb`` when
+  transformers is installed. Prints ``t_copy / t_impl`` and ``peer / triton``.
 
 Run on a machine with a GPU (exits 2 with the reason elsewhere):
 
-    python benchmarks/rope_gpu.py            # ~1 minute on one GPU
+    python benchmarks/rope_gpu.py            # ~1-2 minutes on one GPU
     pytest -q tests/test_rope_triton.py      # the same kernel, compiled, in the tests
 """
 
@@ -48,6 +52,25 @@ def _time(fn, reps: int, warmup: int) -> float:
     return statistics.median(out)
 
 
+def _graph_time(fn, reps: int, warmup: int) -> float | None:
+    """Median milliseconds of one replay of ``fn`` captured in a CUDA graph; ``None`` (with a
+    note) if ``fn`` cannot be captured."""
+    stream = torch.cuda.Stream()
+    stream.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(stream):
+        for _ in range(3):
+            fn()  # compile / autotune outside the capture
+    torch.cuda.current_stream().wait_stream(stream)
+    graph = torch.cuda.CUDAGraph()
+    try:
+        with torch.cuda.graph(graph):
+            fn()
+    except Exception as err:  # noqa: BLE001 - reported in the table as "-"
+        print(f"note: not capturable in a CUDA graph ({type(err).__name__}: {str(err)[:120]})")
+        return None
+    return _time(graph.replay, reps, warmup)
+
+
 def _hf():
     try:
         from transformers.models.llama.modeling_llama import apply_rotary_pos_emb
@@ -55,6 +78,25 @@ def _hf():
         print(f"note: transformers not usable ({type(err).__name__}: {err}); its row is left out")
         return None
     return apply_rotary_pos_emb
+
+
+def _check(q, k, cos, sin, dtype) -> float:
+    """Largest error of the kernel beyond one rounding to ``dtype`` (both layouts, in and
+    out of place, q and k) against the float64 formula."""
+    u = 0.0 if dtype == torch.float32 else 2.0**-8
+    worst = 0.0
+    for layout in ("half", "interleaved"):
+        want = [rotate_formula(x.double(), cos, sin, layout, x.shape[-1]) for x in (q, k)]
+        got = apply_rotary(q, k, cos.float(), sin.float(), layout=layout, compiled="triton")
+        q2, k2 = q.clone(), k.clone()
+        apply_rotary(q2, k2, cos.float(), sin.float(), layout=layout, inplace=True, compiled="triton")
+        for g, w in zip((*got, q2, k2), want * 2, strict=True):
+            worst = max(worst, ((g.double() - w).abs() - u * w.abs()).max().item())
+    return worst
+
+
+def _ratio(num: float | None, den: float | None, fmt: str = "{:.2f}x") -> str:
+    return "-" if num is None or den is None else fmt.format(num / den)
 
 
 def main() -> int:
@@ -72,42 +114,41 @@ def main() -> int:
     print(f"torch {torch.__version__}, {torch.cuda.get_device_name()}, median of {args.reps} after {args.warmup}")
     hf = _hf()
     failed = False
-    print("case | check max|diff| | t_copy/t_triton | t_copy/t_triton inplace | compiled/triton | transformers/triton")
+    cols = "t_copy/t_triton | t_copy/t_triton inplace | compiled/triton | auto/triton | transformers/triton"
+    print(
+        f"case | error | launched: {cols} | graph: t_copy/t_triton | triton us | compiled/triton | transformers/triton"
+    )
     for dtype in [getattr(torch, n) for n in args.dtypes.split(",")]:
         for b, h, h_kv, s, d in CASES:
             q = torch.randn(b, h, s, d, device="cuda", dtype=dtype)
             k = torch.randn(b, h_kv, s, d, device="cuda", dtype=dtype)
             inv_freq = 10000.0 ** (-torch.arange(0, d, 2, dtype=torch.float64) / d)
             cos, sin = rope_cos_sin(torch.arange(s, device="cuda") + 100_000, inv_freq.cuda(), dtype=torch.float64)
-            worst = 0.0
-            for layout in ("half", "interleaved"):
-                want_q = rotate_formula(q.double(), cos, sin, layout, d)
-                got_q, _ = apply_rotary(q, k, cos.float(), sin.float(), layout=layout, compiled="triton")
-                worst = max(worst, (got_q.double() - want_q).abs().max().item())
-                q2, k2 = q.clone(), k.clone()
-                apply_rotary(q2, k2, cos.float(), sin.float(), layout=layout, inplace=True, compiled="triton")
-                worst = max(worst, (q2.double() - want_q).abs().max().item())
-            limit = 1e-5 if dtype == torch.float32 else 1e-2
-            failed |= worst > limit
+            worst = _check(q, k, cos, sin, dtype)
+            failed |= worst > 1e-5
             c32, s32 = cos.float(), sin.float()
             oq, ok = torch.empty_like(q), torch.empty_like(k)
-            t_copy = _time(lambda: (oq.copy_(q), ok.copy_(k)), args.reps, args.warmup)  # noqa: B023
-            t_tri = _time(lambda: apply_rotary(q, k, c32, s32, compiled="triton"), args.reps, args.warmup)  # noqa: B023
-            t_inp = _time(
-                lambda: apply_rotary(oq, ok, c32, s32, inplace=True, compiled="triton"),  # noqa: B023
-                args.reps,
-                args.warmup,
-            )
-            t_cmp = _time(lambda: apply_rotary(q, k, c32, s32, compiled=True), args.reps, args.warmup)  # noqa: B023
-            hf_ratio = "-"
+            cw, sw = torch.cat([c32, c32], -1).to(dtype)[None], torch.cat([s32, s32], -1).to(dtype)[None]
+            impls = {
+                "copy": lambda: (oq.copy_(q), ok.copy_(k)),  # noqa: B023
+                "triton": lambda: apply_rotary(q, k, c32, s32, compiled="triton"),  # noqa: B023
+                "inplace": lambda: apply_rotary(oq, ok, c32, s32, inplace=True, compiled="triton"),  # noqa: B023
+                "compiled": lambda: apply_rotary(q, k, c32, s32, compiled=True),  # noqa: B023
+                "auto": lambda: apply_rotary(q, k, c32, s32),  # noqa: B023
+            }
             if hf is not None:
-                cw, sw = torch.cat([c32, c32], -1).to(dtype)[None], torch.cat([s32, s32], -1).to(dtype)[None]
-                t_hf = _time(lambda: hf(q, k, cw, sw), args.reps, args.warmup)  # noqa: B023
-                hf_ratio = f"{t_hf / t_tri:.2f}x"
-            flag = " FAIL" if worst > limit else ""
+                impls["transformers"] = lambda: hf(q, k, cw, sw)  # noqa: B023
+            t = {name: _time(fn, args.reps, args.warmup) for name, fn in impls.items()}
+            g = {name: _graph_time(impls[name], args.reps, args.warmup) for name in ("copy", "triton", "compiled")}
+            g["transformers"] = _graph_time(impls["transformers"], args.reps, args.warmup) if hf else None
+            flag = " FAIL" if worst > 1e-5 else ""
+            tri = t["triton"]
             print(
-                f"{(b, h, h_kv, s, d)} {str(dtype).removeprefix('torch.')} | {worst:.2e}{flag}"
-                f" | {t_copy / t_tri:.2f} | {t_copy / t_inp:.2f} | {t_cmp / t_tri:.2f}x | {hf_ratio}"
+                f"{(b, h, h_kv, s, d)} {str(dtype).removeprefix('torch.')} | {worst:.1e}{flag}"
+                f" | {t['copy'] / tri:.2f} | {t['copy'] / t['inplace']:.2f} | {t['compiled'] / tri:.2f}x"
+                f" | {t['auto'] / tri:.2f}x | {_ratio(t.get('transformers'), tri)}"
+                f" | {_ratio(g['copy'], g['triton'], '{:.2f}')} | {_ratio(g['triton'], 1e-3, '{:.0f}')}"
+                f" | {_ratio(g['compiled'], g['triton'])} | {_ratio(g['transformers'], g['triton'])}"
             )
     return 1 if failed else 0
 

@@ -16,6 +16,10 @@ never a silent fallback):
 * encodings whose bias cannot be written one score at a time (CoPE): their
   ``score_mod()`` raises and names ``backend="sdpa"``.
 
+On a CUDA GPU, forward and backward compile to Triton kernels (checked against SDPA,
+gradients included, by ``tests/test_gpu.py`` on an H200 with PyTorch 2.11); the kernel
+needs ``head_dim >= 16``, and a smaller one raises a clear error.
+
 Padding and packed-segment masks are supported through ``create_block_mask``, which
 evaluates the mask at every ``(b, q, k)`` once (a ``[b, s_q, s_k]`` bool tensor).
 
@@ -150,6 +154,11 @@ def check_flex_supported(q, k, v, *, parameters, dropout: float, bias) -> None:
     wants_grad = torch.is_grad_enabled() and (
         q.requires_grad or k.requires_grad or v.requires_grad or any(p.requires_grad for p in parameters)
     )
+    if q.device.type == "cuda" and q.shape[-1] < 16:
+        raise ValueError(
+            f"FlexAttention's CUDA kernel needs head_dim >= 16 (PyTorch {torch.__version__}), got {q.shape[-1]}: "
+            "use a larger head_dim or backend='sdpa'"
+        )
     if wants_grad and q.device.type == "cpu":
         raise NotImplementedError(
             f"FlexAttention has no backward on CPU (PyTorch {torch.__version__}): run backend='flex' under "

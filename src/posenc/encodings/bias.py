@@ -328,13 +328,15 @@ class FIRE(BiasEncoding):
         b2 = _exact(self.mlp[2].bias)  # [h]
         c, eps = _exact(self.c), self.params.eps
         threshold = torch.abs(_exact(self.L_multiplier) * self.init_L)
-        width = self.params.mlp_width
+        # One tensor per hidden unit (clones, not views): FlexAttention's compiled backward
+        # refuses a score_mod that indexes the same trainable tensor more than once.
+        units = [(w1[u].clone(), b1[u].clone(), w2[:, u].clone()) for u in range(self.params.mlp_width)]
 
         def fn(h, qp, kp):
             x = R.fire_distance(qp, kp, c, threshold, eps)
             out = b2[h]
-            for u in range(width):  # unrolled: FlexAttention scores one element at a time
-                out = out + w2[h, u] * torch.relu(w1[u] * x + b1[u])
+            for w1_u, b1_u, w2_u in units:  # unrolled: FlexAttention scores one element at a time
+                out = out + w2_u[h] * torch.relu(w1_u * x + b1_u)
             return out
 
         return fn

@@ -27,9 +27,10 @@ Paths (all compute the same function; ``compiled="auto"`` picks):
   cached here; arithmetic in float32 (float64 for float64 inputs), rounded once. Backward
   is compiled too. In place, inductor rotates into a buffer and copies back (two passes):
   it cannot prove that a loop reading a pair and writing it is safe in place.
-* triton (``compiled="triton"``; CUDA tensors, no autograd): one kernel pass per tensor,
-  in place or out of place, both layouts (``rope_triton``). Opt-in: it is checked in
-  Triton's CPU interpreter but has not yet run on a GPU (``benchmarks/rope_gpu.py``).
+* triton (``compiled="triton"``; CUDA tensors, no autograd): one kernel launch for q and
+  k, in place or out of place, both layouts (``rope_triton``). Opt-in: at the memory
+  limit under CUDA graphs on an H200, but its launch from Python costs more than the
+  compiled graph's at common sizes (docs/performance.md).
 * native, in place (half layout, float32/bfloat16, CPU, no autograd, ``"auto"``): a C
   loop over pairs, one read and one write of every element (``rope_native``); inductor
   would need a buffer and a copy back.
@@ -389,8 +390,7 @@ def apply_rotary(
     if compiled == "triton":
         if needs_grad:
             raise ValueError("compiled='triton' is forward only: under autograd use compiled='auto' (or True/False)")
-        qr = rope_triton.rotate(q, cq, sq, layout, rotary_dim, inplace)
-        return qr, rope_triton.rotate(k, ck, sk, layout, rotary_dim, inplace)
+        return rope_triton.rotate_qk(q, k, cq, sq, ck, sk, layout, rotary_dim, inplace)
     small = q.numel() + k.numel() < AUTO_COMPILE_NUMEL
     if inplace and layout == "half" and compiled == "auto" and not needs_grad and not small:
         if rope_native.supports(q, rotary_dim) and rope_native.supports(k, rotary_dim) and _native_ok():
