@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-from posenc.experiments.published import kazemnejad_ranks, press_table
+from posenc.experiments.published import kazemnejad_ranks, press_table, randpos_lm_table
 from posenc.experiments.summary import _cell, ratio, tables, to_markdown
 
 DOCS = Path(__file__).resolve().parents[1] / "docs"
@@ -69,6 +69,13 @@ def test_kazemnejad_rows_are_the_records(page, records):
         enc, paper, mean6, seed6 = row[:4]
         mean4, seed4 = by_enc[enc][2:4]
         assert f"| {enc} | {paper} | {mean6} | {seed6} | {mean4} | {seed4} |" in page
+
+
+def test_randpos_on_text_rows_are_the_records(page, records):
+    table = randpos_lm_table(records)
+    assert table is not None and len(table.rows) == 8  # 4 encodings x (shakespeare, stdlib)
+    for row in table.rows:
+        assert "| " + " | ".join(row) + " |" in page
 
 
 def test_t5_max_distance_row_is_the_records(page):
