@@ -86,6 +86,16 @@ def test_in_place_per_batch_tables_and_strided_input(device, layout):
     torch.testing.assert_close(k_in, want_k, atol=1e-6, rtol=1e-6)
 
 
+def test_more_key_heads_than_query_heads(device):
+    """Programs run over max(h_q, h_kv) heads: k heads past q's still get their tables."""
+    torch.manual_seed(4)
+    q, k = torch.randn(2, 2, 21, 16, device=device), torch.randn(2, 4, 21, 16, device=device)
+    cos, sin = _tables(21, 8, device=device)
+    qr, kr = apply_rotary(q, k, cos.float(), sin.float(), compiled="triton")
+    torch.testing.assert_close(qr, _reference(q, cos, sin, "half", 16).float(), atol=1e-6, rtol=1e-6)
+    torch.testing.assert_close(kr, _reference(k, cos, sin, "half", 16).float(), atol=1e-6, rtol=1e-6)
+
+
 def test_decode_step_with_key_tables(device):
     """KV-cache decoding: one query position, every key position, separate tables."""
     torch.manual_seed(2)

@@ -126,21 +126,22 @@ def _kernel():
         len_k = seq_k * (hi < heads_k).to(tl.int32)
         mask_q = (rows[:, None] < len_q) & in_pairs  # [BLOCK, BLOCK_P]
         mask_k = (rows[:, None] < len_k) & in_pairs
+        mask_t = (rows[:, None] < seq_q) & in_pairs  # q's tables, also k's when shared
         t_q = bi * tq_b + rows[:, None] * tq_s + pairs[None, :]  # [BLOCK, BLOCK_P] table offsets
         x_q = q_ptr + bi * sq_b + hi * sq_h + rows[:, None] * sq_s  # [BLOCK, 1]
         o_q = qo_ptr + bi * soq_b + hi * soq_h + rows[:, None] * soq_s
         x_k = k_ptr + bi * sk_b + hi * sk_h + rows[:, None] * sk_s
         o_k = ko_ptr + bi * sok_b + hi * sok_h + rows[:, None] * sok_s
         if FLOAT64:
-            c = tl.load(cq_ptr + t_q, mask=mask_q).to(tl.float64)
-            sn = tl.load(sq_ptr + t_q, mask=mask_q).to(tl.float64)
+            c = tl.load(cq_ptr + t_q, mask=mask_t).to(tl.float64)
+            sn = tl.load(sq_ptr + t_q, mask=mask_t).to(tl.float64)
             qa = tl.load(x_q + ia[None, :], mask=mask_q).to(tl.float64)
             qb = tl.load(x_q + ib[None, :], mask=mask_q).to(tl.float64)
             ka = tl.load(x_k + ia[None, :], mask=mask_k).to(tl.float64)
             kb = tl.load(x_k + ib[None, :], mask=mask_k).to(tl.float64)
         else:
-            c = tl.load(cq_ptr + t_q, mask=mask_q).to(tl.float32)
-            sn = tl.load(sq_ptr + t_q, mask=mask_q).to(tl.float32)
+            c = tl.load(cq_ptr + t_q, mask=mask_t).to(tl.float32)
+            sn = tl.load(sq_ptr + t_q, mask=mask_t).to(tl.float32)
             qa = tl.load(x_q + ia[None, :], mask=mask_q).to(tl.float32)
             qb = tl.load(x_q + ib[None, :], mask=mask_q).to(tl.float32)
             ka = tl.load(x_k + ia[None, :], mask=mask_k).to(tl.float32)
