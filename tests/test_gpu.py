@@ -16,8 +16,9 @@ import posenc
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA GPU")
 
 #: Encodings whose bias FlexAttention computes inside the kernel (``score_mod``), plus
-#: rope (no bias: plain attention with rotated q and k).
-FLEX = ["alibi", "t5", "kerple", "fire", "sandwich", "shaw", "rope"]
+#: rope (no bias: plain attention with rotated q and k). FIRE trains only on SDPA there
+#: (``test_fire_flex_training_on_cuda_is_refused_clearly``).
+FLEX = ["alibi", "t5", "kerple", "sandwich", "shaw", "rope"]
 
 
 @pytest.fixture(autouse=True)
@@ -88,3 +89,16 @@ def test_flex_head_dim_below_16_is_refused_clearly():
     model = posenc.Transformer(posenc.TransformerConfig(vocab_size=8, dim=32, num_heads=4, backend="flex")).cuda()
     with pytest.raises(ValueError, match="head_dim >= 16"):
         model(torch.randint(0, 8, (1, 20), device="cuda"))
+
+
+def test_fire_flex_training_on_cuda_is_refused_clearly():
+    """Inductor's FlexAttention backward refuses FIRE's score_mod (torch 2.11, H200): a clear
+    error up front instead; inference under no_grad still runs on flex."""
+    sdpa = posenc.Transformer(_config("fire")).cuda().eval()
+    fx = posenc.Transformer(_config("fire", backend="flex")).cuda().eval()
+    fx.load_state_dict(sdpa.state_dict())
+    tokens = torch.randint(0, 32, (2, 151), device="cuda")
+    with pytest.raises(NotImplementedError, match="fire cannot be trained on backend='flex' on CUDA"):
+        fx(tokens)
+    with torch.no_grad():
+        torch.testing.assert_close(fx(tokens), sdpa(tokens), atol=1e-4, rtol=1e-4)

@@ -18,7 +18,9 @@ never a silent fallback):
 
 On a CUDA GPU, forward and backward compile to Triton kernels (checked against SDPA,
 gradients included, by ``tests/test_gpu.py`` on an H200 with PyTorch 2.11); the kernel
-needs ``head_dim >= 16``, and a smaller one raises a clear error.
+needs ``head_dim >= 16``, and a smaller one raises a clear error. FIRE's score_mod cannot
+be differentiated there (its MLP weights are indexed once per hidden unit): training
+FIRE on flex on CUDA raises, use ``backend="sdpa"``.
 
 Padding and packed-segment masks are supported through ``create_block_mask``, which
 evaluates the mask at every ``(b, q, k)`` once (a ``[b, s_q, s_k]`` bool tensor).

@@ -321,6 +321,20 @@ class FIRE(BiasEncoding):
         self.L_multiplier = nn.Parameter(torch.tensor(1.0))
         self.register_buffer("init_L", torch.tensor(float(p.init_L)), persistent=False)
 
+    def score_mod(self, q_positions, k_positions, *, q=None, k=None) -> R.ScoreMod:
+        """As ``BiasEncoding.score_mod``; training on CUDA is refused up front (see below)."""
+        if q_positions.is_cuda and torch.is_grad_enabled() and any(p.requires_grad for p in self.parameters()):
+            # Seen with torch 2.11 on an H200 (tests/test_gpu.py): Inductor's FlexAttention
+            # backward refuses a score_mod that indexes one trainable tensor more than once,
+            # which the unrolled MLP does (w2[h, u] for every u). Cloning one tensor per unit
+            # avoids that but breaks dynamo's dynamic-shape recompiles on CPU (torch 2.13).
+            raise NotImplementedError(
+                "fire cannot be trained on backend='flex' on CUDA: FlexAttention's compiled backward refuses "
+                "its score_mod (the MLP weights are indexed once per hidden unit); train with backend='sdpa', "
+                "or run backend='flex' under torch.no_grad() for inference"
+            )
+        return super().score_mod(q_positions, k_positions, q=q, k=k)
+
     def element_fn(self, q_positions, k_positions) -> ElementFn:
         w1 = _exact(self.mlp[0].weight)[:, 0]  # [u]
         b1 = _exact(self.mlp[0].bias)  # [u]
@@ -328,15 +342,13 @@ class FIRE(BiasEncoding):
         b2 = _exact(self.mlp[2].bias)  # [h]
         c, eps = _exact(self.c), self.params.eps
         threshold = torch.abs(_exact(self.L_multiplier) * self.init_L)
-        # One tensor per hidden unit (clones, not views): FlexAttention's compiled backward
-        # refuses a score_mod that indexes the same trainable tensor more than once.
-        units = [(w1[u].clone(), b1[u].clone(), w2[:, u].clone()) for u in range(self.params.mlp_width)]
+        width = self.params.mlp_width
 
         def fn(h, qp, kp):
             x = R.fire_distance(qp, kp, c, threshold, eps)
             out = b2[h]
-            for w1_u, b1_u, w2_u in units:  # unrolled: FlexAttention scores one element at a time
-                out = out + w2_u[h] * torch.relu(w1_u * x + b1_u)
+            for u in range(width):  # unrolled: FlexAttention scores one element at a time
+                out = out + w2[h, u] * torch.relu(w1[u] * x + b1[u])
             return out
 
         return fn
