@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Every GPU check in one command, for a machine with a CUDA GPU (about 3-5 minutes):
+# Every GPU check in one command, for a machine with a CUDA GPU (80-100 s on an H200):
 #   1. the CUDA tests: the Triton rotary kernel compiled and against the formula, every
 #      registered encoding's Transformer on the GPU against CPU (logits and gradients), and
 #      FlexAttention's compiled backward against SDPA (tests/test_rope_triton.py,
@@ -7,7 +7,8 @@
 #   2. benchmarks/rope_gpu.py: the kernel against the float64 formula at DESIGN.md's shapes,
 #      timed against the copy yardstick, torch.compile, posenc's default and transformers.
 # Uses the python that has torch with CUDA (PYTHON, default python3) and posenc from src/.
-# `bash benchmarks/gpu_check.sh --tests-only` skips step 2. Logs go to $OUT (default ./gpu_check_out). Exit status: non-zero if any step failed.
+# `bash benchmarks/gpu_check.sh --tests-only` skips step 2. Logs go to $OUT (default
+# ./gpu_check_out). Exit status: non-zero if any step failed.
 set -u
 out=${OUT:-gpu_check_out}
 mkdir -p "$out"

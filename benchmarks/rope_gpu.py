@@ -5,8 +5,8 @@ For each case (DESIGN.md shapes), in one run on the same tensors:
 * check: posenc's Triton kernel (``apply_rotary(..., compiled="triton")``), out of place
   and in place, both layouts, against the float64 formula. The kernel computes in
   float32 and rounds once, so the printed error is what exceeds that rounding: max
-  ``|got - want| - u·|want|`` with ``u`` = 0 for float32 and 2^-8 (half a bfloat16
-  unit in the last place) for bfloat16; above 1e-5 fails the run.
+  ``|got - want| - u·|want|`` with ``u`` half the dtype's unit in the last place
+  (2^-24 float32, 2^-8 bfloat16); above 1e-5 fails the run.
 * time (CUDA events, median of ``--reps`` after warm-up), twice: each call launched from
   Python (what eager code pays, launch overhead included) and replayed from a CUDA graph
   (the kernels' own GPU time, as in graph-captured decoding). Rows: ``copy_`` of q and k
@@ -83,7 +83,7 @@ def _hf():
 def _check(q, k, cos, sin, dtype) -> float:
     """Largest error of the kernel beyond one rounding to ``dtype`` (both layouts, in and
     out of place, q and k) against the float64 formula."""
-    u = 0.0 if dtype == torch.float32 else 2.0**-8
+    u = torch.finfo(dtype).eps / 2  # half a unit in the last place: one rounding
     worst = 0.0
     for layout in ("half", "interleaved"):
         want = [rotate_formula(x.double(), cos, sin, layout, x.shape[-1]) for x in (q, k)]

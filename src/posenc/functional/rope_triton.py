@@ -105,7 +105,7 @@ def _kernel():
         BLOCK: tl.constexpr,
         INTERLEAVED: tl.constexpr,
         SAME_TABLES: tl.constexpr,
-        FLOAT64: tl.constexpr,
+        WORK: tl.constexpr,  # tl.float32, or tl.float64 for float64 inputs
     ):
         # One program: positions [pid_s * BLOCK, +BLOCK) of head hi of q and of k (masked
         # off where hi >= that tensor's heads or a row >= its length): one launch for both.
@@ -132,26 +132,18 @@ def _kernel():
         o_q = qo_ptr + bi * soq_b + hi * soq_h + rows[:, None] * soq_s
         x_k = k_ptr + bi * sk_b + hi * sk_h + rows[:, None] * sk_s
         o_k = ko_ptr + bi * sok_b + hi * sok_h + rows[:, None] * sok_s
-        if FLOAT64:
-            c = tl.load(cq_ptr + t_q, mask=mask_t).to(tl.float64)
-            sn = tl.load(sq_ptr + t_q, mask=mask_t).to(tl.float64)
-            qa = tl.load(x_q + ia[None, :], mask=mask_q).to(tl.float64)
-            qb = tl.load(x_q + ib[None, :], mask=mask_q).to(tl.float64)
-            ka = tl.load(x_k + ia[None, :], mask=mask_k).to(tl.float64)
-            kb = tl.load(x_k + ib[None, :], mask=mask_k).to(tl.float64)
-        else:
-            c = tl.load(cq_ptr + t_q, mask=mask_t).to(tl.float32)
-            sn = tl.load(sq_ptr + t_q, mask=mask_t).to(tl.float32)
-            qa = tl.load(x_q + ia[None, :], mask=mask_q).to(tl.float32)
-            qb = tl.load(x_q + ib[None, :], mask=mask_q).to(tl.float32)
-            ka = tl.load(x_k + ia[None, :], mask=mask_k).to(tl.float32)
-            kb = tl.load(x_k + ib[None, :], mask=mask_k).to(tl.float32)
+        c = tl.load(cq_ptr + t_q, mask=mask_t).to(WORK)
+        sn = tl.load(sq_ptr + t_q, mask=mask_t).to(WORK)
+        qa = tl.load(x_q + ia[None, :], mask=mask_q).to(WORK)
+        qb = tl.load(x_q + ib[None, :], mask=mask_q).to(WORK)
+        ka = tl.load(x_k + ia[None, :], mask=mask_k).to(WORK)
+        kb = tl.load(x_k + ib[None, :], mask=mask_k).to(WORK)
         tl.store(o_q + ia[None, :], (qa * c - qb * sn).to(qo_ptr.dtype.element_ty), mask=mask_q)
         tl.store(o_q + ib[None, :], (qb * c + qa * sn).to(qo_ptr.dtype.element_ty), mask=mask_q)
         if not SAME_TABLES:
             t_k = bi * tk_b + rows[:, None] * tk_s + pairs[None, :]
-            c = tl.load(ck_ptr + t_k, mask=mask_k).to(c.dtype)
-            sn = tl.load(sk_ptr + t_k, mask=mask_k).to(c.dtype)
+            c = tl.load(ck_ptr + t_k, mask=mask_k).to(WORK)
+            sn = tl.load(sk_ptr + t_k, mask=mask_k).to(WORK)
         tl.store(o_k + ia[None, :], (ka * c - kb * sn).to(ko_ptr.dtype.element_ty), mask=mask_k)
         tl.store(o_k + ib[None, :], (kb * c + ka * sn).to(ko_ptr.dtype.element_ty), mask=mask_k)
 
@@ -208,6 +200,8 @@ def rotate_qk(
                 f"strides {tuple(x.stride())}): it needs a CUDA tensor (or TRITON_INTERPRET=1 on CPU), a dtype "
                 f"in {[str(t) for t in DTYPES]} and a contiguous last dimension"
             )
+    import triton.language as tl
+
     b, h_q, s_q, _ = q.shape
     h_k, s_k = k.shape[1], k.shape[2]
     half = rotary_dim // 2
@@ -248,7 +242,7 @@ def rotate_qk(
         BLOCK=block,
         INTERLEAVED=layout == "interleaved",
         SAME_TABLES=same,
-        FLOAT64=work == torch.float64,
+        WORK=tl.float64 if work == torch.float64 else tl.float32,
     )
     return qo, ko
 
