@@ -53,8 +53,8 @@ def test_block_mask_and_score_mod_equal_sdpa(name, s_q, s_k, causal):
     attn = bias if mask is None else bias.masked_fill(~mask, float("-inf"))
     ref = torch.nn.functional.scaled_dot_product_attention(q, k, v, attn_mask=attn, enable_gqa=True)
 
-    kk, vv, kpp = (k, v, kp) if s_q == s_k else flex.pad_keys(k, v, kp)
-    assert kk.shape[2] % flex.BLOCK_SIZE == 0 or s_q == s_k
+    kk, vv, kpp = flex.pad_keys(k, v, kp, s_q)
+    assert kk.shape[2] % (flex.BLOCK_SIZE if s_q < s_k else flex.CPU_KEY_MULTIPLE) == 0
     bm = flex.block_mask(
         b, s_q, kk.shape[2], n_keys=s_k, causal=causal, padding=None, segment_ids=None, device=q.device
     )
@@ -95,7 +95,7 @@ def test_block_mask_padding_with_padded_cache_keys():
     ref = torch.nn.functional.scaled_dot_product_attention(
         q, k, v, attn_mask=pe.bias(qp, kp).masked_fill(~mask, float("-inf"))
     )
-    kk, vv, kpp = flex.pad_keys(k, v, kp)
+    kk, vv, kpp = flex.pad_keys(k, v, kp, 1)
     bm = flex.block_mask(b, 1, kk.shape[2], n_keys=n, causal=True, padding=padding, segment_ids=None, device=q.device)
     out = _eager_flex(q, kk, vv, pe.score_mod(qp, kpp), bm, False)
     torch.testing.assert_close(out, ref, rtol=1e-5, atol=1e-5)
@@ -133,6 +133,59 @@ def test_compiled_flex_model_matches_sdpa_alibi():
 @pytest.mark.parametrize("name", ["t5", "kerple", "fire", "sandwich", "shaw"])
 def test_compiled_flex_model_matches_sdpa(name):
     _compiled_matches(name)
+
+
+def test_padded_length():
+    cpu, meta = torch.device("cpu"), torch.device("meta")
+    assert flex.padded_length(1, 200, cpu) == 256  # KV cache: whole 128-key blocks
+    assert flex.padded_length(8, 8, cpu) == 16  # CPU: whole micro-GEMM N blocks
+    assert flex.padded_length(32, 32, cpu) == 32
+    assert flex.padded_length(8, 8, meta) == 8  # other devices: no padding without a cache
+
+
+@pytest.mark.parametrize("s", [8, 24])
+def test_compiled_flex_key_tail_of_one_avx2_vector(s):
+    """Key lengths 8 and 24 at head_dim 8: the CPU micro-GEMM's N tail that is wrong on
+    AVX2 (see posenc.flex); the backend pads the keys, so the result equals SDPA."""
+    torch.manual_seed(0)
+    attn = posenc.Attention(32, 4, pe=posenc.create("alibi", num_heads=4), backend="flex").eval()
+    ref = posenc.Attention(32, 4, pe=posenc.create("alibi", num_heads=4)).eval()
+    ref.load_state_dict(attn.state_dict())
+    x = torch.randn(2, s, 32)
+    with torch.no_grad():
+        torch.testing.assert_close(attn(x), ref(x), rtol=1e-4, atol=1e-5)
+
+
+_AVX2_SCRIPT = """
+import sys, torch
+sys.path.insert(0, sys.argv[1])
+assert torch.backends.cpu.get_cpu_capability() == "AVX2", torch.backends.cpu.get_cpu_capability()
+import test_flex
+test_flex._compiled_matches("alibi")
+for s in (8, 24):
+    test_flex.test_compiled_flex_key_tail_of_one_avx2_vector(s)
+print("ok")
+"""
+
+
+@pytest.mark.skipif(
+    torch.backends.cpu.get_cpu_capability() not in ("AVX2", "AVX512"), reason="needs an x86 CPU with AVX2"
+)
+def test_compiled_flex_on_the_avx2_path(tmp_path):
+    """The compiled model and the key tails again with PyTorch's kernels and Inductor's
+    code generated for AVX2 (``ATEN_CPU_CAPABILITY=avx2``), so an AVX-512 machine also
+    tests the path that an AVX2-only CPU takes."""
+    import os
+    import pathlib
+    import subprocess
+    import sys
+
+    env = dict(os.environ, ATEN_CPU_CAPABILITY="avx2", TORCHINDUCTOR_CACHE_DIR=str(tmp_path / "inductor"))
+    here = str(pathlib.Path(__file__).parent)
+    done = subprocess.run(
+        [sys.executable, "-c", _AVX2_SCRIPT, here], env=env, capture_output=True, text=True, timeout=600
+    )
+    assert done.returncode == 0 and done.stdout.strip().endswith("ok"), done.stdout[-2000:] + done.stderr[-4000:]
 
 
 # -- what FlexAttention cannot do here -----------------------------------------------

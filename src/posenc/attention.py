@@ -309,8 +309,7 @@ class Attention(nn.Module):
             q, k = self.pe.rotate(q, k, positions, k_positions)
         b, _, s_q, _ = q.shape
         n_keys = k.shape[2]
-        if s_q < n_keys:  # KV cache: pad keys to a multiple of 128, one compiled kernel per 128 steps
-            k, v, k_positions = flex.pad_keys(k, v, k_positions)
+        k, v, k_positions = flex.pad_keys(k, v, k_positions, s_q)  # [b, h_kv, s_pad, d]; the mask hides padding
         score_mod = None if self.pe is None else self.pe.score_mod(positions, k_positions, q=q, k=k)
         mask = flex.block_mask(
             b,

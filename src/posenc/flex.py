@@ -22,6 +22,15 @@ needs ``head_dim >= 16``, and a smaller one raises a clear error. FIRE's score_m
 be differentiated there (its MLP weights are indexed once per hidden unit): training
 FIRE on flex on CUDA raises, use ``backend="sdpa"``.
 
+On a CPU, the keys are also zero-padded to a multiple of ``CPU_KEY_MULTIPLE`` (16) and
+masked. Inductor's CPU template computes ``q @ k^T`` with a micro-GEMM whose N block is
+16 keys; its N-tail kernel returns wrong values and NaN (reads of unset memory) when the
+tail is one AVX2 vector (8 keys) and ``head_dim <= 16``: with PyTorch 2.13 on an
+AVX2-only CPU, every key length ``s_k % 16 == 8`` (8, 24, 40, ...) at head_dim 8 or 16
+gave wrong rows (AVX-512 CPUs were right). Padding to whole N blocks means the tail
+kernel never runs, on either kind of CPU (``tests/test_flex.py`` runs the AVX2 path in a
+subprocess with ``ATEN_CPU_CAPABILITY=avx2``).
+
 Padding and packed-segment masks are supported through ``create_block_mask``, which
 evaluates the mask at every ``(b, q, k)`` once (a ``[b, s_q, s_k]`` bool tensor).
 
@@ -33,6 +42,8 @@ from __future__ import annotations
 import torch
 
 BLOCK_SIZE = 128
+#: Key lengths on a CPU are padded to this multiple (the CPU micro-GEMM's N block; see above).
+CPU_KEY_MULTIPLE = 16
 _COMPILED = None
 
 
@@ -51,15 +62,18 @@ def compiled_flex_attention():
     return _COMPILED
 
 
-def padded_length(s_k: int) -> int:
-    """``s_k`` rounded up to a multiple of ``BLOCK_SIZE``."""
-    return -(-s_k // BLOCK_SIZE) * BLOCK_SIZE
+def padded_length(s_q: int, s_k: int, device: torch.device) -> int:
+    """The key length the kernel runs on: with a KV cache (``s_q < s_k``) ``s_k`` rounded
+    up to a multiple of ``BLOCK_SIZE`` (one compilation per ``BLOCK_SIZE`` decode steps);
+    on a CPU at least a multiple of ``CPU_KEY_MULTIPLE`` (the micro-GEMM tail bug above)."""
+    multiple = BLOCK_SIZE if s_q < s_k else CPU_KEY_MULTIPLE if device.type == "cpu" else 1
+    return -(-s_k // multiple) * multiple
 
 
-def pad_keys(k: torch.Tensor, v: torch.Tensor, k_positions: torch.Tensor):
+def pad_keys(k: torch.Tensor, v: torch.Tensor, k_positions: torch.Tensor, s_q: int):
     """Pad ``k``/``v`` ``[b, h_kv, s_k, d]`` and ``k_positions`` ``[s_k]``/``[b, s_k]``
-    with zeros to ``padded_length(s_k)`` keys; the block mask hides the padding."""
-    extra = padded_length(k.shape[2]) - k.shape[2]
+    with zeros to ``padded_length(s_q, s_k, device)`` keys; the block mask hides the padding."""
+    extra = padded_length(s_q, k.shape[2], k.device) - k.shape[2]
     if extra == 0:
         return k, v, k_positions
     k = torch.nn.functional.pad(k, (0, 0, 0, extra))  # [b, h_kv, s_pad, d]
