@@ -19,16 +19,12 @@ an attention layer calls all three without knowing which encoding it holds:
 from __future__ import annotations
 
 import dataclasses
-import difflib
 from typing import Any, ClassVar
 
 import torch
 from torch import nn
 
-
-def _suggest(word: str, options: list[str]) -> str:
-    close = difflib.get_close_matches(word, options, n=1)
-    return f" Did you mean {close[0]!r}?" if close else ""
+from posenc.functional.checks import check_hidden, check_positions, check_positions_match, did_you_mean
 
 
 @dataclasses.dataclass(frozen=True)
@@ -86,7 +82,7 @@ class PositionalEncoding(nn.Module):
             if key not in valid:
                 raise TypeError(
                     f"{cls.name or cls.__name__} has no parameter {key!r}; valid parameters: "
-                    f"{valid}.{_suggest(key, valid)}"
+                    f"{valid}.{did_you_mean(key, valid)}"
                 )
         missing = [
             f.name
@@ -176,8 +172,6 @@ class AdditiveEncoding(PositionalEncoding):
         raise NotImplementedError
 
     def embed(self, x: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
-        from posenc.functional.checks import check_hidden, check_positions, check_positions_match
-
         check_hidden(x, self.params.dim)
         check_positions(positions)
         check_positions_match(positions, x.shape[0], x.shape[1])

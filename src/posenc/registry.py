@@ -9,7 +9,8 @@ from __future__ import annotations
 import dataclasses
 from typing import Any, TypeVar
 
-from posenc.base import PositionalEncoding, _suggest
+from posenc.base import PositionalEncoding
+from posenc.functional.checks import did_you_mean
 
 _REGISTRY: dict[str, type[PositionalEncoding]] = {}
 
@@ -37,7 +38,7 @@ def get(name: str) -> type[PositionalEncoding]:
         raise TypeError(f"name must be a str, got {type(name).__name__}")
     if name not in _REGISTRY:
         names = available()
-        raise ValueError(f"unknown encoding {name!r}; available: {names}.{_suggest(name, names)}")
+        raise ValueError(f"unknown encoding {name!r}; available: {names}.{did_you_mean(name, names)}")
     return _REGISTRY[name]
 
 

@@ -13,7 +13,7 @@ from typing import ClassVar
 import torch
 from torch import nn
 
-from posenc import functional as F
+from posenc import functional
 from posenc.base import AdditiveEncoding, Params, PositionalEncoding
 from posenc.functional.checks import check_positions, positive_float, positive_int
 from posenc.registry import register
@@ -66,7 +66,7 @@ class Integer(AdditiveEncoding):
 
     def table(self, positions: torch.Tensor) -> torch.Tensor:
         check_positions(positions)
-        return F.integer_table(positions, self.params.dim).float()
+        return functional.integer_table(positions, self.params.dim).float()
 
 
 @dataclasses.dataclass(frozen=True)
@@ -110,7 +110,7 @@ class Normalized(AdditiveEncoding):
             top = int(positions.max())
             if top >= self.params.length:
                 raise ValueError(f"normalized encoding built with length={self.params.length} got position {top}")
-        return F.normalized_table(positions, self.params.dim, self.params.length).float()
+        return functional.normalized_table(positions, self.params.dim, self.params.length).float()
 
 
 @register
@@ -131,7 +131,7 @@ class Binary(AdditiveEncoding):
 
     def table(self, positions: torch.Tensor) -> torch.Tensor:
         check_positions(positions)
-        return F.binary_table(positions, self.params.dim).float()
+        return functional.binary_table(positions, self.params.dim).float()
 
 
 @dataclasses.dataclass(frozen=True)
@@ -178,7 +178,7 @@ class Sine(AdditiveEncoding):
     def table(self, positions: torch.Tensor) -> torch.Tensor:
         check_positions(positions)
         p = self.params
-        return F.sine_table(positions, p.dim, p.min_period, p.ratio).float()
+        return functional.sine_table(positions, p.dim, p.min_period, p.ratio).float()
 
 
 @dataclasses.dataclass(frozen=True)
@@ -212,7 +212,7 @@ class Sinusoidal(AdditiveEncoding):
 
     def table(self, positions: torch.Tensor) -> torch.Tensor:
         check_positions(positions)
-        return F.sinusoidal_table(positions, self.params.dim, self.params.base).float()
+        return functional.sinusoidal_table(positions, self.params.dim, self.params.base).float()
 
 
 @dataclasses.dataclass(frozen=True)

@@ -3,10 +3,18 @@ the argument, never an ``IndexError`` or a silent broadcast later on."""
 
 from __future__ import annotations
 
+import difflib
 import math
 from numbers import Integral, Real
 
 import torch
+
+
+def did_you_mean(word: str, options: list[str]) -> str:
+    """``" Did you mean 'x'?"`` for the closest of ``options`` to ``word``, or ``""``: the
+    tail of every "unknown name" error."""
+    close = difflib.get_close_matches(word, options, n=1)
+    return f" Did you mean {close[0]!r}?" if close else ""
 
 
 def check_positions(positions: object, name: str = "positions") -> torch.Tensor:
