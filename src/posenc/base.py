@@ -65,6 +65,10 @@ class PositionalEncoding(nn.Module):
     Params: ClassVar[type[Params]] = Params
     #: True when the vector of a position depends on the sequence length (normalized).
     length_dependent: ClassVar[bool] = False
+    #: True when attention scores depend on positions only through their differences
+    #: (shifting every position by the same offset changes nothing); checked by
+    #: ``posenc check`` (posenc.analysis.contract).
+    translation_invariant: ClassVar[bool] = False
     #: Values for required parameters that are not model sizes (e.g. rope2d's
     #: ``grid_width``), used by ``registry.create_example`` for demos, analysis and
     #: registry-wide tests. Never used to fill a user's missing parameter silently.

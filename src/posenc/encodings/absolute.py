@@ -42,6 +42,7 @@ class NoPE(PositionalEncoding):
 
     name = "none"
     family = "none"
+    translation_invariant = True  # nothing depends on positions
     reference = "Haviv et al. 2022, Transformer LMs without positional encodings still learn positional information; Kazemnejad et al. 2023"  # noqa: E501
     formula = "no position signal; order only through the causal mask"
     flaw = "without a causal mask attention is blind to order ('I go home' = 'home go I')"

@@ -23,7 +23,7 @@ import torch
 from torch import nn
 
 from posenc.base import Params, PositionalEncoding
-from posenc.functional import relative as R
+from posenc.functional import relative
 from posenc.functional.checks import (
     check_positions,
     nonnegative_int,
@@ -77,6 +77,7 @@ class BiasEncoding(PositionalEncoding):
     """
 
     family: ClassVar[str] = "bias"
+    translation_invariant: ClassVar[bool] = True  # b(i, j) = f(i - j); FIRE overrides
 
     def _apply(self, fn, recurse: bool = True):
         kept = {n: b for n, b in self._buffers.items() if b is not None and b.is_floating_point()}
@@ -100,12 +101,12 @@ class BiasEncoding(PositionalEncoding):
         shape = torch.broadcast_shapes(h.shape, qp.shape, kp.shape)
         return out.expand(shape)
 
-    def score_mod(self, q_positions, k_positions, *, q=None, k=None) -> R.ScoreMod:
+    def score_mod(self, q_positions, k_positions, *, q=None, k=None) -> relative.ScoreMod:
         """FlexAttention score_mod adding ``bias()``'s value at ``(h, q_idx, kv_idx)``."""
         check_positions(q_positions, "q_positions")
         check_positions(k_positions, "k_positions")
         fn = self.element_fn(q_positions, k_positions)
-        q_at, k_at = R.position_lookup(q_positions), R.position_lookup(k_positions)
+        q_at, k_at = relative.position_lookup(q_positions), relative.position_lookup(k_positions)
 
         def score_mod(score, b, h, q_idx, kv_idx):
             return score + fn(h, q_at(b, q_idx), k_at(b, kv_idx))
@@ -129,7 +130,7 @@ class T5Params(Params):
         _check_bool("causal", self.causal)
         if not self.causal and self.num_buckets < 4:
             raise ValueError(f"bidirectional t5 (causal=False) needs num_buckets >= 4, got {self.num_buckets}")
-        max_exact = R.t5_max_exact(self.num_buckets, not self.causal)
+        max_exact = relative.t5_max_exact(self.num_buckets, not self.causal)
         if self.max_distance <= max_exact:
             raise ValueError(
                 f"max_distance must be > {max_exact} (the exact buckets of num_buckets={self.num_buckets}, "
@@ -161,14 +162,18 @@ class T5(BiasEncoding):
         super().__init__(**params)
         p = self.params
         self.weight = nn.Parameter(torch.randn(p.num_buckets, p.num_heads) * 0.02)  # [buckets, h]
-        table = R.t5_bucket_table(bidirectional=not p.causal, num_buckets=p.num_buckets, max_distance=p.max_distance)
+        table = relative.t5_bucket_table(
+            bidirectional=not p.causal, num_buckets=p.num_buckets, max_distance=p.max_distance
+        )
         self.register_buffer("bucket_table", table, persistent=False)  # [2 D + 1]
 
     def buckets(self, q_positions: torch.Tensor, k_positions: torch.Tensor) -> torch.Tensor:
         """Bucket ids ``[s_q, s_k]`` (or ``[b, s_q, s_k]``)."""
         p = self.params
-        rel = R.relative_positions(q_positions, k_positions)
-        return R.t5_bucket(rel, bidirectional=not p.causal, num_buckets=p.num_buckets, max_distance=p.max_distance)
+        rel = relative.relative_positions(q_positions, k_positions)
+        return relative.t5_bucket(
+            rel, bidirectional=not p.causal, num_buckets=p.num_buckets, max_distance=p.max_distance
+        )
 
     def element_fn(self, q_positions, k_positions) -> ElementFn:
         dmax = self.params.max_distance
@@ -213,11 +218,11 @@ class ALiBi(BiasEncoding):
 
     def __init__(self, **params) -> None:
         super().__init__(**params)
-        self.register_buffer("slopes", R.alibi_slopes(self.params.num_heads), persistent=False)  # [h]
+        self.register_buffer("slopes", relative.alibi_slopes(self.params.num_heads), persistent=False)  # [h]
 
     def element_fn(self, q_positions, k_positions) -> ElementFn:
         slopes, causal = self.slopes, self.params.causal
-        return lambda h, qp, kp: R.alibi(qp - kp, slopes[h], causal=causal)
+        return lambda h, qp, kp: relative.alibi(qp - kp, slopes[h], causal=causal)
 
 
 # -- KERPLE --------------------------------------------------------------------------
@@ -272,7 +277,7 @@ class Kerple(BiasEncoding):
 
     def element_fn(self, q_positions, k_positions) -> ElementFn:
         r1, r2 = self.positive_params()
-        kernel = R.kerple_power if self.params.variant == "power" else R.kerple_log
+        kernel = relative.kerple_power if self.params.variant == "power" else relative.kerple_log
         return lambda h, qp, kp: kernel(qp - kp, r1[h], r2[h])
 
 
@@ -312,6 +317,7 @@ class FIRE(BiasEncoding):
     formula = "b(i, j) = MLP( log(c|i-j| + 1) / log(c max(i, L) + 1) )"
     flaw = "costly: an MLP per score (mlp_width multiply-adds in the kernel); learned, so needs training"
     Params: ClassVar[type[Params]] = FireParams
+    translation_invariant = False  # normalised by the query position
 
     def __init__(self, **params) -> None:
         super().__init__(**params)
@@ -321,7 +327,7 @@ class FIRE(BiasEncoding):
         self.L_multiplier = nn.Parameter(torch.tensor(1.0))
         self.register_buffer("init_L", torch.tensor(float(p.init_L)), persistent=False)
 
-    def score_mod(self, q_positions, k_positions, *, q=None, k=None) -> R.ScoreMod:
+    def score_mod(self, q_positions, k_positions, *, q=None, k=None) -> relative.ScoreMod:
         """As ``BiasEncoding.score_mod``; training on CUDA is refused up front (see below)."""
         if q_positions.is_cuda and torch.is_grad_enabled() and any(p.requires_grad for p in self.parameters()):
             # Seen with torch 2.11 on an H200 (tests/test_gpu.py): Inductor's FlexAttention
@@ -345,7 +351,7 @@ class FIRE(BiasEncoding):
         width = self.params.mlp_width
 
         def fn(h, qp, kp):
-            x = R.fire_distance(qp, kp, c, threshold, eps)
+            x = relative.fire_distance(qp, kp, c, threshold, eps)
             out = b2[h]
             for u in range(width):  # unrolled: FlexAttention scores one element at a time
                 out = out + w2[h, u] * torch.relu(w1[u] * x + b1[u])
@@ -387,8 +393,8 @@ class Sandwich(BiasEncoding):
 
     def __init__(self, **params) -> None:
         super().__init__(**params)
-        self.register_buffer("inv_freq", R.sandwich_inv_freq(self.params.sin_dim), persistent=False)  # [d̄/2]
-        self.register_buffer("scales", R.sandwich_scales(self.params.num_heads), persistent=False)  # [h]
+        self.register_buffer("inv_freq", relative.sandwich_inv_freq(self.params.sin_dim), persistent=False)  # [d̄/2]
+        self.register_buffer("scales", relative.sandwich_scales(self.params.num_heads), persistent=False)  # [h]
 
     def element_fn(self, q_positions, k_positions) -> ElementFn:
         lo = int(q_positions.min()) - int(k_positions.max()) if q_positions.numel() and k_positions.numel() else 0
@@ -397,7 +403,7 @@ class Sandwich(BiasEncoding):
         # table keeps its shape across decoding steps; lo is a tensor for the same reason.
         size = -(-(hi - lo + 1) // 128) * 128
         dist = torch.arange(lo, lo + size, device=self.inv_freq.device)
-        table = R.sandwich(dist, self.inv_freq)  # [size]
+        table = relative.sandwich(dist, self.inv_freq)  # [size]
         scales, offset = self.scales, torch.tensor(lo, device=dist.device)
         return lambda h, qp, kp: table[qp - kp - offset] / scales[h]
 
@@ -428,6 +434,7 @@ class Shaw(PositionalEncoding):
     """
 
     name = "shaw"
+    translation_invariant = True  # a_(j - i), clipped
     family = "relative"
     reference = "Shaw et al. 2018, Self-Attention with Relative Position Representations"
     formula = "e_ij = q_i (k_j + w[clip(j - i, -K, K)])^T / sqrt(d)"
@@ -458,20 +465,20 @@ class Shaw(PositionalEncoding):
         b, h, s_q, _ = z.shape
         if q_positions.shape[-1] != s_q:
             raise ValueError(f"q has {s_q} queries but q_positions has {q_positions.shape[-1]}")
-        idx = R.shaw_index(R.relative_positions(q_positions, k_positions), self.params.max_distance)
+        idx = relative.shaw_index(relative.relative_positions(q_positions, k_positions), self.params.max_distance)
         idx = idx.to(z.device)
         idx = idx[None, None] if idx.dim() == 2 else idx[:, None]  # [b|1, 1, s_q, s_k]
         idx = idx.expand(b, h, s_q, idx.shape[-1])  # [b, h, s_q, s_k]
         return z.gather(-1, idx)
 
-    def score_mod(self, q_positions, k_positions, *, q=None, k=None) -> R.ScoreMod:
+    def score_mod(self, q_positions, k_positions, *, q=None, k=None) -> relative.ScoreMod:
         """In-kernel lookup of the ``[b, h, s_q, 2K + 1]`` query·embedding scores: the
         content enters through that small tensor, never an ``[h, s_q, s_k]`` one."""
         check_positions(q_positions, "q_positions")
         check_positions(k_positions, "k_positions")
         z = self._logits(q)  # [b, h, s_q, 2K + 1]
         dmax = self.params.max_distance
-        q_at, k_at = R.position_lookup(q_positions), R.position_lookup(k_positions)
+        q_at, k_at = relative.position_lookup(q_positions), relative.position_lookup(k_positions)
 
         def score_mod(score, b, h, q_idx, kv_idx):
             rel = (k_at(b, kv_idx) - q_at(b, q_idx)).clamp(-dmax, dmax) + dmax

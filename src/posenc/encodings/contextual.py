@@ -18,7 +18,7 @@ from einops import repeat
 from torch import nn
 
 from posenc.base import Params, PositionalEncoding
-from posenc.functional import relative as R
+from posenc.functional import relative
 from posenc.functional.checks import check_positions, positive_int
 from posenc.registry import register
 
@@ -85,7 +85,7 @@ class CoPE(PositionalEncoding):
             qi = torch.arange(past, past + s_q, device=q.device)[:, None]  # [s_q, 1]
             kj = torch.arange(s_k, device=q.device)[None, :]  # [1, s_k]
             gates = gates * (kj <= qi).to(gates.dtype)
-        return R.cope_positions(gates, self.params.npos_max - 1)
+        return relative.cope_positions(gates, self.params.npos_max - 1)
 
     def bias(self, q_positions, k_positions, *, q=None, k=None) -> torch.Tensor:
         """Bias ``[b, h, s_q, s_k]`` from the queries ``q [b, h, s_q, d]`` and keys
@@ -100,7 +100,7 @@ class CoPE(PositionalEncoding):
             )
         pos = self.positions(q, k)  # [b, h, s_q, s_k]
         logits = q @ self.pos_emb.to(q.dtype)  # [b, h, s_q, P]
-        return R.cope_interpolate(logits, pos)
+        return relative.cope_interpolate(logits, pos)
 
     def score_mod(self, q_positions, k_positions, *, q=None, k=None):
         raise NotImplementedError(
