@@ -10,7 +10,7 @@ from posenc.attention import Attention, KVCache, LayerCache
 from posenc.base import AdditiveEncoding, Params, PositionalEncoding
 from posenc.functional.rope_scaling import rope_frequencies
 from posenc.model import Transformer, TransformerConfig
-from posenc.registry import available, create, get, register
+from posenc.registry import available, create, get, load_plugins, register
 
 __version__ = "0.1.0"
 
@@ -24,6 +24,7 @@ __all__ = [
     "Transformer",
     "TransformerConfig",
     "available",
+    "load_plugins",
     "create",
     "get",
     "register",
