@@ -9,7 +9,11 @@ import pytest
 import torch
 
 import posenc
-from posenc.functional.rope_scaling import ROPE_FREQUENCY_FUNCTIONS, ROPE_TYPES
+from posenc.functional.rope_scaling import SCALING_RULES, rope_types
+
+ROPE_TYPES = rope_types()  # what rope_frequencies accepts
+# every rule of the table with a frequency function of its own
+ROPE_FREQUENCY_FUNCTIONS = {name: rule.frequencies for name, rule in SCALING_RULES.items() if rule.frequencies}
 
 transformers = pytest.importorskip("transformers")
 from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS  # noqa: E402

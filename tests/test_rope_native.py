@@ -33,7 +33,7 @@ def test_native_equals_formula_and_compiled_path(dtype, rotary_dim, table, threa
     old = torch.get_num_threads()
     torch.set_num_threads(threads)
     try:
-        out = rope_native.rotate_half_inplace(got, c, sn, rotary_dim)
+        out = rope_native.kernel(got, c, sn, rotary_dim)
     finally:
         torch.set_num_threads(old)
     assert out is got
@@ -51,7 +51,7 @@ def test_bfloat16_special_values_equal_the_compiled_path():
     x = torch.tensor(vals * 4).to(torch.bfloat16).view(1, 1, 4, 8)
     cos, sin = tables(torch.tensor([0, 1, 7, 1000]), 8)
     compiled, _ = apply_rotary(x.clone(), x.clone(), cos, sin, compiled=True)
-    got = rope_native.rotate_half_inplace(x.clone(), cos, sin, 8)
+    got = rope_native.kernel(x.clone(), cos, sin, 8)
     assert torch.equal(got.isnan(), compiled.isnan())
     assert torch.equal(got[~got.isnan()], compiled[~compiled.isnan()])
 
@@ -59,8 +59,8 @@ def test_bfloat16_special_values_equal_the_compiled_path():
 @needs_native
 def test_apply_rotary_routes_large_inplace_half_to_native(monkeypatch):
     calls = []
-    real = rope_native.rotate_half_inplace
-    monkeypatch.setattr(rope_native, "rotate_half_inplace", lambda *a: calls.append(1) or real(*a))
+    real = rope_native.kernel
+    monkeypatch.setattr(rope_native, "kernel", lambda *a: calls.append(1) or real(*a))
     monkeypatch.setattr(rope_fast, "AUTO_COMPILE_NUMEL", 0)
     q, k = torch.randn(1, 4, 8, 16), torch.randn(1, 2, 8, 16)
     cos, sin = tables(torch.arange(8), 16)
@@ -96,4 +96,4 @@ def test_missing_compiler_is_reported_and_warned_once(monkeypatch, tmp_path):
         warnings.simplefilter("error")
         apply_rotary(q.clone(), k.clone(), cos, sin, inplace=True)  # warned once only
     with pytest.raises(RuntimeError, match="native rotary kernel is unavailable"):
-        rope_native.rotate_half_inplace(q.clone(), cos, sin, 8)
+        rope_native.kernel(q.clone(), cos, sin, 8)

@@ -15,7 +15,7 @@ import torch
 
 from posenc.functional import rope_fast, rope_triton
 from posenc.functional.rope import rope_cos_sin
-from posenc.functional.rope_fast import apply_rotary, rotate_formula
+from posenc.functional.rope_fast import apply_rotary
 
 pytestmark = pytest.mark.skipif(not rope_triton.installed(), reason="triton is not installed (pip install triton)")
 
@@ -28,9 +28,9 @@ def device(monkeypatch):
         yield "cuda"
         return
     monkeypatch.setenv("TRITON_INTERPRET", "1")
-    rope_triton._kernel.cache_clear()
+    rope_triton._jit_kernel.cache_clear()
     yield "cpu"
-    rope_triton._kernel.cache_clear()
+    rope_triton._jit_kernel.cache_clear()
 
 
 def _tables(s: int, half: int, batch: int | None = None, offset: int = 3, device: str = "cpu"):
@@ -41,8 +41,19 @@ def _tables(s: int, half: int, batch: int | None = None, offset: int = 3, device
 
 
 def _reference(x, cos, sin, layout, rotary_dim):
+    """The rotation of the first ``rotary_dim`` dimensions computed in float32 (float64 for
+    float64 ``x``) and rounded once to ``x.dtype``, as the kernel does."""
     c, s = (cos[:, None], sin[:, None]) if cos.dim() == 3 else (cos, sin)  # [b|1, 1, s, r/2]
-    return rotate_formula(x, c, s, layout, rotary_dim)
+    work = torch.float64 if x.dtype == torch.float64 else torch.float32
+    c, s, xr = c.to(work), s.to(work), x[..., :rotary_dim].to(work)
+    half = rotary_dim // 2
+    if layout == "half":
+        x1, x2 = xr[..., :half], xr[..., half:]
+        out = torch.cat([(x1 * c - x2 * s).to(x.dtype), (x2 * c + x1 * s).to(x.dtype)], -1)
+    else:
+        x1, x2 = xr[..., 0::2], xr[..., 1::2]
+        out = torch.stack([(x1 * c - x2 * s).to(x.dtype), (x2 * c + x1 * s).to(x.dtype)], -1).flatten(-2)
+    return torch.cat([out, x[..., rotary_dim:]], -1)
 
 
 @pytest.mark.parametrize("layout", ["half", "interleaved"])
@@ -123,7 +134,7 @@ def test_auto_path_never_takes_triton(monkeypatch):
     """The kernel is opt-in: ``compiled="auto"`` keeps the other paths even under the interpreter."""
     monkeypatch.setenv("TRITON_INTERPRET", "1")
     called = []
-    monkeypatch.setattr(rope_triton, "rotate_qk", lambda *a, **kw: called.append(1))
+    monkeypatch.setattr(rope_triton, "kernel", lambda *a, **kw: called.append(1))
     q = torch.randn(1, 2, 4, 8)
     cos, sin = _tables(4, 4)
     apply_rotary(q, q.clone(), cos, sin)

@@ -11,7 +11,8 @@ import torch
 
 import posenc
 from posenc.encodings.rotary import TABLE_CAP
-from posenc.functional import rope as R
+from posenc.functional import apply_rotary
+from posenc.functional import rope
 
 C, S = math.cos, math.sin
 
@@ -67,12 +68,14 @@ def test_half_equals_hf_rotate_half():
     pe = posenc.create("rope", head_dim=16, base=500.0)
     q, k = torch.randn(2, 3, 7, 16), torch.randn(2, 3, 7, 16)
     pos = torch.arange(5, 12).expand(2, 7)
-    cos, sin = R.expand_cos_sin(*pe.cos_sin(pos))  # [b, s, d]
+    cos, sin = rope.expand_cos_sin(*pe.cos_sin(pos))  # [b, s, d]
     ref_q, ref_k = apply_rotary_pos_emb(q, k, cos, sin)
     out_q, out_k = pe.rotate(q, k, pos, pos)
     torch.testing.assert_close(out_q, ref_q)
     torch.testing.assert_close(out_k, ref_k)
-    torch.testing.assert_close(q * cos[:, None] + R.rotate_half(q) * sin[:, None], ref_q)
+    x1, x2 = q.chunk(2, dim=-1)
+    rotate_half = torch.cat([-x2, x1], dim=-1)  # Hugging Face's rotate_half
+    torch.testing.assert_close(q * cos[:, None] + rotate_half * sin[:, None], ref_q)
 
 
 def test_interleaved_equals_gptj():
@@ -471,5 +474,5 @@ def test_bad_rotate_input():
     pe2 = posenc.create("rope2d", head_dim=8, grid_width=2)
     with pytest.raises(ValueError, match="q_coords"):
         pe2.rotate_coords(q, q, p, torch.zeros(3, 2, dtype=torch.long))
-    with pytest.raises(ValueError, match="rotary dimension"):
-        R.apply_rope(torch.randn(2, 4), torch.randn(2, 3), torch.randn(2, 3))
+    with pytest.raises(ValueError, match="rotary_dim"):
+        apply_rotary(torch.randn(1, 1, 2, 4), torch.randn(1, 1, 2, 4), torch.randn(2, 3), torch.randn(2, 3))

@@ -23,35 +23,23 @@ from typing import Any, ClassVar
 import torch
 
 from posenc.base import Params, PositionalEncoding
-from posenc.functional import rope as R
-from posenc.functional.checks import check_positions, check_positions_match, one_of, positive_float, positive_int
+from posenc.functional import rope
+from posenc.functional.checks import (
+    check_positions,
+    check_positions_match,
+    check_qk,
+    one_of,
+    positive_float,
+    positive_int,
+)
 from posenc.functional.rope_fast import apply_rotary
-from posenc.functional.rope_scaling import RopeConfig, frequencies, parse_rope_parameters
+from posenc.functional.rope_scaling import RopeConfig, canonical_rope_type, frequencies, parse_rope_parameters
 from posenc.registry import register
 
 #: Positions below this get a cached cos/sin table; larger ones are computed directly
 #: (also exactly, in float64), so a huge position never allocates a huge table.
 TABLE_CAP = 1 << 16
 _MIN_TABLE = 256
-
-
-def _check_qk(q: object, k: object, head_dim: int) -> None:
-    for name, t in (("q", q), ("k", k)):
-        if not isinstance(t, torch.Tensor):
-            raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
-        if not t.dtype.is_floating_point:
-            raise TypeError(f"{name} must be floating point, got {t.dtype}")
-        if t.dim() != 4:
-            raise ValueError(f"{name} must have shape [b, h, s, d], got {tuple(t.shape)}")
-        if t.shape[-1] != head_dim:
-            raise ValueError(f"{name} has head dimension {t.shape[-1]}, but the encoding has head_dim={head_dim}")
-    if q.shape[0] != k.shape[0]:
-        raise ValueError(f"q has batch size {q.shape[0]} but k has {k.shape[0]}")
-
-
-def _heads(t: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
-    """cos/sin ``[s, r/2]`` stay (broadcast over b, h); ``[b, s, r/2]`` -> ``[b, 1, s, r/2]``."""
-    return t.unsqueeze(1) if positions.dim() == 2 else t
 
 
 class _Rotary(PositionalEncoding):
@@ -80,9 +68,9 @@ class _Rotary(PositionalEncoding):
         empty = torch.empty(0, self.cfg.rotary_dim // 2, dtype=torch.float32, device=device)
         self.register_buffer("main_cos", empty, persistent=False)
         self.register_buffer("main_sin", empty.clone(), persistent=False)
-        if self.cfg.rope_type == "longrope":
-            orig = self.cfg.original_max_position_embeddings
-            self.register_buffer("long_inv_freq", frequencies(self.cfg, orig + 1, device)[0], persistent=False)
+        if self.cfg.one_long_set:  # LongRoPE: one more set past the threshold, cached like the main one
+            past = self.cfg.length_threshold + 1
+            self.register_buffer("long_inv_freq", frequencies(self.cfg, past, device)[0], persistent=False)
             self.register_buffer("long_cos", empty.clone(), persistent=False)
             self.register_buffer("long_sin", empty.clone(), persistent=False)
 
@@ -104,9 +92,9 @@ class _Rotary(PositionalEncoding):
         """``(table key, inv_freq [r/2] float64, attention_factor)`` for total length
         ``length``; key ``None`` means the frequencies are specific to this length."""
         cfg = self.cfg
-        if cfg.rope_type == "longrope" and length > cfg.original_max_position_embeddings:
-            return "long", self.long_inv_freq, self.attention_factor
-        if cfg.rope_type == "dynamic" and length > cfg.max_position_embeddings:
+        if cfg.length_dependent and length > cfg.length_threshold:
+            if cfg.one_long_set:
+                return "long", self.long_inv_freq, self.attention_factor
             inv_freq, af = frequencies(cfg, length, self.inv_freq.device)
             return None, inv_freq, af
         return "main", self.inv_freq, self.attention_factor
@@ -121,7 +109,7 @@ class _Rotary(PositionalEncoding):
             n = min(TABLE_CAP, max(_MIN_TABLE, 1 << top.bit_length()))
             inv_freq = self.inv_freq if key == "main" else self.long_inv_freq
             positions = torch.arange(n, device=inv_freq.device)
-            cos, sin = R.rope_cos_sin(positions, inv_freq, self.attention_factor)  # [n, r/2] float32
+            cos, sin = rope.rope_cos_sin(positions, inv_freq, self.attention_factor)  # [n, r/2] float32
             setattr(self, f"{key}_cos", cos)
             setattr(self, f"{key}_sin", sin)
         return cos, sin
@@ -148,7 +136,7 @@ class _Rotary(PositionalEncoding):
         positions = positions.to(inv_freq.device)
         if dtype == torch.float64 or key is None or top >= TABLE_CAP:
             out_dtype = torch.float64 if dtype == torch.float64 else torch.float32
-            cos, sin = R.rope_cos_sin(positions, inv_freq, af, dtype=out_dtype)
+            cos, sin = rope.rope_cos_sin(positions, inv_freq, af, dtype=out_dtype)
         else:
             table_cos, table_sin = self._table(key, top)
             cos, sin = table_cos[positions], table_sin[positions]  # [..., r/2]
@@ -158,7 +146,7 @@ class _Rotary(PositionalEncoding):
         return torch.float64 if q.dtype == torch.float64 else torch.float32
 
     def _check(self, q, k, q_positions, k_positions) -> int:
-        _check_qk(q, k, self.params.head_dim)
+        check_qk(q, k, self.params.head_dim)
         check_positions(q_positions, "q_positions")
         check_positions(k_positions, "k_positions")
         check_positions_match(q_positions, q.shape[0], q.shape[2], "q_positions")
@@ -233,7 +221,7 @@ class RoPEParams(Params):
 
     def validate(self) -> None:
         positive_int("head_dim", self.head_dim)
-        one_of("layout", self.layout, R.LAYOUTS)
+        one_of("layout", self.layout, rope.LAYOUTS)
         if self.rope_parameters is not None:
             if not isinstance(self.rope_parameters, Mapping):
                 raise TypeError(f"rope_parameters must be a dict, got {type(self.rope_parameters).__name__}")
@@ -249,6 +237,8 @@ class RoPEParams(Params):
             value = getattr(self, flat)
             if value is None:
                 continue
+            if flat == "rope_type":
+                value = canonical_rope_type(value)  # "pi" -> "linear": the table's aliases
             if merged.get(key) is not None and merged[key] != value:
                 raise ValueError(f"{flat}={value!r} conflicts with rope_parameters[{key!r}]={merged[key]!r}")
             merged[key] = value
@@ -265,8 +255,8 @@ class RoPE(_Rotary):
     """Rotary position embedding (Su et al. 2021), with every Hugging Face scaling rule.
 
     Formula: pair ``i`` of q and k at position ``m`` is rotated by ``m * inv_freq_i``,
-    ``inv_freq_i = base ** (-2i / r)`` rescaled by the rule ``rope_type`` (default,
-    linear, dynamic, yarn, longrope, llama3, proportional; see
+    ``inv_freq_i = base ** (-2i / r)`` rescaled by the rule ``rope_type`` (any rope_type
+    of ``posenc.functional.SCALING_RULES``, or an alias such as ``"pi"``; see
     ``posenc.rope_frequencies``); cos and sin are multiplied by the rule's attention
     factor. ``<R_m q, R_n k>`` depends only on ``m - n``.
 
@@ -301,7 +291,7 @@ class ProportionalParams(Params):
     def validate(self) -> None:
         if positive_int("head_dim", self.head_dim) % 2:
             raise ValueError(f"head_dim must be even, got {self.head_dim}")
-        one_of("layout", self.layout, R.LAYOUTS)
+        one_of("layout", self.layout, rope.LAYOUTS)
         _config_naming_flat(self)
 
     def config(self) -> RopeConfig:
@@ -348,7 +338,7 @@ class XPosParams(Params):
     def validate(self) -> None:
         if positive_int("head_dim", self.head_dim) % 2:
             raise ValueError(f"head_dim must be even, got {self.head_dim}")
-        one_of("layout", self.layout, R.LAYOUTS)
+        one_of("layout", self.layout, rope.LAYOUTS)
         positive_float("base", self.base, minimum=1.0)
         positive_float("scale_base", self.scale_base)
         positive_float("gamma", self.gamma)
@@ -381,11 +371,11 @@ class XPos(_Rotary):
         length = self._check(q, k, q_positions, k_positions)
         p = self.params
         dt = self._cache_dtype(q)
-        zeta = R.xpos_zeta(self.cfg.rotary_dim, p.gamma, device=q.device)  # [d/2]
+        zeta = rope.xpos_zeta(self.cfg.rotary_dim, p.gamma, device=q.device)  # [d/2]
         lo = min(int(t.min()) for t in (q_positions, k_positions) if t.numel()) if length else 0
         center = (lo + length - 1) / 2
         span = max(length - 1 - center, center - lo)
-        limit = R.xpos_max_span(float(zeta[0]), p.scale_base, q.dtype)
+        limit = rope.xpos_max_span(float(zeta[0]), p.scale_base, q.dtype)
         if span > limit:
             raise ValueError(
                 f"xpos: positions span {lo}..{length - 1}, too wide for {q.dtype} (max half-range {limit:.0f} "
@@ -395,7 +385,7 @@ class XPos(_Rotary):
         for x, pos, up in ((q, q_positions, True), (k, k_positions, False)):
             pos = pos.to(x.device)
             c, s = self.cos_sin(pos, length, dt)  # [(b,) s, d/2]
-            scale_q, scale_k = R.xpos_scales(pos, zeta, p.scale_base, center)
+            scale_q, scale_k = rope.xpos_scales(pos, zeta, p.scale_base, center)
             scale = (scale_q if up else scale_k).to(dt)
             tables.append((c * scale, s * scale))  # scaled rotation: [(b,) s, d/2] each
         (cq, sq), (ck, sk) = tables
@@ -415,7 +405,7 @@ class RoPE2DParams(Params):
             raise ValueError(f"head_dim must be a multiple of 4 (two axes of pairs), got {self.head_dim}")
         positive_int("grid_width", self.grid_width)
         positive_float("base", self.base, minimum=1.0)
-        one_of("layout", self.layout, R.LAYOUTS)
+        one_of("layout", self.layout, rope.LAYOUTS)
 
 
 @register
@@ -447,25 +437,35 @@ class RoPE2D(_Rotary):
     def rotate(self, q, k, q_positions, k_positions):
         self._check(q, k, q_positions, k_positions)
         w = self.params.grid_width
-        return self.rotate_coords(q, k, R.grid_coords(q_positions, w), R.grid_coords(k_positions, w))
+        return self.rotate_coords(q, k, rope.grid_coords(q_positions, w), rope.grid_coords(k_positions, w))
 
     def rotate_coords(self, q, k, q_coords, k_coords):
         """Rotate q ``[b, h, s_q, d]``, k ``[b, h_kv, s_k, d]`` by (row, col) coordinates
         ``[s, 2]`` or ``[b, s, 2]`` (non-negative ints)."""
-        _check_qk(q, k, self.params.head_dim)
+        check_qk(q, k, self.params.head_dim)
         dt = self._cache_dtype(q)
-        out = []
+        tables = []
         for x, coords, name in ((q, q_coords, "q_coords"), (k, k_coords, "k_coords")):
             if not isinstance(coords, torch.Tensor) or coords.dim() not in (2, 3) or coords.shape[-1] != 2:
                 raise ValueError(f"{name} must be a tensor [s, 2] or [b, s, 2] of (row, col)")
-            flat = coords[..., 0]  # [(b,) s]
             check_positions(coords.reshape(-1, 2), name)
-            check_positions_match(flat, x.shape[0], x.shape[2], name)
+            check_positions_match(coords[..., 0], x.shape[0], x.shape[2], name)
             coords = coords.to(x.device)
-            row = tuple(_heads(t, flat) for t in self.cos_sin(coords[..., 0], None, dt))
-            col = tuple(_heads(t, flat) for t in self.cos_sin(coords[..., 1], None, dt))
-            out.append(R.apply_axial_rope(x, row, col, self.layout))
-        return out[0], out[1]
+            (row_cos, row_sin), (col_cos, col_sin) = (self.cos_sin(coords[..., axis], None, dt) for axis in (0, 1))
+            # [(b,) s, d/4] each -> [(b,) 2s, d/4]: the row table, then the column table, per position
+            tables.append([torch.stack(pair, -2).flatten(-3, -2) for pair in ((row_cos, col_cos), (row_sin, col_sin))])
+        (cq, sq), (ck, sk) = tables
+        # Each head's row half and column half become two consecutive positions of a head of d/2
+        # dimensions, so one 1-D rotation of d/2 dimensions (apply_rotary) rotates both axes.
+        d = self.params.head_dim
+
+        def halves(x: torch.Tensor) -> torch.Tensor:
+            return x.unflatten(-1, (2, d // 2)).flatten(2, 3)  # [b, h, s, d] -> [b, h, 2s, d/2]
+
+        qr, kr = apply_rotary(
+            halves(q), halves(k), cq, sq, k_cos=ck, k_sin=sk, layout=self.layout, rotary_dim=self.cfg.rotary_dim
+        )
+        return qr.unflatten(2, (q.shape[2], 2)).flatten(-2), kr.unflatten(2, (k.shape[2], 2)).flatten(-2)
 
 
 __all__ = ["RoPE", "RoPE2D", "Proportional", "XPos", "TABLE_CAP"]

@@ -13,13 +13,13 @@ from posenc.functional.absolute import (
     sinusoidal_table,
 )
 from posenc.functional.checks import check_positions
-from posenc.functional.rope import apply_rope, permute_qk_weight, rope_angles, rope_cos_sin
+from posenc.functional.rope import permute_qk_weight, rope_angles, rope_cos_sin
 from posenc.functional.rope_fast import apply_rotary
-from posenc.functional.rope_scaling import ROPE_FREQUENCY_FUNCTIONS, parse_rope_parameters, rope_frequencies
+from posenc.functional.rope_scaling import SCALING_RULES, ScalingRule, parse_rope_parameters, rope_frequencies
 
 __all__ = [
-    "ROPE_FREQUENCY_FUNCTIONS",
-    "apply_rope",
+    "SCALING_RULES",
+    "ScalingRule",
     "apply_rotary",
     "parse_rope_parameters",
     "permute_qk_weight",

@@ -51,6 +51,29 @@ def check_hidden(x: object, dim: int | None = None, name: str = "x") -> torch.Te
     return x
 
 
+def check_qk(q: object, k: object, head_dim: int | None = None) -> None:
+    """Validate queries ``[b, h, s_q, d]`` and keys ``[b, h_kv, s_k, d]`` for a rotation:
+    floating point tensors of one dtype and device, the same batch size and ``d`` (equal to
+    ``head_dim`` when given)."""
+    for name, x in (("q", q), ("k", k)):
+        if not isinstance(x, torch.Tensor):
+            raise TypeError(f"{name} must be a torch.Tensor, got {type(x).__name__}")
+        if not x.dtype.is_floating_point:
+            raise TypeError(f"{name} must be floating point, got {x.dtype}")
+        if x.dim() != 4:
+            raise ValueError(f"{name} must have shape [b, h, s, d], got shape {tuple(x.shape)}")
+        if head_dim is not None and x.shape[-1] != head_dim:
+            raise ValueError(f"{name} has head dimension {x.shape[-1]}, but the encoding has head_dim={head_dim}")
+    if q.dtype != k.dtype:
+        raise TypeError(f"q and k must have the same dtype, got q {q.dtype} and k {k.dtype}")
+    if q.device != k.device:
+        raise ValueError(f"q and k must be on the same device, got q on {q.device} and k on {k.device}")
+    if q.shape[0] != k.shape[0]:
+        raise ValueError(f"q and k must have the same batch size, got q {q.shape[0]} and k {k.shape[0]}")
+    if q.shape[-1] != k.shape[-1]:
+        raise ValueError(f"q and k must have the same head_dim, got q {q.shape[-1]} and k {k.shape[-1]}")
+
+
 def check_positions_match(positions: torch.Tensor, batch: int, seq: int, name: str = "positions") -> None:
     """Check that ``positions`` ``[s]`` or ``[b, s]`` fits a ``[batch, seq, ...]`` input."""
     if positions.shape[-1] != seq:

@@ -1,5 +1,9 @@
 """Rotary position embedding math: exact angles, the two layouts, xPos, axial 2-D.
 
+The rotation itself is :func:`posenc.functional.apply_rotary` (``rope_fast``): the one
+entry that rotates q and k; this module computes what it consumes (cos/sin tables, xPos
+scales, grid coordinates) and converts weights between layouts.
+
 Notation (as everywhere in posenc)::
 
     b batch, h heads, s sequence, d head_dim, r rotary dimension (even, <= d)
@@ -27,6 +31,7 @@ import math
 
 import torch
 
+#: The two pairings of rotated dimensions (see the module docstring).
 LAYOUTS = ("half", "interleaved")
 
 
@@ -55,37 +60,6 @@ def rope_cos_sin(
         if attention_factor != 1.0:
             cos, sin = cos * attention_factor, sin * attention_factor
     return cos.to(dtype), sin.to(dtype)
-
-
-def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, layout: str = "half") -> torch.Tensor:
-    """Rotate the first ``r = 2 * cos.shape[-1]`` dimensions of ``x``; the rest pass.
-
-    ``x1' = x1 cos - x2 sin``, ``x2' = x2 cos + x1 sin`` for each pair ``(x1, x2)`` of
-    the layout. cos/sin are cast to ``x.dtype`` (the single cast to the activation dtype).
-
-    Shapes: x ``[..., s, d]``; cos, sin broadcastable to ``[..., s, r/2]`` -> ``[..., s, d]``.
-    """
-    half = cos.shape[-1]
-    r = 2 * half
-    if r > x.shape[-1]:
-        raise ValueError(f"rotary dimension {r} exceeds the last dimension of x ({x.shape[-1]})")
-    cos, sin = cos.to(x.dtype), sin.to(x.dtype)
-    rot, rest = x[..., :r], x[..., r:]
-    if layout == "half":
-        x1, x2 = rot[..., :half], rot[..., half:]  # [..., s, r/2] each
-        out = torch.cat([x1 * cos - x2 * sin, x2 * cos + x1 * sin], dim=-1)  # [..., s, r]
-    elif layout == "interleaved":
-        x1, x2 = rot[..., 0::2], rot[..., 1::2]  # [..., s, r/2] each
-        out = torch.stack([x1 * cos - x2 * sin, x2 * cos + x1 * sin], dim=-1).flatten(-2)  # [..., s, r]
-    else:
-        raise ValueError(f"layout must be one of {list(LAYOUTS)}, got {layout!r}")
-    return torch.cat([out, rest], dim=-1) if rest.shape[-1] else out
-
-
-def rotate_half(x: torch.Tensor) -> torch.Tensor:
-    """Hugging Face's ``rotate_half``: ``[x1, x2] -> [-x2, x1]`` (for reference tests)."""
-    x1, x2 = x.chunk(2, dim=-1)
-    return torch.cat([-x2, x1], dim=-1)
 
 
 def expand_cos_sin(cos: torch.Tensor, sin: torch.Tensor, layout: str = "half") -> tuple[torch.Tensor, torch.Tensor]:
@@ -132,33 +106,6 @@ def xpos_max_span(zeta_min: float, scale_base: float, dtype: torch.dtype) -> flo
 
 
 # -- axial 2-D (image patches) ---------------------------------------------------------
-def axial_cos_sin(
-    coords: torch.Tensor, inv_freq: torch.Tensor, dtype: torch.dtype = torch.float32
-) -> tuple[tuple[torch.Tensor, torch.Tensor], tuple[torch.Tensor, torch.Tensor]]:
-    """Row and column cos/sin for axial 2-D RoPE.
-
-    Shapes: coords ``[..., s, 2]`` int (row, column); inv_freq ``[d/4]`` ->
-    ``((cos_row, sin_row), (cos_col, sin_col))`` each ``[..., s, d/4]``.
-    """
-    return rope_cos_sin(coords[..., 0], inv_freq, dtype=dtype), rope_cos_sin(coords[..., 1], inv_freq, dtype=dtype)
-
-
-def apply_axial_rope(
-    x: torch.Tensor,
-    row: tuple[torch.Tensor, torch.Tensor],
-    col: tuple[torch.Tensor, torch.Tensor],
-    layout: str = "half",
-) -> torch.Tensor:
-    """Axial 2-D RoPE: the first half of the head (``d/2`` dims) rotates by the row, the
-    second half by the column, each with ordinary 1-D RoPE in ``layout``.
-
-    Shapes: x ``[..., s, d]``; row/col cos, sin ``[..., s, d/4]`` -> ``[..., s, d]``.
-    """
-    d = x.shape[-1]
-    x_row, x_col = x[..., : d // 2], x[..., d // 2 :]  # [..., s, d/2] each
-    return torch.cat([apply_rope(x_row, *row, layout=layout), apply_rope(x_col, *col, layout=layout)], dim=-1)
-
-
 def grid_coords(positions: torch.Tensor, grid_width: int) -> torch.Tensor:
     """Flat patch indices -> (row, column) = ``(p // W, p % W)``.
 

@@ -1,4 +1,7 @@
-"""Fast rotary position embedding: q and k rotated in one call, near the memory limit.
+"""The rotation of RoPE: :func:`apply_rotary` rotates q and k in one call, near the memory
+limit. It is the one public way to rotate in posenc (every rotary encoding calls it); the
+paths below, including the kernels of ``rope_native`` and ``rope_triton``, are its private
+implementation details.
 
 Math (Su et al. 2021, "RoFormer: Enhanced Transformer with Rotary Position
 Embedding", arXiv:2104.09864): each pair ``(x_a, x_b)`` of rotated dimensions with
@@ -56,9 +59,9 @@ from collections.abc import Callable
 import torch
 
 from posenc.functional import rope_native, rope_triton
-from posenc.functional.checks import one_of
+from posenc.functional.checks import check_qk, one_of
+from posenc.functional.rope import LAYOUTS
 
-LAYOUTS = ("half", "interleaved")
 #: ``compiled="auto"`` compiles from this many elements of q plus k (below it, the
 #: per-call cost of a compiled graph exceeds what fusion saves; measured in
 #: benchmarks/rope.py: the decode step s = 1 is faster eager).
@@ -73,24 +76,6 @@ _SEEN: OrderedDict[tuple, int] = OrderedDict()
 
 
 # -- validation --------------------------------------------------------------------------
-def _check_qk(q: object, k: object) -> None:
-    for name, x in (("q", q), ("k", k)):
-        if not isinstance(x, torch.Tensor):
-            raise TypeError(f"{name} must be a torch.Tensor, got {type(x).__name__}")
-        if not x.dtype.is_floating_point:
-            raise TypeError(f"{name} must be floating point, got {x.dtype}")
-        if x.dim() != 4:
-            raise ValueError(f"{name} must have shape [b, h, s, d], got shape {tuple(x.shape)}")
-    if q.dtype != k.dtype:
-        raise TypeError(f"q and k must have the same dtype, got q {q.dtype} and k {k.dtype}")
-    if q.device != k.device:
-        raise ValueError(f"q and k must be on the same device, got q on {q.device} and k on {k.device}")
-    if q.shape[0] != k.shape[0]:
-        raise ValueError(f"q and k must have the same batch size, got q {q.shape[0]} and k {k.shape[0]}")
-    if q.shape[-1] != k.shape[-1]:
-        raise ValueError(f"q and k must have the same head_dim, got q {q.shape[-1]} and k {k.shape[-1]}")
-
-
 def _check_rotary_dim(rotary_dim: object, d: int) -> int:
     if rotary_dim is None:
         rotary_dim = d
@@ -132,7 +117,9 @@ def _check_table(
 
 
 # -- the math, written once for the compiled path and for outer torch.compile traces ---------
-def rotate_formula(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, layout: str, rotary_dim: int) -> torch.Tensor:
+def _pairwise_rotation(
+    x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, layout: str, rotary_dim: int
+) -> torch.Tensor:
     """``x [b, h, s, d]`` rotated out of place as one pointwise expression over pairs (what
     the compiled path fuses into one loop that reads both members of a pair and writes
     both), in float32 (float64 for float64 ``x``), rounded once.
@@ -158,14 +145,14 @@ def rotate_formula(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, layout
 
 
 def _rotate_qk(q, k, cq, sq, ck, sk, layout: str, rotary_dim: int):
-    return rotate_formula(q, cq, sq, layout, rotary_dim), rotate_formula(k, ck, sk, layout, rotary_dim)
+    return _pairwise_rotation(q, cq, sq, layout, rotary_dim), _pairwise_rotation(k, ck, sk, layout, rotary_dim)
 
 
 def _rotate_qk_inplace(q, k, cq, sq, ck, sk, layout: str, rotary_dim: int):
     # Inductor cannot write a pair in place (each output reads its partner), so it
     # rotates into a buffer and copies back: two passes, still one call.
-    q[..., :rotary_dim].copy_(rotate_formula(q[..., :rotary_dim], cq, sq, layout, rotary_dim))
-    k[..., :rotary_dim].copy_(rotate_formula(k[..., :rotary_dim], ck, sk, layout, rotary_dim))
+    q[..., :rotary_dim].copy_(_pairwise_rotation(q[..., :rotary_dim], cq, sq, layout, rotary_dim))
+    k[..., :rotary_dim].copy_(_pairwise_rotation(k[..., :rotary_dim], ck, sk, layout, rotary_dim))
     return q, k
 
 
@@ -360,7 +347,7 @@ def apply_rotary(
         >>> theta = torch.arange(16.0)[:, None] * 10000 ** (-torch.arange(0, 64, 2) / 64)
         >>> qr, kr = apply_rotary(q, k, theta.cos(), theta.sin(), layout="half")
     """
-    _check_qk(q, k)
+    check_qk(q, k)
     one_of("layout", layout, LAYOUTS)
     rotary_dim = _check_rotary_dim(rotary_dim, q.shape[-1])
     if not isinstance(inplace, bool):
@@ -390,12 +377,12 @@ def apply_rotary(
     if compiled == "triton":
         if needs_grad:
             raise ValueError("compiled='triton' is forward only: under autograd use compiled='auto' (or True/False)")
-        return rope_triton.rotate_qk(q, k, cq, sq, ck, sk, layout, rotary_dim, inplace)
+        return rope_triton.kernel(q, k, cq, sq, ck, sk, layout, rotary_dim, inplace)
     small = q.numel() + k.numel() < AUTO_COMPILE_NUMEL
     if inplace and layout == "half" and compiled == "auto" and not needs_grad and not small:
         if rope_native.supports(q, rotary_dim) and rope_native.supports(k, rotary_dim) and _native_ok():
-            rope_native.rotate_half_inplace(q, cq, sq, rotary_dim)
-            return q, rope_native.rotate_half_inplace(k, ck, sk, rotary_dim)
+            rope_native.kernel(q, cq, sq, rotary_dim)
+            return q, rope_native.kernel(k, ck, sk, rotary_dim)
     zq = zk = None
     if layout == "interleaved" and not needs_grad:
         zq, zk = _complex_view(q, rotary_dim), _complex_view(k, rotary_dim)

@@ -1,5 +1,8 @@
 """A native CPU kernel for the in-place rotation of the half (NeoX/Llama) layout.
 
+A private backend of :func:`posenc.functional.apply_rotary` (which routes large in-place
+half-layout rotations here); call ``apply_rotary``, not :func:`kernel`.
+
 Why it exists: in the half layout a pair is ``(x_i, x_{i + r/2})``, so an in-place
 rotation reads both halves and writes both. ``torch.compile`` (inductor) cannot prove
 that a loop writing ``x_i`` before it reads ``x_{i + r/2}``'s partner is safe, so it
@@ -184,7 +187,7 @@ def _table(t: torch.Tensor, b: int, s: int, half: int) -> tuple[torch.Tensor, in
     return t.reshape(b, s, half).contiguous(), s * half
 
 
-def rotate_half_inplace(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, rotary_dim: int) -> torch.Tensor:
+def kernel(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, rotary_dim: int) -> torch.Tensor:
     """Rotate ``x [b, h, s, d]`` in place (half layout, the first ``rotary_dim``
     dimensions) with ``cos``/``sin`` ``[s, r/2]`` or ``[b|1, 1, s, r/2]``; returns ``x``.
     The caller checks ``supports(x, rotary_dim)`` and the table shapes."""

@@ -1,142 +1,265 @@
-"""RoPE frequencies and the long-context scaling rules, one pure function per rule.
+"""The RoPE scaling rules, declared once: one :class:`ScalingRule` per rule in
+``SCALING_RULES``, and the functions that read it.
 
-The Hugging Face ``modeling_rope_utils`` style: a registry ``ROPE_FREQUENCY_FUNCTIONS``
-of pure functions, one per ``rope_type``, each returning ``(inv_freq, attention_factor)``.
-Unlike Hugging Face, every function takes a validated :class:`RopeConfig` (not a whole
-model config), and bad input raises instead of logging a warning.
+An entry says everything posenc needs to know about a rule: its frequency function
+(``rope_rules``), the ``rope_parameters`` keys it takes and how each is checked, the
+checks between keys, whether its frequencies depend on the sequence length, and its name
+on the command line (``posenc extend --rules``), its aliases and the parameters that
+stretch a trained context (``stretch``). Adding a rule is one function and one entry
+(docs/rotary.md, "Adding a scaling rule"); ``rope_frequencies``, ``posenc.create("rope",
+rope_type=...)``, ``posenc extend`` and the scaling plot read the table.
 
     inv_freq, attention_factor = rope_frequencies(head_dim, rope_parameters,
                                                   max_position_embeddings=..., seq_len=...)
 
 Shapes: ``inv_freq`` is ``[r/2]`` float64, ``r`` the rotary dimension
 (``int(head_dim * partial_rotary_factor)``; ``head_dim`` for ``proportional``).
-The angle of pair ``i`` at position ``m`` is ``m * inv_freq[i]``; cos and sin are
-multiplied by ``attention_factor`` (so scores scale by its square, the YaRN convention).
-
-Values equal transformers' ``ROPE_INIT_FUNCTIONS`` (and the models' default rule) for
-the same inputs; transformers computes in float32, posenc in float64, so they agree to
-float32 rounding (relative ~1e-7).
-
-References: Su et al. 2021 (RoPE); Chen et al. 2023 (linear position interpolation);
-bloc97/emozilla 2023 (dynamic NTK); Peng et al. 2023 (YaRN); Ding et al. 2024
-(LongRoPE); Meta 2024 (Llama 3.1 scaling); Barbero et al. 2024 (p-RoPE, proportional).
+Unlike Hugging Face, bad input raises (naming the key) instead of logging a warning.
 """
 
 from __future__ import annotations
 
 import dataclasses
-import difflib
-import math
 from collections.abc import Callable, Mapping
-from numbers import Integral, Real
+from typing import Any
 
 import torch
 
-DEFAULT_THETA = 10000.0
+from posenc.functional.checks import did_you_mean, positive_int
+from posenc.functional.rope_rules import (
+    DEFAULT_THETA,
+    FrequencyFunction,
+    KeyCheck,
+    Parameters,
+    RopeConfig,
+    check_dynamic,
+    check_factor,
+    check_factor_list,
+    check_flag,
+    check_length,
+    check_llama3,
+    check_non_negative,
+    check_number,
+    check_positive,
+    check_yarn,
+    default_frequencies,
+    dynamic_frequencies,
+    factor_from_lengths,
+    linear_frequencies,
+    llama3_frequencies,
+    longrope_frequencies,
+    proportional_frequencies,
+    yarn_frequencies,
+)
 
 #: Keys every rope_type accepts.
 COMMON_KEYS = ("rope_type", "type", "rope_theta", "partial_rotary_factor")
-#: (required, optional) keys of each rope_type, beyond ``COMMON_KEYS``.
-TYPE_KEYS: dict[str, tuple[tuple[str, ...], tuple[str, ...]]] = {
-    "default": ((), ()),
-    "linear": (("factor",), ()),
-    "dynamic": (("factor",), ()),
-    "yarn": (
-        ("original_max_position_embeddings",),
-        ("factor", "attention_factor", "beta_fast", "beta_slow", "mscale", "mscale_all_dim", "truncate"),
-    ),
-    "longrope": (("short_factor", "long_factor", "original_max_position_embeddings"), ("factor", "attention_factor")),
-    "llama3": (("factor", "low_freq_factor", "high_freq_factor", "original_max_position_embeddings"), ()),
-    "proportional": ((), ("factor",)),
-}
-ROPE_TYPES = tuple(TYPE_KEYS)
-ALL_KEYS = tuple(sorted(set(COMMON_KEYS).union(*(r + o for r, o in TYPE_KEYS.values()))))
-#: rope_types whose frequencies depend on the current sequence length.
-LENGTH_DEPENDENT = ("dynamic", "longrope")
 
 
+# -- the table ---------------------------------------------------------------------------------
 @dataclasses.dataclass(frozen=True)
-class RopeConfig:
-    """Validated RoPE parameters (build with :func:`parse_rope_parameters`).
+class ScalingRule:
+    """One RoPE scaling rule.
 
-    ``rotary_dim`` is the number of rotated dimensions ``r`` (even); ``factor`` is
-    resolved (yarn/longrope derive it from ``max_position_embeddings`` when absent).
-    Optional keys that were absent stay ``None``.
+    Attributes:
+        name: the ``rope_type`` (Hugging Face's name).
+        frequencies: ``(cfg, seq_len, device) -> (inv_freq [r/2] float64, attention_factor)``.
+        keys: the keys it takes beyond ``COMMON_KEYS``, each with its check
+            ``(key, value, parameters) -> validated value``, checked in this order.
+        required: those of ``keys`` that must be given.
+        derived: values of absent keys computed from the others, ``(parameters) -> value``
+            (yarn and longrope derive ``factor`` from the two lengths, as Hugging Face).
+        check: checks between keys, run after every key's own.
+        length_dependent: its frequencies change with the sequence length past the value of
+            ``threshold`` (a :class:`RopeConfig` field): to one fixed set when
+            ``one_long_set`` (LongRoPE), else at every length (dynamic NTK).
+        whole_head: ``inv_freq`` covers the whole head and ``partial_rotary_factor`` zeroes
+            pairs instead of shortening ``r`` (p-RoPE).
+        cli_name: its name in ``posenc extend --rules`` and the plots (default ``name``).
+        aliases: other names accepted wherever a rule name is read (lower case).
+        stretch: ``(factor, context, rotary_dim, theta) -> rope_parameters keys`` that
+            stretch a model trained at ``context`` positions by ``factor`` (``posenc
+            extend``); ``None``: not an extension rule.
+        rope_type: for a rule that is not a rope_type of its own, the rope_type whose
+            parameters express it (static NTK is ``default`` with a grown base): known to
+            ``posenc extend``, not to ``rope_frequencies``.
     """
 
-    rope_type: str
-    head_dim: int
-    rotary_dim: int
-    theta: float = DEFAULT_THETA
-    partial_rotary_factor: float = 1.0
-    factor: float | None = None
-    original_max_position_embeddings: int | None = None
-    max_position_embeddings: int | None = None
-    attention_factor: float | None = None
-    beta_fast: float | None = None
-    beta_slow: float | None = None
-    mscale: float | None = None
-    mscale_all_dim: float | None = None
-    truncate: bool = True
-    low_freq_factor: float | None = None
-    high_freq_factor: float | None = None
-    short_factor: tuple[float, ...] | None = None
-    long_factor: tuple[float, ...] | None = None
+    name: str
+    frequencies: FrequencyFunction | None
+    keys: Mapping[str, KeyCheck] = dataclasses.field(default_factory=dict)
+    required: tuple[str, ...] = ()
+    derived: Mapping[str, Callable[[Parameters], Any]] = dataclasses.field(default_factory=dict)
+    check: Callable[[Parameters], None] | None = None
+    length_dependent: bool = False
+    threshold: str = "max_position_embeddings"
+    one_long_set: bool = False
+    whole_head: bool = False
+    cli_name: str | None = None
+    aliases: tuple[str, ...] = ()
+    stretch: Callable[[float, int, int, float], dict[str, Any]] | None = None
+    rope_type: str | None = None
 
     @property
-    def length_dependent(self) -> bool:
-        return self.rope_type in LENGTH_DEPENDENT
+    def names(self) -> tuple[str, ...]:
+        """Every name of the rule: ``name``, ``cli_name``, aliases."""
+        return tuple(dict.fromkeys((self.name, self.cli_name or self.name, *self.aliases)))
 
 
-# -- validation ------------------------------------------------------------------------
-def _suggest(word: str, options) -> str:
-    close = difflib.get_close_matches(word, list(options), n=1)
-    return f" Did you mean {close[0]!r}?" if close else ""
+SCALING_RULES: dict[str, ScalingRule] = {
+    rule.name: rule
+    for rule in (
+        ScalingRule(
+            "default", default_frequencies, cli_name="none", aliases=("direct", "plain"), stretch=lambda s, c, r, t: {}
+        ),
+        ScalingRule(
+            "linear",
+            linear_frequencies,
+            keys={"factor": check_factor},
+            required=("factor",),
+            aliases=("pi", "position_interpolation", "interpolation"),
+            stretch=lambda s, c, r, t: {"factor": s},
+        ),
+        ScalingRule(
+            "ntk",
+            None,
+            rope_type="default",
+            aliases=("ntk-aware", "ntk_aware", "static_ntk"),
+            stretch=lambda s, c, r, t: {"rope_theta": t * s ** (r / (r - 2))},
+        ),
+        ScalingRule(
+            "dynamic",
+            dynamic_frequencies,
+            keys={"factor": check_factor},
+            required=("factor",),
+            check=check_dynamic,
+            length_dependent=True,
+            aliases=("dynamic_ntk", "dynamic-ntk"),
+            stretch=lambda s, c, r, t: {"factor": s},
+        ),
+        ScalingRule(
+            "yarn",
+            yarn_frequencies,
+            keys={
+                "original_max_position_embeddings": check_length,
+                "factor": check_factor,
+                "attention_factor": check_positive,
+                "beta_fast": check_positive,
+                "beta_slow": check_positive,
+                "mscale": check_non_negative,
+                "mscale_all_dim": check_non_negative,
+                "truncate": check_flag,
+            },
+            required=("original_max_position_embeddings",),
+            derived={"factor": factor_from_lengths},
+            check=check_yarn,
+            stretch=lambda s, c, r, t: {
+                "factor": s,
+                "original_max_position_embeddings": c,
+                "beta_fast": 32.0,
+                "beta_slow": 1.0,
+            },
+        ),
+        ScalingRule(
+            "longrope",
+            longrope_frequencies,
+            keys={
+                "original_max_position_embeddings": check_length,
+                "factor": check_factor,
+                "attention_factor": check_positive,
+                "short_factor": check_factor_list,
+                "long_factor": check_factor_list,
+            },
+            required=("short_factor", "long_factor", "original_max_position_embeddings"),
+            derived={"factor": factor_from_lengths},
+            length_dependent=True,
+            threshold="original_max_position_embeddings",
+            one_long_set=True,
+        ),
+        ScalingRule(
+            "llama3",
+            llama3_frequencies,
+            keys={
+                "original_max_position_embeddings": check_length,
+                "factor": check_factor,
+                "low_freq_factor": check_positive,
+                "high_freq_factor": check_positive,
+            },
+            required=("factor", "low_freq_factor", "high_freq_factor", "original_max_position_embeddings"),
+            check=check_llama3,
+            aliases=("llama3.1", "llama-3"),
+            stretch=lambda s, c, r, t: {
+                "factor": s,
+                "low_freq_factor": 1.0,
+                "high_freq_factor": 4.0,
+                "original_max_position_embeddings": c,
+            },
+        ),
+        ScalingRule(
+            "proportional",
+            proportional_frequencies,
+            keys={"factor": check_factor},
+            whole_head=True,
+            aliases=("p-rope",),
+        ),  # fmt: skip
+    )
+}
 
 
-def _number(key: str, value: object) -> float:
-    if isinstance(value, bool) or not isinstance(value, Real):
-        raise TypeError(f"rope_parameters[{key!r}] must be a number, got {value!r}")
-    v = float(value)
-    if not math.isfinite(v):
-        raise ValueError(f"rope_parameters[{key!r}] must be finite, got {value!r}")
-    return v
+def rope_types() -> tuple[str, ...]:
+    """The ``rope_type`` values ``rope_frequencies`` accepts (rules that are a rope_type of
+    their own), in table order."""
+    return tuple(name for name, rule in SCALING_RULES.items() if rule.rope_type is None)
 
 
-def _positive(key: str, value: object) -> float:
-    v = _number(key, value)
-    if v <= 0:
-        raise ValueError(f"rope_parameters[{key!r}] must be > 0, got {value!r}")
-    return v
+def all_keys() -> tuple[str, ...]:
+    """Every key some rope_type accepts, sorted."""
+    keys = set(COMMON_KEYS)
+    for rule in SCALING_RULES.values():
+        keys.update(rule.keys)
+    return tuple(sorted(keys))
 
 
-def _at_least_one(key: str, value: object) -> float:
-    v = _number(key, value)
-    if v < 1.0:
-        raise ValueError(f"rope_parameters[{key!r}] must be >= 1 (a factor < 1 shrinks the context), got {value!r}")
-    return v
+def scaling_rule(name: str, *, rules: Mapping[str, ScalingRule] | None = None) -> ScalingRule:
+    """The rule called ``name``: its rope_type, CLI name or an alias (any case).
+
+    Raises:
+        ValueError: unknown name, listing the names and the closest one.
+    """
+    rules = SCALING_RULES if rules is None else rules
+    if not isinstance(name, str):
+        raise TypeError(f"a scaling rule name must be a str, got {name!r}")
+    wanted = name.strip().lower()
+    for rule in rules.values():
+        if wanted in rule.names:
+            return rule
+    known = [n for rule in rules.values() for n in rule.names]
+    main = [rule.cli_name or rule.name for rule in rules.values()]
+    raise ValueError(f"unknown scaling rule {name!r}; available: {main}.{did_you_mean(wanted, known)}")
 
 
-def _int(key: str, value: object) -> int:
-    if isinstance(value, bool) or not isinstance(value, Integral):
-        raise TypeError(f"{key} must be an int, got {value!r}")
-    if value <= 0:
-        raise ValueError(f"{key} must be > 0, got {value!r}")
-    return int(value)
+def canonical_rope_type(name: object) -> object:
+    """``name`` as a rope_type when it names (or aliases) a rule that is one (``"pi"`` ->
+    ``"linear"``); anything else unchanged, for the strict check to refuse."""
+    if isinstance(name, str):
+        for rule in SCALING_RULES.values():
+            if rule.rope_type is None and name.strip().lower() in rule.names:
+                return rule.name
+    return name
 
 
-def _factor_list(key: str, value: object, length: int) -> tuple[float, ...]:
-    if isinstance(value, (str, bytes)) or not isinstance(value, (list, tuple, torch.Tensor)):
-        raise TypeError(f"rope_parameters[{key!r}] must be a list of numbers, got {type(value).__name__}")
-    values = value.tolist() if isinstance(value, torch.Tensor) else list(value)
-    if len(values) != length:
-        raise ValueError(
-            f"rope_parameters[{key!r}] must have rotary_dim / 2 = {length} entries (one per frequency), "
-            f"got {len(values)}"
-        )
-    return tuple(_positive(f"{key}[{i}]", v) for i, v in enumerate(values))
+def extension_rules() -> tuple[str, ...]:
+    """CLI names of the rules ``posenc extend`` can apply (those with ``stretch``), in table order."""
+    return tuple(rule.cli_name or rule.name for rule in SCALING_RULES.values() if rule.stretch is not None)
 
 
+def extension_rule(name: str) -> ScalingRule:
+    """The extension rule called ``name`` (CLI name or alias); a ``ValueError`` naming the
+    available ones otherwise."""
+    return scaling_rule(name, rules={n: r for n, r in SCALING_RULES.items() if r.stretch is not None})
+
+
+# -- parsing -------------------------------------------------------------------------------------
 def parse_rope_parameters(
     head_dim: int,
     rope_parameters: Mapping | None = None,
@@ -161,18 +284,19 @@ def parse_rope_parameters(
         TypeError/ValueError naming the key: unknown keys or rope_types, keys the
         rope_type does not use, missing required keys, wrong types, bad values.
     """
-    head_dim = _int("head_dim", head_dim)
+    head_dim = positive_int("head_dim", head_dim)
     if rope_parameters is None:
         rope_parameters = {}
     if not isinstance(rope_parameters, Mapping):
         raise TypeError(f"rope_parameters must be a dict, got {type(rope_parameters).__name__}")
     if max_position_embeddings is not None:
-        max_position_embeddings = _int("max_position_embeddings", max_position_embeddings)
+        max_position_embeddings = positive_int("max_position_embeddings", max_position_embeddings)
     raw = {k: v for k, v in rope_parameters.items() if v is not None}
+    known = all_keys()
     for key in raw:
-        if not isinstance(key, str) or key not in ALL_KEYS:
+        if not isinstance(key, str) or key not in known:
             raise ValueError(
-                f"rope_parameters has unknown key {key!r}; valid keys: {list(ALL_KEYS)}.{_suggest(str(key), ALL_KEYS)}"
+                f"rope_parameters has unknown key {key!r}; valid keys: {list(known)}.{did_you_mean(str(key), known)}"
             )
     if "type" in raw and "rope_type" in raw and raw["type"] != raw["rope_type"]:
         raise ValueError(f"rope_parameters has rope_type={raw['rope_type']!r} and type={raw['type']!r}; keep one")
@@ -180,42 +304,43 @@ def parse_rope_parameters(
     raw.pop("type", None)
     if not isinstance(rope_type, str):
         raise TypeError(f"rope_parameters['rope_type'] must be a str, got {rope_type!r}")
-    if rope_type not in TYPE_KEYS:
+    types = rope_types()
+    if rope_type not in types:
         raise ValueError(
-            f"rope_parameters['rope_type'] {rope_type!r} is not supported; valid: {list(ROPE_TYPES)}."
-            f"{_suggest(rope_type, ROPE_TYPES)}"
+            f"rope_parameters['rope_type'] {rope_type!r} is not supported; valid: {list(types)}."
+            f"{did_you_mean(rope_type, types)}"
         )
-    required, optional = TYPE_KEYS[rope_type]
-    allowed = set(COMMON_KEYS) | set(required) | set(optional)
+    rule = SCALING_RULES[rope_type]
+    allowed = set(COMMON_KEYS) | set(rule.keys)
     for key in raw:
         if key not in allowed:
             hint = ""
-            if rope_type == "dynamic" and key == "original_max_position_embeddings":
-                hint = "; dynamic's threshold is max_position_embeddings (posenc: max_len)"
+            if rule.length_dependent and rule.threshold == "max_position_embeddings" and key.startswith("original"):
+                hint = f"; {rope_type}'s threshold is max_position_embeddings (posenc: max_len)"
             raise ValueError(
                 f"rope_parameters key {key!r} is not used by rope_type {rope_type!r} "
                 f"(it takes {sorted(allowed - {'type'})}){hint}"
             )
-    for key in required:
+    for key in rule.required:
         if key not in raw:
             raise ValueError(f"rope_parameters for rope_type {rope_type!r} needs key {key!r}")
 
-    theta = _number("rope_theta", raw.get("rope_theta", DEFAULT_THETA))
+    theta = check_number("rope_theta", raw.get("rope_theta", DEFAULT_THETA))
     if theta <= 1.0:
         raise ValueError(f"rope_parameters['rope_theta'] must be > 1, got {raw['rope_theta']!r}")
-    prf = _number("partial_rotary_factor", raw.get("partial_rotary_factor", 1.0))
-    if rope_type == "proportional":
+    prf = check_number("partial_rotary_factor", raw.get("partial_rotary_factor", 1.0))
+    if rule.whole_head:
         if not 0.0 <= prf <= 1.0:
             raise ValueError(f"rope_parameters['partial_rotary_factor'] must be in [0, 1], got {prf!r}")
         if rotary_dim is not None:
-            raise ValueError("rotary_dim cannot be combined with rope_type 'proportional' (use partial_rotary_factor)")
+            raise ValueError(f"rotary_dim cannot be combined with rope_type {rope_type!r} (use partial_rotary_factor)")
         if head_dim % 2:
-            raise ValueError(f"head_dim must be even for rope_type 'proportional', got {head_dim}")
+            raise ValueError(f"head_dim must be even for rope_type {rope_type!r}, got {head_dim}")
         r = head_dim
     elif rotary_dim is not None:
         if "partial_rotary_factor" in raw:
             raise ValueError("give rotary_dim or partial_rotary_factor, not both")
-        r = _int("rotary_dim", rotary_dim)
+        r = positive_int("rotary_dim", rotary_dim)
         if r > head_dim or r % 2:
             raise ValueError(f"rotary_dim must be even and <= head_dim={head_dim}, got {r}")
         prf = r / head_dim
@@ -229,199 +354,30 @@ def parse_rope_parameters(
                 "must be even and >= 2"
             )
 
-    kw: dict = {}
-    orig = raw.get("original_max_position_embeddings")
-    if orig is not None:
-        kw["original_max_position_embeddings"] = _int("rope_parameters['original_max_position_embeddings']", orig)
-    factor = raw.get("factor")
-    if factor is not None:
-        kw["factor"] = _at_least_one("factor", factor)
-    elif rope_type in ("yarn", "longrope"):
-        # Hugging Face derives the factor from the two lengths (DeepSeek-V3, Phi-3 configs).
-        if max_position_embeddings is None:
-            raise ValueError(
-                f"rope_type {rope_type!r} without 'factor' derives it as max_position_embeddings / "
-                "original_max_position_embeddings: give factor or max_position_embeddings"
-            )
-        derived = max_position_embeddings / kw["original_max_position_embeddings"]
-        if derived < 1.0:
-            raise ValueError(
-                f"derived factor max_position_embeddings / original_max_position_embeddings = "
-                f"{max_position_embeddings} / {kw['original_max_position_embeddings']} is < 1"
-            )
-        kw["factor"] = derived
-    if rope_type == "dynamic":
-        if max_position_embeddings is None:
-            raise ValueError(
-                "rope_type 'dynamic' needs max_position_embeddings (posenc: max_len), the length past which the "
-                "base grows"
-            )
-        if r <= 2:
-            raise ValueError(f"rope_type 'dynamic' needs a rotary dimension > 2 (exponent r/(r-2)), got {r}")
-    if "attention_factor" in raw:
-        kw["attention_factor"] = _positive("attention_factor", raw["attention_factor"])
-    for key in ("beta_fast", "beta_slow"):
+    p = Parameters(rope_type, head_dim, r, max_position_embeddings, {})
+    for key, check in rule.keys.items():
         if key in raw:
-            kw[key] = _positive(key, raw[key])
-    fast, slow = kw.get("beta_fast", 32.0), kw.get("beta_slow", 1.0)
-    if fast < slow:
-        raise ValueError(f"rope_parameters['beta_fast'] ({fast}) must be >= beta_slow ({slow})")
-    for key in ("mscale", "mscale_all_dim"):
-        if key in raw:
-            kw[key] = _number(key, raw[key])
-            if kw[key] < 0:
-                raise ValueError(f"rope_parameters[{key!r}] must be >= 0, got {raw[key]!r}")
-    if "truncate" in raw:
-        if not isinstance(raw["truncate"], bool):
-            raise TypeError(f"rope_parameters['truncate'] must be a bool, got {raw['truncate']!r}")
-        kw["truncate"] = raw["truncate"]
-    if rope_type == "llama3":
-        kw["low_freq_factor"] = _positive("low_freq_factor", raw["low_freq_factor"])
-        kw["high_freq_factor"] = _positive("high_freq_factor", raw["high_freq_factor"])
-        if kw["high_freq_factor"] <= kw["low_freq_factor"]:
-            raise ValueError(
-                f"rope_parameters['high_freq_factor'] ({kw['high_freq_factor']}) must be > low_freq_factor "
-                f"({kw['low_freq_factor']})"
-            )
-    if rope_type == "longrope":
-        kw["short_factor"] = _factor_list("short_factor", raw["short_factor"], r // 2)
-        kw["long_factor"] = _factor_list("long_factor", raw["long_factor"], r // 2)
-    return RopeConfig(
+            p.values[key] = check(key, raw[key], p)
+        elif key in rule.derived:
+            p.values[key] = rule.derived[key](p)
+    if rule.check is not None:
+        rule.check(p)
+    fields = {f.name for f in dataclasses.fields(RopeConfig)}
+    cfg = RopeConfig(
         rope_type=rope_type,
         head_dim=head_dim,
         rotary_dim=r,
         theta=theta,
         partial_rotary_factor=prf,
         max_position_embeddings=max_position_embeddings,
-        **kw,
+        length_dependent=rule.length_dependent,
+        one_long_set=rule.one_long_set,
+        parameters=tuple(p.values.items()),
+        **{k: v for k, v in p.values.items() if k in fields},
     )
-
-
-# -- the rules -------------------------------------------------------------------------
-def _exponents(cfg: RopeConfig, device=None) -> torch.Tensor:
-    """``2i / r`` for ``i = 0 .. r/2 - 1`` (float64)."""
-    r = cfg.rotary_dim
-    return torch.arange(0, r, 2, dtype=torch.float64, device=device) / r  # [r/2]
-
-
-def default_frequencies(cfg: RopeConfig, seq_len: int | None = None, device=None) -> tuple[torch.Tensor, float]:
-    """Su et al. 2021: ``inv_freq_i = theta ** (-2i / r)``; attention factor 1."""
-    return 1.0 / cfg.theta ** _exponents(cfg, device), 1.0
-
-
-def linear_frequencies(cfg: RopeConfig, seq_len: int | None = None, device=None) -> tuple[torch.Tensor, float]:
-    """Position interpolation (Chen et al. 2023; kaiokendev): ``inv_freq / factor``,
-    the same as dividing every position by ``factor``."""
-    inv_freq, _ = default_frequencies(cfg, device=device)
-    return inv_freq / cfg.factor, 1.0
-
-
-def dynamic_frequencies(cfg: RopeConfig, seq_len: int | None = None, device=None) -> tuple[torch.Tensor, float]:
-    """Dynamic NTK (bloc97, emozilla 2023): at length ``L = max(seq_len, M)``, with
-    ``M = max_position_embeddings``, the base grows to
-    ``theta * (factor * L / M - (factor - 1)) ** (r / (r - 2))``; unchanged up to ``M``."""
-    m = cfg.max_position_embeddings
-    length = m if seq_len is None else max(int(seq_len), m)
-    r = cfg.rotary_dim
-    base = cfg.theta * ((cfg.factor * length / m) - (cfg.factor - 1)) ** (r / (r - 2))
-    return 1.0 / base ** _exponents(cfg, device), 1.0
-
-
-def yarn_mscale(scale: float, mscale: float = 1.0) -> float:
-    """YaRN's attention temperature ``0.1 * mscale * ln(scale) + 1`` (1 for scale <= 1)."""
-    return 1.0 if scale <= 1 else 0.1 * mscale * math.log(scale) + 1.0
-
-
-def yarn_correction_range(cfg: RopeConfig) -> tuple[float, float]:
-    """Pair indices ``(low, high)`` between which YaRN ramps from extrapolation to
-    interpolation: pair ``i`` completes ``L_orig / (2 pi theta^(2i/r))`` rotations over
-    the original context; ``low`` is where that equals ``beta_fast``, ``high``
-    where it equals ``beta_slow`` (floored/ceiled when ``truncate``)."""
-    r, theta, orig = cfg.rotary_dim, cfg.theta, cfg.original_max_position_embeddings
-
-    def dim_of(rotations: float) -> float:
-        return (r * math.log(orig / (rotations * 2 * math.pi))) / (2 * math.log(theta))
-
-    low, high = dim_of(cfg.beta_fast or 32.0), dim_of(cfg.beta_slow or 1.0)
-    if cfg.truncate:
-        low, high = math.floor(low), math.ceil(high)
-    return max(low, 0), min(high, r - 1)
-
-
-def yarn_frequencies(cfg: RopeConfig, seq_len: int | None = None, device=None) -> tuple[torch.Tensor, float]:
-    """YaRN (Peng et al. 2023): high-frequency pairs (many rotations over the original
-    context) keep ``inv_freq`` (extrapolation), low-frequency pairs get
-    ``inv_freq / factor`` (interpolation), with a linear ramp between
-    :func:`yarn_correction_range`. Attention factor ``attention_factor`` if given, else
-    ``mscale(factor, mscale) / mscale(factor, mscale_all_dim)`` when both are set
-    (DeepSeek), else ``0.1 ln(factor) + 1``."""
-    factor = cfg.factor
-    attention_factor = cfg.attention_factor
-    if attention_factor is None:
-        if cfg.mscale and cfg.mscale_all_dim:
-            attention_factor = yarn_mscale(factor, cfg.mscale) / yarn_mscale(factor, cfg.mscale_all_dim)
-        else:
-            attention_factor = yarn_mscale(factor)
-    inv_extra, _ = default_frequencies(cfg, device=device)  # [r/2]
-    inv_inter = inv_extra / factor
-    low, high = yarn_correction_range(cfg)
-    if low == high:
-        high += 0.001  # a one-step ramp, as the reference implementation
-    ramp = ((torch.arange(cfg.rotary_dim // 2, dtype=torch.float64, device=device) - low) / (high - low)).clamp(0, 1)
-    extrapolation = 1.0 - ramp  # 1 for the fast (early) pairs, 0 for the slow ones
-    return inv_inter * (1 - extrapolation) + inv_extra * extrapolation, float(attention_factor)
-
-
-def longrope_frequencies(cfg: RopeConfig, seq_len: int | None = None, device=None) -> tuple[torch.Tensor, float]:
-    """LongRoPE (Ding et al. 2024; Phi-3): ``inv_freq_i / ext_i`` with ``ext`` =
-    ``long_factor`` when ``seq_len > original_max_position_embeddings`` else
-    ``short_factor``. Attention factor ``attention_factor`` if given, else
-    ``sqrt(1 + ln(factor) / ln(original_max_position_embeddings))`` (1 for factor <= 1)."""
-    orig = cfg.original_max_position_embeddings
-    attention_factor = cfg.attention_factor
-    if attention_factor is None:
-        attention_factor = 1.0 if cfg.factor <= 1.0 else math.sqrt(1 + math.log(cfg.factor) / math.log(orig))
-    ext = cfg.long_factor if seq_len and seq_len > orig else cfg.short_factor
-    inv_freq, _ = default_frequencies(cfg, device=device)
-    return inv_freq / torch.tensor(ext, dtype=torch.float64, device=device), float(attention_factor)
-
-
-def llama3_frequencies(cfg: RopeConfig, seq_len: int | None = None, device=None) -> tuple[torch.Tensor, float]:
-    """Llama 3.1: wavelengths ``2 pi / inv_freq`` longer than ``L / low_freq_factor``
-    are divided by ``factor``, shorter than ``L / high_freq_factor`` kept, and in between
-    blended by ``s = (L / wavelen - low) / (high - low)``:
-    ``(1 - s) inv_freq / factor + s inv_freq`` (``L`` = original_max_position_embeddings)."""
-    inv_freq, _ = default_frequencies(cfg, device=device)
-    orig, factor = cfg.original_max_position_embeddings, cfg.factor
-    low, high = cfg.low_freq_factor, cfg.high_freq_factor
-    wavelen = 2 * math.pi / inv_freq  # [r/2]
-    scaled = torch.where(wavelen > orig / low, inv_freq / factor, inv_freq)
-    smooth = (orig / wavelen - low) / (high - low)
-    blended = (1 - smooth) * scaled / factor + smooth * scaled
-    medium = (wavelen >= orig / high) & (wavelen <= orig / low)
-    return torch.where(medium, blended, scaled), 1.0
-
-
-def proportional_frequencies(cfg: RopeConfig, seq_len: int | None = None, device=None) -> tuple[torch.Tensor, float]:
-    """p-RoPE (Barbero et al. 2024; Gemma): keep the ``int(p * d // 2)`` highest
-    frequencies ``theta ** (-2i / d)`` (exponent over the full ``head_dim`` ``d``) and set
-    the rest to 0, so those pairs are not rotated (a NoPE channel); then ``/ factor``."""
-    d = cfg.head_dim
-    angles = int(cfg.partial_rotary_factor * d // 2)
-    rotated = 1.0 / cfg.theta ** (torch.arange(0, 2 * angles, 2, dtype=torch.float64, device=device) / d)
-    zeros = torch.zeros(d // 2 - angles, dtype=torch.float64, device=device)
-    return torch.cat([rotated, zeros]) / (cfg.factor or 1.0), 1.0
-
-
-ROPE_FREQUENCY_FUNCTIONS: dict[str, Callable[..., tuple[torch.Tensor, float]]] = {
-    "default": default_frequencies,
-    "linear": linear_frequencies,
-    "dynamic": dynamic_frequencies,
-    "yarn": yarn_frequencies,
-    "longrope": longrope_frequencies,
-    "llama3": llama3_frequencies,
-    "proportional": proportional_frequencies,
-}
+    if rule.length_dependent:
+        cfg = dataclasses.replace(cfg, length_threshold=getattr(cfg, rule.threshold))
+    return cfg
 
 
 def frequencies(cfg: RopeConfig, seq_len: int | None = None, device=None) -> tuple[torch.Tensor, float]:
@@ -429,8 +385,8 @@ def frequencies(cfg: RopeConfig, seq_len: int | None = None, device=None) -> tup
     if seq_len is not None:
         if isinstance(seq_len, torch.Tensor):
             seq_len = int(seq_len)
-        seq_len = _int("seq_len", seq_len)
-    return ROPE_FREQUENCY_FUNCTIONS[cfg.rope_type](cfg, seq_len, device)
+        seq_len = positive_int("seq_len", seq_len)
+    return SCALING_RULES[cfg.rope_type].frequencies(cfg, seq_len, device)
 
 
 def rope_frequencies(

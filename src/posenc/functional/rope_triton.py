@@ -1,5 +1,8 @@
 """A Triton kernel for the rotary path on CUDA GPUs: q and k rotated in one launch.
 
+A private backend of :func:`posenc.functional.apply_rotary` (reached with
+``compiled="triton"``); call ``apply_rotary``, not :func:`kernel`.
+
 Math (Su et al. 2021, "RoFormer", arXiv:2104.09864), for every row (one position of one
 head) and pair ``i < r/2`` with angle ``θ_i``:
 
@@ -14,7 +17,7 @@ in float32 (float64 for float64 inputs), rounded once, like the compiled CPU pat
 
 Shapes:
     q, k      [b, h, s_q, d], [b, h_kv, s_k, d]   last dimension contiguous (stride 1)
-    cos, sin  [s, r/2] or [b|1, 1, s, r/2]   as ``rope_fast._check_table`` returns them
+    cos, sin  [s, r/2] or [b|1, 1, s, r/2]   as ``apply_rotary`` shapes them
 
 Where it runs: ``apply_rotary(..., compiled="triton")`` on CUDA tensors without autograd.
 Checked and timed on an H200 (docs/performance.md, ``benchmarks/gpu_check.sh``): at the
@@ -63,7 +66,7 @@ def supports(x: torch.Tensor) -> bool:
 
 
 @functools.cache
-def _kernel():
+def _jit_kernel():
     """Build the ``triton.jit`` kernel on first use (so importing posenc never imports
     Triton, and the interpreter setting is read when the kernel is made)."""
     import triton
@@ -171,7 +174,7 @@ def _output(x: torch.Tensor, rotary_dim: int, inplace: bool) -> torch.Tensor:
     return out
 
 
-def rotate_qk(
+def kernel(
     q: torch.Tensor,
     k: torch.Tensor,
     cq: torch.Tensor,
@@ -215,7 +218,7 @@ def rotate_qk(
     block_p = _next_pow2(half)
     block = min(max(TILE_PAIRS // block_p, 1), _next_pow2(max(s_q, s_k)))
     grid = (b * max(h_q, h_k), _cdiv(max(s_q, s_k), block))
-    _kernel()[grid](
+    _jit_kernel()[grid](
         q,
         qo,
         k,
