@@ -24,6 +24,7 @@ from posenc.experiments.extend import (
 )
 from posenc.experiments.extend_summary import orderings
 from posenc.experiments.train import build_model, checkpoint_path, load_checkpoint, setup, train_run
+from posenc.pipeline.extension import extension_report_section
 
 TINY = {
     "task": {"name": "copy", "train_length": 3, "num_symbols": 4, "eval_samples": 4},
@@ -147,15 +148,13 @@ def test_cli_extend_tiny_writes_outputs(tmp_path):
     md = (out / "extension.md").read_text()
     assert "copy: per-token accuracy" in md and "published orderings" in md
     assert (out / "plots" / "extension_copy.png").stat().st_size > 1000
-    # the HTML report's section (posenc.viz.report.write_report(extra_sections=[...]))
-    from posenc.viz.extension import report_section
-
-    sec = report_section(out / "extension.json")
+    # the HTML report's section (posenc.pipeline.report.write_report(extra_sections=[...]))
+    sec = extension_report_section(out / "extension.json")
     assert set(sec) == {"title", "text", "tables", "figures"} and "posenc extend" in sec["text"]
     assert sec["tables"][0]["columns"] == ["rule / stage", "3 (1L)", "6 (2L)"] and len(sec["tables"][0]["rows"]) == 7
     assert [cap for cap, _ in sec["figures"]] == ["copy: each rule against evaluation length"]
     with pytest.raises(ValueError, match="does not exist"):
-        report_section(tmp_path / "nope.json")
+        extension_report_section(tmp_path / "nope.json")
     html_path = tmp_path / "report.html"
     report_args = ["report", "-o", str(html_path), "--encodings", "rope", "--attention-steps", "0"]
     code, output = _cli([*report_args, "--no-pretrained", "--extension", str(out / "extension.json")])

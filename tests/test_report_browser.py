@@ -15,7 +15,7 @@ import posenc
 from posenc import analysis as A
 from posenc import registry
 from posenc.encodings.absolute import Sinusoidal
-from posenc.viz.report import write_report
+from posenc.pipeline.report import write_report
 
 EVIL = '<script>window.__pwned=1</script><img src=x onerror="window.__pwned=2">'
 EVIL_DIR = "study-<img src=y onerror=window.__pwned=3>"

@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 
 from posenc.experiments.published import kazemnejad_ranks, press_table, randpos_lm_table
-from posenc.experiments.summary import _cell, ratio, tables, to_markdown
+from posenc.experiments.summary import Cell, ratio, tables, to_markdown
 
 DOCS = Path(__file__).resolve().parents[1] / "docs"
 PAGE = DOCS / "results.md"
@@ -82,7 +82,7 @@ def test_t5_max_distance_row_is_the_records(page):
     recs = _records(T5_MD64)
     assert sorted(r["seed"] for r in recs) == [0, 1, 2]
     assert {r["config"]["model"]["encoding_params"]["max_distance"] for r in recs} == {64}
-    at_l = _cell([{m["length"]: m["ppl"] for m in r["metrics"]}[64] for r in recs]).fmt(2)
-    ratios = [_cell([ratio(r, f * 64) for r in recs]).fmt(2) for f in (2, 4, 8, 16)]
+    at_l = Cell.of([{m["length"]: m["ppl"] for m in r["metrics"]}[64] for r in recs]).fmt(2)
+    ratios = [Cell.of([ratio(r, f * 64) for r in recs]).fmt(2) for f in (2, 4, 8, 16)]
     row = re.escape("| `max_distance = 64` | " + " | ".join([at_l, *ratios]) + " |")
     assert re.search(row, page)

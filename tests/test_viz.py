@@ -14,11 +14,13 @@ from einops import rearrange
 from typer.testing import CliRunner
 
 import posenc
-from posenc import registry
-from posenc.analysis.attention import attention_weights, copy_batch
+from posenc import analysis, registry
+from posenc.analysis.attention import attention_weights
 from posenc.base import Params, PositionalEncoding
 from posenc.cli import app
-from posenc.viz import figures as F
+from posenc.experiments.tiny import copy_batch
+from posenc.pipeline import figures as pipeline_figures
+from posenc.viz import figures
 
 
 @dataclasses.dataclass(frozen=True)
@@ -85,81 +87,62 @@ def _labelled(fig):
 @pytest.mark.parametrize("kind", ["heatmap", "similarity"])
 @pytest.mark.parametrize("name", ["binary", "sinusoidal", "learned", "none"])
 def test_per_encoding_figures(name, kind, tmp_path):
-    fig = F.plot(name, kind, horizon=64, dim=16, num_heads=2)
+    fig = figures.plot(name, kind, horizon=64, dim=16, num_heads=2)
     _labelled(fig)
     for suffix in (".png", ".svg"):
-        path = F.save(fig, tmp_path / f"{name}-{kind}{suffix}")
+        path = figures.save(fig, tmp_path / f"{name}-{kind}{suffix}")
         assert path.stat().st_size > 1000
 
 
 def test_sine_similarity_title_reports_its_period():
-    fig = F.similarity("sine", dim=4, num_heads=1, horizon=100)
+    fig = figures.similarity("sine", dim=4, num_heads=1, horizon=100)
     assert "repeats every 32 positions" in fig.axes[0].get_title()
 
 
 def test_global_figures():
-    _labelled(F.magnitude(["integer", "sinusoidal"], horizon=64))
-    _labelled(F.distance(["sinusoidal", "binary"], max_distance=32))
+    _labelled(figures.magnitude(["integer", "sinusoidal"], horizon=64))
+    _labelled(figures.distance(["sinusoidal", "binary"], max_distance=32))
 
 
 def test_rotary_and_bias_figures_with_toy_encodings(toys):
     for fig in (
-        F.rotation("toy-rope", head_dim=16),
-        F.wavelengths("toy-rope", head_dim=16, context=64),
-        F.decay("toy-rope", head_dim=16, max_distance=64),
-        F.bias_matrix("toy-buckets", length=24, num_heads=2),
-        F.distance(["toy-rope", "toy-buckets"], max_distance=32),
+        figures.rotation("toy-rope", head_dim=16),
+        figures.wavelengths("toy-rope", head_dim=16, context=64),
+        figures.decay("toy-rope", head_dim=16, max_distance=64),
+        figures.bias_matrix("toy-buckets", length=24, num_heads=2),
+        figures.distance(["toy-rope", "toy-buckets"], max_distance=32),
     ):
         _labelled(fig)
     # 16 dims = 8 planes; wavelengths 2 pi 10^(i/2) = 6.3, 19.9, 62.8, 198.7, ...: 5 exceed 64.
-    assert F.wavelengths("toy-rope", head_dim=16, context=64).axes[0].get_title().startswith("toy-rope: 5 of 8")
-    fig = F.buckets("toy-buckets", length=32, num_heads=2)
+    assert figures.wavelengths("toy-rope", head_dim=16, context=64).axes[0].get_title().startswith("toy-rope: 5 of 8")
+    fig = figures.buckets("toy-buckets", length=32, num_heads=2)
     # Distances 0, 1, 2, 3 and three log buckets: 7 shared parameters over 32 positions.
     assert "7 distinct biases" in fig._suptitle.get_text()
 
 
 def test_unavailable_figures_say_why():
     missing = "never-registered-encoding"
-    with pytest.raises(F.FigureUnavailable, match="not registered"):
-        F.heatmap(missing)
-    with pytest.raises(F.FigureUnavailable, match="'sinusoidal' \\(additive\\)"):
-        F.bias_matrix("sinusoidal")
-    with pytest.raises(F.FigureUnavailable, match="rotation"):
-        F.rotation("sinusoidal")
+    with pytest.raises(figures.FigureUnavailable, match="not registered"):
+        figures.heatmap(missing)
+    with pytest.raises(figures.FigureUnavailable, match="'sinusoidal' \\(additive\\)"):
+        figures.bias_matrix("sinusoidal")
+    with pytest.raises(figures.FigureUnavailable, match="rotation"):
+        figures.rotation("sinusoidal")
     with pytest.raises(ValueError, match="unknown kind"):
-        F.plot("sinusoidal", "nope")
+        figures.plot("sinusoidal", "nope")
     with pytest.raises(ValueError, match=".png or .svg"):
-        F.save(F.heatmap("binary", horizon=8, dim=8, num_heads=1), "figure.jpg")
+        figures.save(figures.heatmap("binary", horizon=8, dim=8, num_heads=1), "figure.jpg")
 
 
-def test_scaling_figure_against_the_documented_signature(monkeypatch):
-    """Until posenc.rope_frequencies is merged, drive the figure with transformers' own
-    functions behind the documented signature; with it merged, use the real one."""
-    if not hasattr(posenc, "rope_frequencies"):
-        with pytest.raises(F.FigureUnavailable, match="rope_frequencies"):
-            F.scaling()
-        from transformers import PretrainedConfig
-        from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
-
-        def rope_frequencies(head_dim, rope_parameters, *, max_position_embeddings=None, seq_len=None):
-            params = dict(rope_parameters)
-            if params["rope_type"] == "default":
-                inv = 1.0 / params["rope_theta"] ** (torch.arange(0, head_dim, 2, dtype=torch.float32) / head_dim)
-                return inv, 1.0
-            cfg = PretrainedConfig(
-                hidden_size=head_dim, num_attention_heads=1, head_dim=head_dim,
-                max_position_embeddings=max_position_embeddings, rope_parameters=params,
-            )  # fmt: skip
-            return ROPE_INIT_FUNCTIONS[params["rope_type"]](cfg, None, seq_len=seq_len)
-
-        monkeypatch.setattr(posenc, "rope_frequencies", rope_frequencies, raising=False)
-    fig = F.scaling(head_dim=64, factor=8.0, original=4096)
+def test_scaling_figure_draws_every_rule():
+    fig = figures.scaling(head_dim=64, factor=8.0, original=4096)
     _labelled(fig)
     lines = {ln.get_label().split(" ")[0]: ln.get_ydata() for ln in fig.axes[0].get_lines()}
-    assert set(SCALING := ("linear", "dynamic", "yarn", "llama3")) <= set(lines)
+    # one curve per rule of SCALING_RULES, the default (ratio 1) and the original-context line
+    assert set(lines) == {"default", "original", *figures.SCALING_RULES}
+    assert len(lines["default"]) == 64 // 2 and all(v == 1.0 for v in lines["default"])
     assert all(abs(v - 1 / 8) < 1e-6 for v in lines["linear"])  # PI: every frequency / factor
     assert abs(lines["llama3"][0] - 1.0) < 1e-6 and abs(lines["llama3"][-1] - 1 / 8) < 1e-6
-    assert len(SCALING) == 4
 
 
 def test_attention_weights_reproduce_the_layer_output(toys):
@@ -181,10 +164,10 @@ def test_attention_weights_reproduce_the_layer_output(toys):
 
 
 def test_trained_attention_figure():
-    fig = F.trained_attention("sinusoidal", steps=3, half=4)
+    fig = pipeline_figures.trained_attention("sinusoidal", steps=3, half=4)
     assert len([a for a in fig.axes if a.get_label() != "<colorbar>"]) == 8  # 2 layers x 4 heads
     with pytest.raises(ValueError, match="weights must be"):
-        F.attention(torch.zeros(2, 3, 4))
+        figures.attention(torch.zeros(2, 3, 4))
 
 
 # -- the CLI --------------------------------------------------------------------------------------
@@ -227,9 +210,7 @@ def test_cli_report(tmp_path):
 
 
 def test_bound_of_toy_rope_matches_math(toys):
-    from posenc import analysis as A
-
-    pairs = A.rotation_pairs(A.build("toy-rope", dim=8, num_heads=1))
+    pairs = analysis.rotation_pairs(analysis.build("toy-rope", dim=8, num_heads=1))
     assert [round(a, 6) for *_, a, _ in pairs] == [round(10000.0 ** (-i / 4), 6) for i in range(4)]
     assert math.isclose(pairs[0][2], 1.0, rel_tol=1e-6)
 
@@ -239,9 +220,9 @@ def test_bucket_ids_by_hand():
     m = torch.arange(3)
     bias = -(m[:, None] - m[None, :]).abs().clamp(max=1).float()[None]  # [1, 3, 3]
     # Ids in order of first appearance by n - m: n - m = -2 (value -1) comes first.
-    assert F.bucket_ids(bias).tolist() == [[1, 0, 0], [0, 1, 0], [0, 0, 1]]
+    assert figures.bucket_ids(bias).tolist() == [[1, 0, 0], [0, 1, 0], [0, 0, 1]]
     bias[0, 0, 2] = float("-inf")  # a masked entry has no bucket
-    assert F.bucket_ids(bias)[0, 2] == -1
+    assert figures.bucket_ids(bias)[0, 2] == -1
 
 
 def test_attention_of_a_study_checkpoint(tmp_path):
@@ -258,7 +239,7 @@ def test_attention_of_a_study_checkpoint(tmp_path):
     )
     record, _ = train_run(cfg, tmp_path)
     ckpt = checkpoint_path(tmp_path, record["run_id"])
-    fig = F.plot(str(ckpt), "attention", length=5)
+    fig = pipeline_figures.plot(str(ckpt), "attention", length=5)
     axes = [a for a in fig.axes if a.get_label() != "<colorbar>"]
     assert len(axes) == 2  # 1 layer x 2 heads
     # copy of length 5: BOS + 5 + SEP + 5 answer tokens, the last one only a target: 11 queries.
@@ -266,4 +247,4 @@ def test_attention_of_a_study_checkpoint(tmp_path):
     res = runner.invoke(app, ["plot", str(ckpt), "--kind", "attention", "-o", str(tmp_path / "a.png")])
     assert res.exit_code == 0, res.output
     with pytest.raises(FileNotFoundError, match="no checkpoint"):
-        F.plot(str(tmp_path / "missing.pt"), "attention")
+        pipeline_figures.plot(str(tmp_path / "missing.pt"), "attention")

@@ -170,7 +170,8 @@ def study(
     from posenc.experiments import distributed as pd
     from posenc.experiments.parallel import StudyWorkerError, plan_jobs, run_study_parallel
     from posenc.experiments.results import read_results
-    from posenc.experiments.study import plan_study, run_study, write_outputs
+    from posenc.experiments.study import plan_study, run_study
+    from posenc.pipeline.study import write_study_outputs
 
     run_dir = Path(out) if out else Path("runs") / preset
     try:
@@ -187,7 +188,7 @@ def study(
         raise fail(err) from None
     if summarize_only:
         try:
-            outputs = write_outputs(run_dir, report=not no_report)
+            outputs = write_study_outputs(run_dir, report=not no_report)
         except (ValueError, TypeError) as err:
             raise fail(err) from None
         print_tables(read_results(run_dir))
@@ -225,7 +226,7 @@ def study(
             console.print(f"rank {ctx.rank}/{ctx.world_size}: {len(records)} runs done; rank 0 writes the outputs")
             return
         print_tables(records)
-        outputs = write_outputs(run_dir, report=not no_report)
+        outputs = write_study_outputs(run_dir, report=not no_report)
     except (ValueError, TypeError, FloatingPointError, pd.DistributedError, StudyWorkerError, KeyboardInterrupt) as err:
         raise harness_exit(err, ctx, "run the same command again to resume (finished runs are kept)") from None
     finally:
@@ -299,7 +300,7 @@ def plot(
     """Draw one figure of an encoding and write it as PNG or SVG."""
     import inspect
 
-    from posenc.viz import figures
+    from posenc.pipeline import figures
 
     options = {"dim": dim, "num_heads": heads, "horizon": horizon, "steps": steps, "length": length}
     try:
@@ -347,15 +348,14 @@ def report(
     ),
 ) -> None:
     """Write one self-contained HTML report (report card, figures, study results)."""
-    from posenc.viz.report import write_report
+    from posenc.pipeline.extension import extension_report_section
+    from posenc.pipeline.report import write_report
 
     names = [n.strip() for n in encodings.split(",") if n.strip()] if encodings else None
     try:
         extra = []
         if extension:
-            from posenc.viz.extension import report_section
-
-            extra.append(report_section(extension))
+            extra.append(extension_report_section(extension))
         with console.status("writing the report") as status:
             path = write_report(
                 output,
@@ -402,9 +402,10 @@ def extend(
     import sys
     from pathlib import Path
 
-    from posenc.experiments.extend import PRESETS, Finetune, check_request, run_extension, write_outputs
+    from posenc.experiments.extend import PRESETS, Finetune, check_request, run_extension
     from posenc.experiments.extend_summary import extension_tables, ordering_tables
     from posenc.experiments.summary import to_rich
+    from posenc.pipeline.extension import write_extension_outputs
 
     try:
         if preset not in PRESETS:
@@ -444,7 +445,7 @@ def extend(
                 finetune=finetune, baselines=tuple(csv(baselines) or ()) if baselines.strip() else (),
                 base_dir=base_dir, threads=threads, command=command, on_stage=on_stage, on_step=on_step,
             )  # fmt: skip
-        outputs = write_outputs(data, out)
+        outputs = write_extension_outputs(data, out)
     except (ValueError, TypeError, FloatingPointError) as err:
         raise fail(err) from None
     except KeyboardInterrupt:
@@ -457,7 +458,9 @@ def extend(
     console.print(f"results: {outputs['json']}")
     console.print(f"tables: {outputs['markdown']}")
     console.print(f"plots: {', '.join(str(p) for p in outputs['plots'])}")
-    console.print(f"report section: posenc.viz.extension.report_section({str(Path(out) / 'extension.json')!r})")
+    console.print(
+        f"report section: posenc.pipeline.extension.extension_report_section({str(Path(out) / 'extension.json')!r})"
+    )
 
 
 def main() -> None:  # pragma: no cover

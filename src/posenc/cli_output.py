@@ -5,6 +5,10 @@ from __future__ import annotations
 
 import typer
 from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+from posenc.experiments.distributed import DistributedError, exit_now
+from posenc.experiments.summary import tables, to_rich
 
 console = Console()
 
@@ -12,16 +16,12 @@ console = Console()
 def harness_exit(err: BaseException, ctx, interrupted_hint: str) -> typer.Exit:
     """The exit of `train`/`study` for an error: one red line (code 2), a lost rank
     (code 3) or Ctrl-C (code 130, with how to resume)."""
-    from posenc.experiments.distributed import DistributedError
-
     if isinstance(err, KeyboardInterrupt):
         console.print(f"[yellow]interrupted[/yellow]: {interrupted_hint}")
         return typer.Exit(130)
     exit_ = fail(err, ctx)
     if isinstance(err, DistributedError):
         if ctx is not None:  # the broken group cannot be destroyed safely: leave at once
-            from posenc.experiments.distributed import exit_now
-
             exit_now(3)
         return typer.Exit(3)
     return exit_
@@ -64,9 +64,7 @@ def csv(value: str | None) -> list[str] | None:
     return items
 
 
-def progress_bars():
-    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
-
+def progress_bars() -> Progress:
     return Progress(
         TextColumn("{task.description}"),
         BarColumn(),
@@ -78,8 +76,6 @@ def progress_bars():
 
 
 def print_tables(records: list) -> None:
-    from posenc.experiments.summary import tables, to_rich
-
     for t in tables(records):
         console.print(to_rich(t))
 

@@ -31,6 +31,8 @@ TASKS: tuple[str, ...] = SYNTHETIC_TASKS + CORPORA
 #: The seven steps of the classic story, in order (README), then the quick preset's others.
 CLASSIC = ("integer", "normalized", "binary", "sine", "sinusoidal", "t5", "rope")
 QUICK_ENCODINGS = (*CLASSIC, "learned", "alibi", "none")
+#: Suffix of an encoding label trained with randomized positions (Ruoss et al. 2023): ``rope+randpos``.
+RANDPOS = "+randpos"
 
 
 def _positive_ints(name: str, values: tuple[int, ...]) -> None:
@@ -170,7 +172,7 @@ class RunConfig:
     @property
     def encoding_label(self) -> str:
         """The encoding name written to results: ``<name>+randpos`` with randomized positions."""
-        return self.model.encoding + ("+randpos" if self.train.randomized_positions else "")
+        return self.model.encoding + (RANDPOS if self.train.randomized_positions else "")
 
     @property
     def run_id(self) -> str:

@@ -34,8 +34,9 @@ llama3     Llama 3.1 rule: ``factor = s``, ``low_freq_factor = 1``,
            ``high_freq_factor = 4``, ``original_max_position_embeddings = C``
 =========  =====================================================================
 
-Outputs (``write_outputs``): ``<out>/extension.json`` (schema below, read by the HTML
-report), ``<out>/extension.md`` (tables) and ``<out>/plots/extension_<task>.png``::
+Outputs (``posenc.pipeline.extension.write_extension_outputs``): ``<out>/extension.json``
+(schema below, read by the HTML report), ``<out>/extension.md`` (tables) and
+``<out>/plots/extension_<task>.png``::
 
     {"format": 1, "kind": "posenc-extension", "command": str, "git_commit": str,
      "torch_version": str, "rules": [...], "factors": [...], "baselines": [...],
@@ -75,7 +76,7 @@ from posenc.experiments.extend_rules import (  # noqa: F401 (re-exported)
     swap_rule,
     trained_context,
 )
-from posenc.experiments.extend_summary import FORMAT, STAGES, validate_extension, write_outputs  # noqa: F401
+from posenc.experiments.extend_summary import FORMAT, STAGES, validate_extension  # noqa: F401
 from posenc.experiments.results import atomic_write_bytes, git_commit
 from posenc.experiments.train import (
     StepCallback,

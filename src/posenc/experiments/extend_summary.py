@@ -23,8 +23,7 @@ from collections import defaultdict
 from pathlib import Path
 from typing import Any
 
-from posenc.experiments.results import atomic_write_bytes
-from posenc.experiments.summary import TableData, _cell
+from posenc.experiments.summary import Cell, TableData
 
 FORMAT = 1
 STAGES = ("zero-shot", "fine-tuned", "baseline")
@@ -35,7 +34,7 @@ def primary_metric(data: dict[str, Any], task: str) -> str:
     return "ppl" if "ppl" in rec["metrics"][0] else "token_accuracy"
 
 
-def _tasks(data: dict[str, Any]) -> list[str]:
+def task_names(data: dict[str, Any]) -> list[str]:
     return list(dict.fromkeys(r["task"] for r in data["records"]))
 
 
@@ -57,7 +56,7 @@ def _label(rule: str, stage: str, rec_ft: int | None) -> str:
 def extension_tables(data: dict[str, Any]) -> list[TableData]:
     """Per task and metric: rows = rule x stage (then baselines), columns = lengths."""
     out = []
-    for task in _tasks(data):
+    for task in task_names(data):
         recs = [r for r in data["records"] if r["task"] == task]
         lm = "ppl" in recs[0]["metrics"][0]
         keys = (("ppl", "perplexity, non-overlapping"), ("ppl_sliding", "perplexity, sliding window")) if lm else (
@@ -71,7 +70,7 @@ def extension_tables(data: dict[str, Any]) -> list[TableData]:
             s = series(data, task, key)
             rows = []
             for (rule, stage), by_seed in s.items():
-                cells = [_cell([v[n] for v in by_seed.values() if n in v]) for n in lengths]
+                cells = [Cell.of([v[n] for v in by_seed.values() if n in v]) for n in lengths]
                 rows.append([_label(rule, stage, ft_len.get(rule)), *(c.fmt(3 if not lm else 2) for c in cells)])
             cols = ["rule / stage", *(f"{n} ({n // L}L)" for n in lengths)]
             out.append(TableData(f"{task}: {name}, trained at L={L} ({spread}); zero-shot factor = length/L", cols,
@@ -138,7 +137,7 @@ def orderings(data: dict[str, Any], task: str) -> list[dict[str, Any]]:
 
 def ordering_tables(data: dict[str, Any]) -> list[TableData]:
     out = []
-    for task in _tasks(data):
+    for task in task_names(data):
         key = primary_metric(data, task)
         claims = orderings(data, task)
         if not claims:
@@ -189,24 +188,9 @@ def validate_extension(data: Any) -> dict[str, Any]:
     return data
 
 
-def write_outputs(data: dict[str, Any], out_dir: str | Path) -> dict[str, Any]:
-    """``extension.json``, ``extension.md`` (tables + ordering checks) and one plot per task."""
-    from posenc.experiments.summary import to_markdown
-    from posenc.viz.extension import plot_extension
-
-    validate_extension(data)
-    out_dir = Path(out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    json_path = out_dir / "extension.json"
-    atomic_write_bytes(json_path, (json.dumps(data, indent=1) + "\n").encode())
-    plots = plot_extension(data, out_dir / "plots")
-    md = ["# Context extension", ""]
-    if data["command"]:
-        md += ["Command:", "", "```", data["command"], "```", ""]
-    if data["baselines_missing"]:
-        md += [f"Baselines not registered in this installation (left out): {', '.join(data['baselines_missing'])}", ""]
-    md += [to_markdown(extension_tables(data)), to_markdown(ordering_tables(data))]
-    md += [f"![{p.stem}](plots/{p.name})" for p in plots]
-    md_path = out_dir / "extension.md"
-    md_path.write_text("\n".join(md) + "\n", encoding="utf-8")
-    return {"json": json_path, "markdown": md_path, "plots": plots}
+def read_extension(path: str | Path) -> dict[str, Any]:
+    """The validated dict of an ``extension.json`` file; ``ValueError`` when it is missing."""
+    path = Path(path)
+    if not path.is_file():
+        raise ValueError(f"extension file {str(path)!r} does not exist (run `posenc extend` first)")
+    return validate_extension(json.loads(path.read_text(encoding="utf-8")))

@@ -20,8 +20,8 @@ from __future__ import annotations
 import statistics
 from typing import Any
 
-from posenc.experiments.study import RANDPOS
-from posenc.experiments.summary import TableData, _cell, group, is_lm, mean_ranks, ratio
+from posenc.experiments.config import RANDPOS
+from posenc.experiments.summary import Cell, TableData, group, is_lm, mean_ranks, ratio
 
 #: Press et al. 2022, Table 2 (WikiText-103, L = 512): ppl(E) / ppl(L) at E ≈ 2L and ≈ 5L.
 PRESS_TABLE2: dict[str, tuple[float, float]] = {
@@ -50,8 +50,8 @@ def press_table(records: list[dict[str, Any]]) -> list[TableData]:
             recs = by_enc.get(enc)
             if not recs:
                 continue
-            ours = {f: _cell([ratio(r, f * L) for r in recs]).fmt(2) for f in factors}
-            at_l = _cell([{m["length"]: m["ppl"] for m in r["metrics"]}[L] for r in recs]).fmt(2)
+            ours = {f: Cell.of([ratio(r, f * L) for r in recs]).fmt(2) for f in factors}
+            at_l = Cell.of([{m["length"]: m["ppl"] for m in r["metrics"]}[L] for r in recs]).fmt(2)
             rows.append([enc, f"{p2:g}", ours.get(2, "-"), f"{p5:g}", ours.get(4, "-"), ours.get(8, "-"), at_l])
         seeds = max(len(v) for v in by_enc.values())
         cols = ["encoding", "paper ~2L", "ours 2L", "paper ~5L", "ours 4L", "ours 8L", "ours ppl at L"]
@@ -104,7 +104,11 @@ def randpos_table(records: list[dict[str, Any]], key: str = "token_accuracy") ->
                 if None in a or None in b:
                     row += ["-", "-", "-"]
                     continue
-                row += [_cell(a).fmt(2), _cell(b).fmt(2), _cell([y - x for x, y in zip(a, b, strict=True)]).fmt(2)]
+                row += [
+                    Cell.of(a).fmt(2),
+                    Cell.of(b).fmt(2),
+                    Cell.of([y - x for x, y in zip(a, b, strict=True)]).fmt(2),
+                ]
             rows.append(row)
     if not rows:
         return None
@@ -144,8 +148,8 @@ def randpos_lm_table(records: list[dict[str, Any]]) -> TableData | None:
                 continue
             row = [task, enc, str(len(seeds))]
             for n in (L, *longer):
-                a = _cell([_ppl_or_ratio(plain[s], n) for s in seeds]).fmt(2)
-                b = _cell([_ppl_or_ratio(rand[s], n) for s in seeds]).fmt(2)
+                a = Cell.of([_ppl_or_ratio(plain[s], n) for s in seeds]).fmt(2)
+                b = Cell.of([_ppl_or_ratio(rand[s], n) for s in seeds]).fmt(2)
                 row.append(f"{a} → {b}")
             rows.append(row)
     if not rows:

@@ -1,6 +1,7 @@
 """``results.jsonl``: one JSON line per finished run, appended atomically.
 
-Schema of a line (read by ``posenc.viz.report``)::
+Schema of a line (``validate_record``; read by ``read_results``, the one loader of the
+study's tables, plots and HTML report)::
 
     {"run_id": str, "task": str, "encoding": str, "seed": int, "train_length": int,
      "config": {...}, "git_commit": str, "torch_version": str, "wall_time_s": float,
@@ -54,15 +55,19 @@ def validate_record(record: Any, where: str = "record") -> dict[str, Any]:
     """Check one results line against the schema; ``ValueError`` naming what is wrong."""
     if not isinstance(record, dict):
         raise ValueError(f"{where} is not a JSON object")
-    if tuple(record) != KEYS and sorted(record) != sorted(KEYS):
-        raise ValueError(f"{where} has keys {sorted(record)}, expected {sorted(KEYS)}")
+    missing = [k for k in KEYS if k not in record]
+    if missing:
+        raise ValueError(f"{where} is missing {', '.join(map(repr, missing))}")
+    unknown = sorted(set(record) - set(KEYS))
+    if unknown:
+        raise ValueError(f"{where} has unknown keys {unknown}, expected {sorted(KEYS)}")
     types = {"run_id": str, "task": str, "encoding": str, "seed": int, "train_length": int, "config": dict,
              "git_commit": str, "torch_version": str, "wall_time_s": float, "metrics": list}  # fmt: skip
     for key, typ in types.items():
         value = record[key]
         ok = isinstance(value, (int, float)) if typ is float else isinstance(value, typ)
         if not ok or (typ is int and isinstance(value, bool)):
-            raise ValueError(f"{where}: {key} must be {typ.__name__}, got {value!r}")
+            raise ValueError(f"{where}: {key!r} must be {typ.__name__}, got {value!r}")
     if not record["metrics"]:
         raise ValueError(f"{where}: metrics is empty")
     for m in record["metrics"]:
@@ -70,7 +75,8 @@ def validate_record(record: Any, where: str = "record") -> dict[str, Any]:
             tuple(sorted(SYNTHETIC_METRICS)),
             tuple(sorted(LM_METRICS)),
         ):
-            raise ValueError(f"{where}: metric entry {m!r} must have keys {SYNTHETIC_METRICS} or {LM_METRICS}")
+            raise ValueError(f"{where}: every metrics entry needs an int 'length' and the keys {SYNTHETIC_METRICS} or "
+                             f"{LM_METRICS}, got {m!r}")  # fmt: skip
         if not isinstance(m["length"], int) or m["length"] <= 0:
             raise ValueError(f"{where}: metric length must be a positive int, got {m['length']!r}")
         for k, v in m.items():
@@ -80,9 +86,12 @@ def validate_record(record: Any, where: str = "record") -> dict[str, Any]:
 
 
 def read_results(run_dir: str | Path) -> list[dict[str, Any]]:
-    """Every record of ``<run_dir>/results.jsonl`` (empty if there is none yet).
+    """Every record of ``<run_dir>/results.jsonl``, each checked by ``validate_record``.
 
-    A corrupt line is a ``ValueError`` naming the file and line: nothing is skipped.
+    A missing file is an empty list (a run folder where no run has finished yet); a caller
+    that needs results says so with its own error (``posenc.pipeline.report.study_results``,
+    ``posenc.pipeline.study.write_study_outputs``). A corrupt or malformed line is a
+    ``ValueError`` naming the file and line: nothing is skipped.
     """
     path = Path(run_dir) / RESULTS_FILE
     if not path.exists():

@@ -2,8 +2,8 @@
 
 ``plan_study`` turns a preset plus overrides into a list of ``RunConfig``;
 ``run_study`` trains whatever is not finished yet (finished runs are skipped, an
-interrupted one resumes from its checkpoint); ``write_outputs`` turns
-``results.jsonl`` into markdown tables, plots and the HTML report.
+interrupted one resumes from its checkpoint). ``posenc.pipeline.study.write_study_outputs``
+turns ``results.jsonl`` into markdown tables, plots and the HTML report.
 
 An encoding may be given as ``NAME+randpos`` to train it with randomized positions
 (Ruoss et al. 2023).
@@ -12,19 +12,14 @@ An encoding may be given as ``NAME+randpos`` to train it with randomized positio
 from __future__ import annotations
 
 import dataclasses
-import importlib.util
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 from posenc.data.synthetic import SYNTHETIC_TASKS
-from posenc.experiments.config import QUICK_ENCODINGS, TASKS, RunConfig, config_from_dict
-from posenc.experiments.results import read_results
-from posenc.experiments.summary import tables, to_markdown
+from posenc.experiments.config import QUICK_ENCODINGS, RANDPOS, TASKS, RunConfig, config_from_dict
 from posenc.experiments.train import StepCallback, train_run
 from posenc.registry import available, create_for_model
-
-RANDPOS = "+randpos"
 
 # Per-task settings of each preset (model, training length, steps...). See docs/results.md
 # for why these values: the quick preset must fit 15 minutes on 2 CPU cores and still
@@ -203,37 +198,3 @@ def run_study(
         if on_run_end is not None:
             on_run_end(i, rec, skipped)
     return records
-
-
-def report_available() -> bool:
-    """True when ``posenc.viz.report`` (the HTML report) is installed."""
-    return importlib.util.find_spec("posenc.viz.report") is not None
-
-
-def write_outputs(
-    run_dir: str | Path, records: list[dict[str, Any]] | None = None, *, report: bool = True
-) -> dict[str, Any]:
-    """Markdown tables (``results.md``), plots (``plots/*.png``) and, when
-    ``posenc.viz.report`` exists, ``report.html``. Returns the paths written."""
-    from posenc.viz.study import plot_study
-
-    run_dir = Path(run_dir)
-    records = read_results(run_dir) if records is None else records
-    if not records:
-        raise ValueError(f"no results in {str(run_dir)!r} to summarize")
-    plots = plot_study(records, run_dir / "plots")
-    from posenc.experiments.published import published_tables
-
-    md = ["# Study results", "", f"Run folder: `{run_dir}`; {len(records)} runs.", "", to_markdown(tables(records))]
-    compared = published_tables(records)
-    if compared:
-        md += ["## Beside the published findings", "", to_markdown(compared)]
-    md += [f"![{p.stem}](plots/{p.name})" for p in plots]
-    (run_dir / "results.md").write_text("\n".join(md) + "\n", encoding="utf-8")
-    out: dict[str, Any] = {"markdown": run_dir / "results.md", "plots": plots, "report": None}
-    if report and report_available():
-        from posenc.viz.report import write_report
-
-        write_report(run_dir / "report.html", study_dir=run_dir)
-        out["report"] = run_dir / "report.html"
-    return out

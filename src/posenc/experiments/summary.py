@@ -1,15 +1,19 @@
 """Results -> tables: mean and seed spread per (task, encoding, length).
 
-Pure numbers first (``aggregate``), then two renderings of the same rows: rich tables for
-the terminal and markdown tables for docs and ``<run_dir>/results.md``.
+Every table is a ``TableData``: strings ready for the terminal (``to_rich``), markdown
+(``to_markdown``: docs and ``<run_dir>/results.md``) and the HTML report; the tables of a
+metric by length (``metric_tables``) also keep the numbers behind their cells for plots.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import math
 import statistics
 from collections import defaultdict
-from typing import Any
+from typing import Any, NamedTuple
+
+from rich.table import Table
 
 from posenc.experiments.config import QUICK_ENCODINGS, TASKS
 
@@ -17,22 +21,22 @@ LM_KEYS = ("ppl", "ppl_sliding")
 SYN_KEYS = ("exact_match", "token_accuracy")
 
 
-@dataclasses.dataclass(frozen=True)
-class Cell:
+class Cell(NamedTuple):
     """A metric over seeds: mean, sample standard deviation (0 for one seed), count."""
 
     mean: float
     std: float
     n: int
 
+    @classmethod
+    def of(cls, values: list[float]) -> Cell:
+        """The cell of ``values`` (one per seed)."""
+        return cls(statistics.fmean(values), statistics.stdev(values) if len(values) > 1 else 0.0, len(values))
+
     def fmt(self, digits: int = 2) -> str:
         if self.n > 1:
             return f"{self.mean:.{digits}f} ± {self.std:.{digits}f}"
         return f"{self.mean:.{digits}f}"
-
-
-def _cell(values: list[float]) -> Cell:
-    return Cell(statistics.fmean(values), statistics.stdev(values) if len(values) > 1 else 0.0, len(values))
 
 
 def is_lm(records: list[dict[str, Any]]) -> bool:
@@ -71,11 +75,23 @@ def _encoding_order(name: str) -> tuple[int, str, str]:
 
 @dataclasses.dataclass
 class TableData:
-    """One table: a title, column names and rows of strings (first column: encoding)."""
+    """One table: a title, column names and rows of strings (first column: encoding).
+
+    A table of one metric by evaluation length (``metric_tables``) also names its
+    ``task`` and ``metric`` and keeps, per row, the numbers behind the cells of
+    ``lengths`` (``cells``; ``None`` where a row was not evaluated at that length)."""
 
     title: str
     columns: list[str]
     rows: list[list[str]]
+    task: str | None = None
+    metric: str | None = None
+    lengths: list[int] = dataclasses.field(default_factory=list)
+    cells: list[list[Cell | None]] = dataclasses.field(default_factory=list)
+
+    @property
+    def higher_is_better(self) -> bool:
+        return not (self.metric or "").startswith("ppl")
 
 
 def tables(records: list[dict[str, Any]]) -> list[TableData]:
@@ -91,12 +107,12 @@ def tables(records: list[dict[str, Any]]) -> list[TableData]:
             for key, name in (("ppl", "perplexity, non-overlapping"), ("ppl_sliding", "perplexity, sliding window")):
                 rows = []
                 for enc, recs in by_enc.items():
-                    cells = [_cell([{m["length"]: m[key] for m in r["metrics"]}[n] for r in recs]) for n in lengths]
+                    cells = [Cell.of([{m["length"]: m[key] for m in r["metrics"]}[n] for r in recs]) for n in lengths]
                     rows.append([enc, *(c.fmt(2) for c in cells)])
                 out.append(TableData(f"{task}: {name}, L={L}{spread}", ["encoding", *map(str, lengths)], rows))
             rows = []
             for enc, recs in by_enc.items():
-                cells = [_cell([ratio(r, n) for r in recs]) for n in lengths[1:]]
+                cells = [Cell.of([ratio(r, n) for r in recs]) for n in lengths[1:]]
                 rows.append([enc, *(c.fmt(2) for c in cells)])
             cols = ["encoding", *(f"{n // L}L" for n in lengths[1:])]
             out.append(TableData(f"{task}: ppl(E) / ppl(L), non-overlapping, L={L}{spread}", cols, rows))
@@ -104,8 +120,8 @@ def tables(records: list[dict[str, Any]]) -> list[TableData]:
         for key, name in (("exact_match", "exact match"), ("token_accuracy", "token accuracy")):
             rows = []
             for enc, recs in by_enc.items():
-                ind = _cell([in_distribution(r, key) for r in recs])
-                cells = [_cell([{m["length"]: m[key] for m in r["metrics"]}[n] for r in recs]) for n in lengths]
+                ind = Cell.of([in_distribution(r, key) for r in recs])
+                cells = [Cell.of([{m["length"]: m[key] for m in r["metrics"]}[n] for r in recs]) for n in lengths]
                 rows.append([enc, ind.fmt(2), *(c.fmt(2) for c in cells)])
             cols = ["encoding", f"1..{L}", *map(str, lengths)]
             out.append(TableData(f"{task}: {name} by length, trained on 1..{L}{spread}", cols, rows))
@@ -169,7 +185,7 @@ def mean_ranks(records: list[dict[str, Any]], factor: int = 2, key: str = "token
 
     def spread(enc: str) -> str:
         vals = [statistics.fmean(by_enc[enc]) for by_enc in per_seed.values() if by_enc.get(enc)]
-        return _cell(vals).fmt(2) if vals else "-"
+        return Cell.of(vals).fmt(2) if vals else "-"
 
     rows = [
         [
@@ -197,13 +213,50 @@ def to_markdown(tables_: list[TableData]) -> str:
     return "\n".join(parts)
 
 
-def to_rich(t: TableData):
+def to_rich(t: TableData) -> Table:
     """A ``rich.table.Table`` of one ``TableData``."""
-    from rich.table import Table
-
     table = Table(title=t.title)
     for i, c in enumerate(t.columns):
         table.add_column(c, justify="left" if i == 0 else "right")
     for r in t.rows:
         table.add_row(*r)
     return table
+
+
+#: The metric each ``metric_tables`` table shows, in order: higher is better except ppl.
+PRIMARY = ("exact_match", "ppl", "token_accuracy", "ppl_sliding")
+
+
+def metric_tables(records: list[dict[str, Any]]) -> list[TableData]:
+    """The HTML report's tables: one per task (alphabetically) and metric (``PRIMARY``
+    order, then the rest alphabetically), a row per (encoding, training length) with the
+    metric's mean ± std over seeds at every evaluation length ("–": not evaluated)."""
+    out = []
+    for task in sorted({r["task"] for r in records}):
+        task_runs = [r for r in records if r["task"] == task]
+        keys = {k for r in task_runs for m in r["metrics"] for k in m if k != "length"}
+        for metric in [k for k in PRIMARY if k in keys] + sorted(keys - set(PRIMARY)):
+            out.append(_metric_table(task, task_runs, metric))
+    return out
+
+
+def _metric_table(task: str, task_runs: list[dict[str, Any]], metric: str) -> TableData:
+    lengths = sorted({m["length"] for r in task_runs for m in r["metrics"]})
+    groups: dict[tuple[str, int], list[dict]] = {}
+    for r in task_runs:
+        groups.setdefault((r["encoding"], r["train_length"]), []).append(r)
+    rows, cells = [], []
+    for (enc, tl), runs in sorted(groups.items()):
+        row_cells: list[Cell | None] = []
+        for n in lengths:
+            vals = [float(m[metric]) for r in runs for m in r["metrics"]
+                    if m["length"] == n and isinstance(m.get(metric), (int, float))]  # fmt: skip
+            vals = [v for v in vals if math.isfinite(v)]
+            row_cells.append(Cell.of(vals) if vals else None)
+        cells.append(row_cells)
+        rows.append([enc, str(tl), *("–" if c is None else f"{c.mean:.3g}" + (f" ± {c.std:.2g}" if c.n > 1 else "")
+                                     for c in row_cells)])  # fmt: skip
+    better = "lower" if metric.startswith("ppl") else "higher"
+    return TableData(f"{task}: {metric} ({better} is better), mean ± std over seeds",
+                     ["encoding", "train length", *map(str, lengths)], rows, task=task, metric=metric,
+                     lengths=lengths, cells=cells)  # fmt: skip

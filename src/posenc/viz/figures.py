@@ -3,11 +3,14 @@
 Every function returns a ``matplotlib.figure.Figure`` (no pyplot, no global state) with
 labelled axes, a colorbar where colours carry numbers, and a title. Figures that need an
 encoding which is not registered, or of another family, raise :class:`FigureUnavailable`
-with the reason. matplotlib is imported lazily, inside the functions.
+with the reason. Figures of trained or pretrained models draw what they are given
+(attention weights, a ``PositionInfo``): ``posenc.pipeline.figures`` trains and loads.
+matplotlib is imported lazily, inside the functions.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import pathlib
 from typing import TYPE_CHECKING, Any
@@ -16,7 +19,9 @@ import torch
 from einops import rearrange
 
 import posenc
-from posenc import analysis as A
+from posenc import analysis
+from posenc.analysis.pretrained import PretrainedPositions
+from posenc.functional import rope_scaling
 
 if TYPE_CHECKING:  # pragma: no cover
     from matplotlib.figure import Figure
@@ -27,17 +32,17 @@ class FigureUnavailable(ValueError):
 
 
 def _figure(w: float = 6.4, h: float = 4.8) -> Figure:
-    from matplotlib.figure import Figure
+    from matplotlib.figure import Figure  # matplotlib is a heavy import: only when drawing
 
     return Figure(figsize=(w, h), dpi=100, layout="constrained")
 
 
-def _probe(name: str, *, kinds: tuple[str, ...] | None = None, **kw: Any) -> A.Probe:
+def _probe(name: str, *, kinds: tuple[str, ...] | None = None, **kw: Any) -> analysis.Probe:
     if name not in posenc.available():
         raise FigureUnavailable(
             f"encoding {name!r} is not registered (yet); registered: {', '.join(posenc.available())}"
         )
-    probe = A.build(name, **kw)
+    probe = analysis.build(name, **kw)
     if kinds is not None and probe.kind not in kinds:
         raise FigureUnavailable(
             f"this figure needs an encoding whose position signal is {' or '.join(kinds)}; "
@@ -68,7 +73,7 @@ _SIGNAL = {
 def heatmap(name: str, *, horizon: int = 128, dim: int = 64, num_heads: int = 4, **params: Any) -> Figure:
     """Position × dimension heatmap of the position signal."""
     probe = _probe(name, dim=dim, num_heads=num_heads, max_len=max(horizon, 1), params=params or None)
-    sig = A.signature(probe, horizon).numpy()  # [horizon, F]
+    sig = analysis.signature(probe, horizon).numpy()  # [horizon, F]
     fig = _figure(7.0, 4.8)
     ax = fig.add_subplot()
     lim = float(abs(sig).max()) or 1.0
@@ -84,7 +89,7 @@ def heatmap(name: str, *, horizon: int = 128, dim: int = 64, num_heads: int = 4,
 def similarity(name: str, *, horizon: int = 128, dim: int = 64, num_heads: int = 4, **params: Any) -> Figure:
     """Position × position cosine similarity of the position signal."""
     probe = _probe(name, dim=dim, num_heads=num_heads, max_len=max(horizon, 1), params=params or None)
-    sig = A.signature(probe, horizon).double()
+    sig = analysis.signature(probe, horizon).double()
     unit = sig / sig.norm(dim=-1, keepdim=True).clamp_min(1e-12)
     sim = (unit @ unit.T).numpy()  # [horizon, horizon]
     fig = _figure(6.0, 5.0)
@@ -93,7 +98,7 @@ def similarity(name: str, *, horizon: int = 128, dim: int = 64, num_heads: int =
     fig.colorbar(im, ax=ax, label="cosine similarity")
     ax.set_xlabel("position n")
     ax.set_ylabel("position m")
-    period = A.uniqueness(probe, horizon).period
+    period = analysis.uniqueness(probe, horizon).period
     repeat = f"; repeats every {period} positions" if period else ""
     ax.set_title(f"{name}: cosine similarity of positions{repeat}")
     return fig
@@ -106,10 +111,10 @@ def magnitude(names: list[str] | None = None, *, horizon: int = 256, dim: int = 
     ax = fig.add_subplot()
     drawn = 0
     for n in names:
-        probe = A.build(n, dim=dim, num_heads=num_heads, max_len=horizon)
+        probe = analysis.build(n, dim=dim, num_heads=num_heads, max_len=horizon)
         if probe.kind != "vector":
             continue
-        m = A.magnitude(probe, horizon)
+        m = analysis.magnitude(probe, horizon)
         ax.plot(m.ratio.clamp_min(1e-3).numpy(), label=n)
         drawn += 1
     if not drawn:
@@ -131,7 +136,7 @@ def distance(names: list[str] | None = None, *, max_distance: int = 256, dim: in
     names = [n for n in (names or posenc.available()) if n in posenc.available()]
     fig = _figure(12.0, 4.6)
     ax1, ax2 = fig.subplots(1, 2)
-    import matplotlib as mpl
+    import matplotlib as mpl  # heavy: only when drawing (cycler comes with matplotlib)
     from cycler import cycler
 
     # 10 colours solid, then the same 10 dashed: 20 distinguishable lines per panel.
@@ -140,9 +145,9 @@ def distance(names: list[str] | None = None, *, max_distance: int = 256, dim: in
         ax.set_prop_cycle(style)
     left = right = 0
     for n in names:
-        probe = A.build(n, dim=dim, num_heads=num_heads, max_len=2 * max_distance)
+        probe = analysis.build(n, dim=dim, num_heads=num_heads, max_len=2 * max_distance)
         if probe.kind == "vector":
-            sig = A.signature(probe, 2 * max_distance).double()  # [2R, dim]
+            sig = analysis.signature(probe, 2 * max_distance).double()  # [2R, dim]
             unit = sig / sig.norm(dim=-1, keepdim=True).clamp_min(1e-12)
             cos = torch.stack(
                 [(unit[:max_distance] * unit[r : r + max_distance]).sum(-1).mean() for r in range(max_distance)]
@@ -150,7 +155,7 @@ def distance(names: list[str] | None = None, *, max_distance: int = 256, dim: in
             ax1.plot(cos.numpy(), label=n)
             left += 1
         elif probe.kind != "none":
-            prof = A.distance_profile(probe, max_distance, draws=8)
+            prof = analysis.distance_profile(probe, max_distance, draws=8)
             ax2.plot(prof.distances.numpy(), (prof.ones_score - prof.ones_score[0]).numpy(), label=n)
             right += 1
     for ax, count, what in ((ax1, left, "additive"), (ax2, right, "rotary or bias")):
@@ -172,7 +177,7 @@ def distance(names: list[str] | None = None, *, max_distance: int = 256, dim: in
 def bias_matrix(name: str, *, length: int = 64, num_heads: int = 4, dim: int = 64, causal: bool = False) -> Figure:
     """The bias matrices ``bias(m, n)`` of (up to four) heads of a bias encoding."""
     probe = _probe(name, kinds=("bias",), dim=dim, num_heads=num_heads, causal=causal)
-    bias = A.bias_matrix(probe, length).numpy()  # [h, s, s]
+    bias = analysis.bias_matrix(probe, length).numpy()  # [h, s, s]
     heads = min(4, bias.shape[0])
     fig = _figure(3.4 * heads + 0.8, 3.6)
     axes = fig.subplots(1, heads, squeeze=False)[0]
@@ -192,7 +197,7 @@ def buckets(name: str = "t5", *, length: int = 256, num_heads: int = 4, dim: int
     """Which relative distances share a parameter: the bucket map of T5-style biases,
     recovered from ``bias()`` alone (distances whose bias agrees in every head)."""
     probe = _probe(name, kinds=("bias",), dim=dim, num_heads=num_heads, causal=causal)
-    bias = A.bias_matrix(probe, length)  # [h, s, s]
+    bias = analysis.bias_matrix(probe, length)  # [h, s, s]
     ids = bucket_ids(bias)  # [s, s], -1 where masked
     n_buckets = int(ids.max()) + 1
     fig = _figure(12.0, 4.6)
@@ -252,7 +257,7 @@ def rotation(name: str = "rope", *, head_dim: int = 64, positions: int = 24) -> 
     """RoPE rotation diagram: a 2-D plane of the query rotates by ``pos * theta_i``;
     the fastest, a middle and the slowest plane for positions ``0..positions-1``."""
     probe = _probe(name, kinds=("rotation",), dim=head_dim, num_heads=1)
-    pairs = [p for p in A.rotation_pairs(probe) if p[1] >= 0]
+    pairs = [p for p in analysis.rotation_pairs(probe) if p[1] >= 0]
     if not pairs:
         raise FigureUnavailable(f"{name!r} rotates no plane")
     chosen = [pairs[0], pairs[len(pairs) // 2], pairs[-1]]
@@ -262,7 +267,7 @@ def rotation(name: str = "rope", *, head_dim: int = 64, positions: int = 24) -> 
     q_rot = probe.pe.rotate(q, q, pos, pos)[0][0, 0]  # [s, d]
     fig = _figure(13.0, 4.6)
     axes = fig.subplots(1, 3)
-    import matplotlib as mpl
+    import matplotlib as mpl  # heavy: only when drawing
 
     norm = mpl.colors.Normalize(0, positions - 1)
     for ax, (i, j, ang, _) in zip(axes, chosen, strict=True):
@@ -292,7 +297,7 @@ def wavelengths(name: str = "rope", *, head_dim: int = 64, context: int = 2048) 
     """Wavelength ``2π / θ_i`` of each rotation plane against the trained context:
     planes above the line never complete a turn within the context."""
     probe = _probe(name, kinds=("rotation",), dim=head_dim, num_heads=1)
-    pairs = [p for p in A.rotation_pairs(probe) if p[1] >= 0 and p[2] > 0]
+    pairs = [p for p in analysis.rotation_pairs(probe) if p[1] >= 0 and p[2] > 0]
     if not pairs:
         raise FigureUnavailable(f"{name!r} rotates no plane")
     lam = [2 * math.pi / a for *_, a, _ in pairs]
@@ -309,33 +314,29 @@ def wavelengths(name: str = "rope", *, head_dim: int = 64, context: int = 2048) 
     return fig
 
 
-SCALING_RULES: dict[str, dict[str, Any]] = {
-    "linear": {"rope_type": "linear"},
-    "dynamic": {"rope_type": "dynamic"},
-    "yarn": {"rope_type": "yarn"},
-    "llama3": {"rope_type": "llama3", "low_freq_factor": 1.0, "high_freq_factor": 4.0},
-}
+#: The rules the scaling plot draws: the rope_types of the table that stretch a context
+#: (``stretch``), with the parameters ``posenc extend`` uses; default is the reference line.
+SCALING_RULES: tuple[str, ...] = tuple(
+    name
+    for name, rule in rope_scaling.SCALING_RULES.items()
+    if rule.stretch is not None and rule.rope_type is None and name != "default"
+)
 
 
 def scaling(*, head_dim: int = 128, base: float = 10000.0, factor: float = 8.0, original: int = 4096) -> Figure:
     """Per-dimension frequency ratio ``inv_freq_scaled / inv_freq`` of each RoPE scaling
     rule (``posenc.rope_frequencies``) at ``factor`` times the original context."""
-    freqs = getattr(posenc, "rope_frequencies", None)
-    if freqs is None:
-        raise FigureUnavailable("posenc.rope_frequencies is not available yet (the rotary issue is not merged)")
+    freqs = posenc.rope_frequencies
     default, _ = freqs(head_dim, {"rope_type": "default", "rope_theta": base})
     fig = _figure(8.0, 4.8)
     ax = fig.add_subplot()
     wl = (2 * math.pi / default.double()).numpy()
     ax.plot(wl, [1.0] * len(wl), color="black", ls=":", label="default")
-    for rule, extra in SCALING_RULES.items():
-        params = {"rope_theta": base, "factor": factor, **extra}
-        kw: dict[str, Any] = {"max_position_embeddings": original}
-        if rule == "dynamic":
-            kw["seq_len"] = int(factor * original)  # NTK base grows with the current length
-        elif rule != "linear":
-            params["original_max_position_embeddings"] = original
-        inv, att = freqs(head_dim, params, **kw)
+    for rule in SCALING_RULES:
+        stretch = rope_scaling.SCALING_RULES[rule].stretch(float(factor), original, head_dim, float(base))
+        params = {"rope_type": rule, "rope_theta": base, **stretch}
+        # at factor x the original context (dynamic NTK's base grows with the current length)
+        inv, att = freqs(head_dim, params, max_position_embeddings=original, seq_len=int(factor * original))
         ax.plot(wl, (inv.double() / default.double()).numpy(), marker=".", label=f"{rule} (attention ×{att:.3g})")
     ax.axvline(original, color="0.5", ls="--", lw=1, label=f"original context {original}")
     ax.set_xscale("log")
@@ -350,7 +351,7 @@ def scaling(*, head_dim: int = 128, base: float = 10000.0, factor: float = 8.0, 
 def decay(name: str = "rope", *, head_dim: int = 64, max_distance: int = 512) -> Figure:
     """RoFormer's long-term-decay bound against the mean of random q·k (Barbero et al.)."""
     probe = _probe(name, kinds=("rotation",), dim=head_dim, num_heads=1)
-    prof = A.distance_profile(probe, max_distance, draws=256)
+    prof = analysis.distance_profile(probe, max_distance, draws=256)
     fig = _figure(7.0, 4.5)
     ax = fig.add_subplot()
     d = prof.distances.numpy()
@@ -388,38 +389,22 @@ def attention(weights: torch.Tensor, *, title: str = "attention", tokens: list[s
     return fig
 
 
-def trained_attention(encoding: str = "sinusoidal", *, steps: int = 300, half: int = 16, seed: int = 0) -> Figure:
-    """Attention maps of a tiny causal LM trained ``steps`` steps on the copy task."""
-    from posenc.analysis.attention import attention_weights, copy_batch, train_tiny
+@dataclasses.dataclass(frozen=True)
+class TrainedAttention:
+    """Attention maps of a tiny LM trained on the copy task (``posenc.pipeline.figures``):
+    ``weights [layers, h, s, s]`` of one sequence, after ``steps`` steps at final ``loss``."""
 
-    if encoding not in posenc.available():
-        raise FigureUnavailable(f"encoding {encoding!r} is not registered (yet)")
-    model, loss = train_tiny(encoding, steps=steps, half=half, seed=seed)
-    seq = copy_batch(1, half, model.config.vocab_size, torch.Generator().manual_seed(seed + 1))[:, :-1]
-    w = attention_weights(model, seq)[:, 0]  # [layers, h, s, s]
-    return attention(w, title=f"{encoding}: tiny LM after {steps} steps on copy (loss {loss:.2f})")
+    encoding: str
+    steps: int
+    loss: float
+    weights: torch.Tensor
 
 
-def checkpoint_attention(checkpoint: str, *, length: int | None = None, seed: int = 0) -> Figure:
-    """Attention maps of a model trained by ``posenc train``/``posenc study`` (its
-    checkpoint ``.pt``) on one example of its own task at ``length`` (default: the
-    trained length)."""
-    import pathlib
-
-    from posenc.analysis.attention import attention_weights
-    from posenc.experiments.train import load_trained
-
-    if not pathlib.Path(checkpoint).is_file():
-        raise FileNotFoundError(f"no checkpoint at {checkpoint!r}")
-    config, model, setup = load_trained(checkpoint)
-    n = length or config.task.train_length
-    gen = torch.Generator().manual_seed(seed)
-    if setup.task is not None:
-        tokens = setup.task.sample(n, 1, gen).tokens[:, :-1]  # [1, s] (the last token is only a target)
-    else:
-        tokens = setup.corpus.sample(n, 1, gen)[:, :-1]  # [1, n]
-    w = attention_weights(model, tokens)[:, 0]  # [layers, h, s, s]
-    return attention(w, title=f"{pathlib.Path(checkpoint).stem}: attention at length {n}")
+def copy_attention(maps: TrainedAttention) -> Figure:
+    """The attention maps of a tiny copy-task LM, titled with its training."""
+    return attention(
+        maps.weights, title=f"{maps.encoding}: tiny LM after {maps.steps} steps on copy (loss {maps.loss:.2f})"
+    )
 
 
 KINDS = {
@@ -430,17 +415,14 @@ KINDS = {
     "rotation": rotation,
     "wavelengths": wavelengths,
     "decay": decay,
-    "attention": trained_attention,
 }
 GLOBAL_KINDS = {"magnitude": magnitude, "distance": distance, "scaling": scaling}
 
 
 def plot(name: str, kind: str, **kwargs: Any) -> Figure:
     """The figure ``kind`` of encoding ``name`` (``name`` is ignored by the global kinds
-    magnitude/distance/scaling, which draw every registered encoding or rule; for kind
-    ``attention`` a checkpoint path draws that trained model)."""
-    if kind == "attention" and name.endswith(".pt"):
-        return checkpoint_attention(name, **kwargs)
+    magnitude/distance/scaling, which draw every registered encoding or rule). Kinds of
+    trained models (``attention``) are ``posenc.pipeline.figures.plot``'s."""
     if kind in GLOBAL_KINDS:
         if kind == "scaling":
             return scaling(**kwargs)
@@ -450,19 +432,13 @@ def plot(name: str, kind: str, **kwargs: Any) -> Figure:
     return KINDS[kind](name, **kwargs)
 
 
-def pretrained(model_dir: str | None = None, *, name: str | None = None, horizon: int | None = None) -> Figure:
-    """A pretrained model's learned position table: norms against the mean token norm,
-    and the position × position cosine similarity (default model: all-MiniLM-L6-v2)."""
-    from posenc.analysis import pretrained as P
-
-    try:
-        path = P.minilm_dir() if model_dir is None else model_dir
-    except FileNotFoundError as err:
-        raise FigureUnavailable(str(err)) from None
-    info = P.load_positions(path)
+def pretrained(info: PretrainedPositions, *, name: str | None = None, horizon: int | None = None) -> Figure:
+    """A pretrained model's learned position table (a ``PretrainedPositions`` from
+    ``posenc.analysis.pretrained.load_positions``): norms against the mean token norm,
+    and the position × position cosine similarity."""
     if info.kind != "learned" or info.table is None:
-        raise FigureUnavailable(f"{path} uses {info.kind!r} positions, not a learned table")
-    label = name or ("all-MiniLM-L6-v2" if model_dir is None else str(info.model_dir.name))
+        raise FigureUnavailable(f"{info.model_dir} uses {info.kind!r} positions, not a learned table")
+    label = name or str(info.model_dir.name)
     table = info.table.double()[: horizon or None]  # [s, dim]
     norms = table.norm(dim=-1)
     unit = table / norms[:, None].clamp_min(1e-12)

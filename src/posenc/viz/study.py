@@ -1,6 +1,8 @@
 """Plots of train-short/test-long studies: a metric against the evaluation length, one
 line per encoding (mean over seeds), seeds as a band (min..max), the training length
-marked. matplotlib is imported lazily (Agg backend), only here.
+marked. Draws the records it is given (plain dicts, schema in
+``posenc.experiments.results``), grouped by the caller. matplotlib is imported lazily
+(Agg backend), only here.
 """
 
 from __future__ import annotations
@@ -9,9 +11,8 @@ import statistics
 from pathlib import Path
 from typing import Any
 
-from posenc.experiments.summary import group, is_lm
-
-_LABELS = {
+#: Axis labels of the study's metrics.
+METRIC_LABELS = {
     "exact_match": "exact match (answer tokens)",
     "token_accuracy": "per-token accuracy (answer tokens)",
     "ppl": "perplexity (non-overlapping)",
@@ -19,25 +20,33 @@ _LABELS = {
 }
 
 
-def _safe(name: str) -> str:
+def safe_filename(name: str) -> str:
+    """``name`` with every character but letters, digits and ``-_.`` replaced by ``-``."""
     return "".join(c if c.isalnum() or c in "-_." else "-" for c in name)
 
 
-def plot_task(records: list[dict[str, Any]], metric: str, path: str | Path, *, title: str | None = None) -> Path:
-    """One figure: ``metric`` against length for every encoding in ``records`` (one task).
+def plot_task(
+    task: str,
+    by_enc: dict[str, list[dict[str, Any]]],
+    metric: str,
+    path: str | Path,
+    *,
+    title: str | None = None,
+) -> Path:
+    """One figure: ``metric`` against length for every encoding of one task, ``by_enc``
+    ``{encoding: [records over seeds]}`` (lines in that order).
 
     Returns the path written (PNG).
     """
+    # matplotlib is a heavy import: only when drawing
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
     import matplotlib.ticker
 
-    by_task = group(records)
-    if len(by_task) != 1:
-        raise ValueError(f"plot_task needs the records of one task, got tasks {sorted(by_task)}")
-    ((task, by_enc),) = by_task.items()
+    if not by_enc:
+        raise ValueError(f"no records of task {task!r} to plot")
     L = next(iter(by_enc.values()))[0]["train_length"]
     fig, ax = plt.subplots(figsize=(8.5, 4.5))
     cmap = plt.get_cmap("tab20")
@@ -64,10 +73,10 @@ def plot_task(records: list[dict[str, Any]], metric: str, path: str | Path, *, t
     if metric.startswith("ppl"):
         ax.set_yscale("log")
     ax.set_xlabel("evaluation length")
-    ax.set_ylabel(_LABELS.get(metric, metric))
+    ax.set_ylabel(METRIC_LABELS.get(metric, metric))
     counts = sorted({len(v) for v in by_enc.values()})
     seeds = f"{counts[0]}–{counts[-1]} seeds" if len(counts) > 1 else f"{counts[0]} seed{'s' if counts[0] > 1 else ''}"
-    ax.set_title(title or f"{task}: {_LABELS.get(metric, metric)} (L={L}, {seeds})")
+    ax.set_title(title or f"{task}: {METRIC_LABELS.get(metric, metric)} (L={L}, {seeds})")
     ax.grid(alpha=0.3)
     ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1.0), frameon=False)
     fig.tight_layout()
@@ -76,16 +85,3 @@ def plot_task(records: list[dict[str, Any]], metric: str, path: str | Path, *, t
     fig.savefig(path, dpi=110)
     plt.close(fig)
     return path
-
-
-def plot_study(records: list[dict[str, Any]], out_dir: str | Path) -> list[Path]:
-    """Every plot of a study into ``out_dir``: exact match and token accuracy per
-    synthetic task, both perplexities per corpus. Returns the paths written."""
-    out_dir = Path(out_dir)
-    paths = []
-    for task, by_enc in group(records).items():
-        recs = [r for v in by_enc.values() for r in v]
-        metrics = ("ppl", "ppl_sliding") if is_lm(recs) else ("exact_match", "token_accuracy")
-        for metric in metrics:
-            paths.append(plot_task(recs, metric, out_dir / f"{_safe(task)}_{metric}.png"))
-    return paths

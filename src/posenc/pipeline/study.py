@@ -1,0 +1,56 @@
+"""A study's outputs from its records: markdown tables (``results.md``, with the
+published-findings comparisons), one plot per task and metric (``plots/*.png``) and,
+when ``posenc.viz.report`` exists, the HTML report (``report.html``)."""
+
+from __future__ import annotations
+
+import importlib.util
+from pathlib import Path
+from typing import Any
+
+from posenc.experiments.published import published_tables
+from posenc.experiments.results import read_results
+from posenc.experiments.summary import group, is_lm, tables, to_markdown
+from posenc.pipeline.report import write_report
+from posenc.viz.study import plot_task, safe_filename
+
+
+def report_available() -> bool:
+    """True when ``posenc.viz.report`` (the HTML report) is installed."""
+    return importlib.util.find_spec("posenc.viz.report") is not None
+
+
+def plot_study(records: list[dict[str, Any]], out_dir: str | Path) -> list[Path]:
+    """Every plot of a study into ``out_dir``: exact match and token accuracy per
+    synthetic task, both perplexities per corpus. Returns the paths written."""
+    out_dir = Path(out_dir)
+    paths = []
+    for task, by_enc in group(records).items():
+        metrics = ("ppl", "ppl_sliding") if is_lm(next(iter(by_enc.values()))) else ("exact_match", "token_accuracy")
+        for metric in metrics:
+            paths.append(plot_task(task, by_enc, metric, out_dir / f"{safe_filename(task)}_{metric}.png"))
+    return paths
+
+
+def write_study_outputs(
+    run_dir: str | Path, records: list[dict[str, Any]] | None = None, *, report: bool = True
+) -> dict[str, Any]:
+    """Markdown tables (``results.md``), plots (``plots/*.png``) and, when
+    ``posenc.viz.report`` exists, ``report.html``. Returns the paths written.
+    ``ValueError`` when the run folder has no results (yet)."""
+    run_dir = Path(run_dir)
+    records = read_results(run_dir) if records is None else records
+    if not records:
+        raise ValueError(f"no results in {str(run_dir)!r} to summarize")
+    plots = plot_study(records, run_dir / "plots")
+    md = ["# Study results", "", f"Run folder: `{run_dir}`; {len(records)} runs.", "", to_markdown(tables(records))]
+    compared = published_tables(records)
+    if compared:
+        md += ["## Beside the published findings", "", to_markdown(compared)]
+    md += [f"![{p.stem}](plots/{p.name})" for p in plots]
+    (run_dir / "results.md").write_text("\n".join(md) + "\n", encoding="utf-8")
+    out: dict[str, Any] = {"markdown": run_dir / "results.md", "plots": plots, "report": None}
+    if report and report_available():
+        write_report(run_dir / "report.html", study_dir=run_dir)
+        out["report"] = run_dir / "report.html"
+    return out
