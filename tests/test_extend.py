@@ -16,6 +16,7 @@ from posenc.experiments.config import config_from_dict
 from posenc.experiments.extend import (
     RULES,
     Finetune,
+    check_rules,
     finetune_config,
     rule_parameters,
     swap_rule,
@@ -189,8 +190,12 @@ def test_cli_bad_input_is_one_line(tmp_path):
     assert not (tmp_path / "o").exists()  # nothing trained before the check
     with pytest.raises(ValueError, match="factor must be >= 1"):
         rule_parameters("linear", 0, 8, rotary_dim=8)
-    with pytest.raises(ValueError, match="unknown rule 'pi'"):
-        rule_parameters("pi", 2, 8, rotary_dim=8)
+    with pytest.raises(ValueError, match="unknown rule 'lineer'.*Did you mean 'linear'"):
+        rule_parameters("lineer", 2, 8, rotary_dim=8)
+    # the table's aliases name the same rule: PI is linear, NTK-aware is ntk
+    assert rule_parameters("PI", 2, 8, rotary_dim=8) == rule_parameters("linear", 2, 8, rotary_dim=8)
+    assert rule_parameters("ntk-aware", 2, 8, rotary_dim=8) == rule_parameters("ntk", 2, 8, rotary_dim=8)
+    assert check_rules(["pi", "dynamic_ntk", "none"]) == ("linear", "dynamic", "none")
 
 
 def test_orderings_by_hand():

@@ -20,6 +20,7 @@ from posenc.cli_output import (
     progress_bars,
     study_hooks,
 )
+from posenc.functional.rope_scaling import extension_rules
 
 app = typer.Typer(help="posenc: a positional-encoding laboratory for PyTorch.", no_args_is_help=True)
 
@@ -384,9 +385,9 @@ def extend(
         help="comma-separated finished rope run checkpoints to extend instead of training the preset's base runs",
     ),
     rules: str = typer.Option(
-        ",".join(("none", "linear", "ntk", "dynamic", "yarn", "llama3")),
+        ",".join(extension_rules()),
         "--rules",
-        help="comma-separated RoPE scaling rules",
+        help="comma-separated RoPE scaling rules (aliases such as pi accepted)",
     ),
     factors: str = typer.Option("2,4,8", "--factors", help="evaluation lengths as multiples of L (integers >= 1)"),
     finetune_factor: int = typer.Option(None, "--finetune-factor", help="fine-tune at this multiple of L"),

@@ -67,7 +67,7 @@ from posenc.experiments.config import TASKS, RunConfig, config_from_dict, replac
 from posenc.experiments.evaluate import lm_metrics, synthetic_metrics
 from posenc.experiments.extend_rules import (  # noqa: F401 (re-exported)
     RULES,
-    _base_rope,
+    base_rope,
     check_factor,
     check_factors,
     check_rules,
@@ -211,7 +211,7 @@ def load_base(checkpoint: str | Path) -> tuple[RunConfig, Transformer]:
     if state["step"] < config.train.steps:
         raise ValueError(f"checkpoint {str(checkpoint)!r} is of an unfinished run (step {state['step']} of "
                          f"{config.train.steps})")  # fmt: skip
-    _base_rope(config)
+    base_rope(config)
     s = setup(config)
     model = build_model(config, s.vocab_size, s.max_len)
     model.load_state_dict(state["model"])

@@ -2,6 +2,9 @@
 ``rope_parameters`` for a model trained at context ``C`` and a factor ``s``, and the
 swap of a trained model's plain RoPE for a rule (same weights).
 
+The rules are the entries of ``posenc.functional.rope_scaling.SCALING_RULES`` that have a
+``stretch`` recipe, under their CLI names (aliases such as ``pi`` accepted).
+
 Chen et al. 2023 (linear / position interpolation), bloc97 2023 (NTK-aware), emozilla
 2023 (dynamic NTK), Peng et al. 2023 (YaRN), Meta 2024 (Llama 3.1); the table of rules
 is in ``posenc.experiments.extend``'s docstring and docs/extension.md.
@@ -14,9 +17,11 @@ from typing import Any
 
 from posenc.data.synthetic import SyntheticTask
 from posenc.experiments.config import RunConfig, replace
+from posenc.functional.rope_scaling import extension_rule, extension_rules
 from posenc.model import Transformer
 
-RULES: tuple[str, ...] = ("none", "linear", "ntk", "dynamic", "yarn", "llama3")
+#: The extension rules of the table, in table order (the default of ``posenc extend --rules``).
+RULES: tuple[str, ...] = extension_rules()
 # Keys a base model's rope parameters may carry (anything else means it was already scaled).
 _KEPT_ROPE_KEYS = ("rope_theta", "partial_rotary_factor")
 _KEPT_FLAT = ("layout", "rotary_dim", "partial_rotary_factor")
@@ -31,12 +36,15 @@ def check_factor(name: str, value: Any) -> int:
 
 
 def check_rules(rules: list[str] | tuple[str, ...]) -> tuple[str, ...]:
+    """The rules' CLI names (``"pi"`` -> ``"linear"``); unknown ones raise, with a "did you mean"."""
     if not rules:
         raise ValueError("no rules given")
-    for r in rules:
-        if r not in RULES:
-            raise ValueError(f"unknown rule {r!r}; available: {list(RULES)}")
-    return tuple(rules)
+    return tuple(_cli_name(r) for r in rules)
+
+
+def _cli_name(rule: str) -> str:
+    entry = extension_rule(rule)
+    return entry.cli_name or entry.name
 
 
 def check_factors(factors: list[int] | tuple[int, ...]) -> tuple[int, ...]:
@@ -54,7 +62,7 @@ def trained_context(config: RunConfig) -> int:
     return SyntheticTask(t.name, t.num_symbols).sequence_length(t.train_length) - 1
 
 
-def _base_rope(config: RunConfig) -> tuple[dict[str, Any], dict[str, Any], int]:
+def base_rope(config: RunConfig) -> tuple[dict[str, Any], dict[str, Any], int]:
     """(kept flat params, kept HF keys, rotary dim) of a plain (unscaled) RoPE model."""
     if config.model.encoding != "rope":
         raise ValueError(f"extend needs a rope model, got encoding {config.model.encoding!r}")
@@ -80,29 +88,20 @@ def rule_parameters(rule: str, factor: int, context: int, *, rotary_dim: int, ro
     ``posenc.rope_frequencies(head_dim, rule_parameters(...), max_position_embeddings=context,
     seq_len=n)`` gives the frequencies used at length ``n``.
     """
-    check_rules([rule])
+    entry = extension_rule(rule)
     check_factor("factor", factor)
+    params = {"rope_type": entry.rope_type or entry.name}
+    params.update(entry.stretch(float(factor), context, rotary_dim, float(rope_theta)))
     base = {"rope_theta": float(rope_theta), **(extra or {})}
-    if rule == "none":
-        return {"rope_type": "default", **base}
-    if rule == "linear":
-        return {"rope_type": "linear", "factor": float(factor), **base}
-    if rule == "ntk":
-        base["rope_theta"] = float(rope_theta) * float(factor) ** (rotary_dim / (rotary_dim - 2))
-        return {"rope_type": "default", **base}
-    if rule == "dynamic":
-        return {"rope_type": "dynamic", "factor": float(factor), **base}
-    if rule == "yarn":
-        return {"rope_type": "yarn", "factor": float(factor), "original_max_position_embeddings": context,
-                "beta_fast": 32.0, "beta_slow": 1.0, **base}  # fmt: skip
-    return {"rope_type": "llama3", "factor": float(factor), "low_freq_factor": 1.0, "high_freq_factor": 4.0,
-            "original_max_position_embeddings": context, **base}  # fmt: skip
+    if "rope_theta" in params:  # a rule that grows the base (static NTK)
+        base["rope_theta"] = params.pop("rope_theta")
+    return {**params, **base}
 
 
 def rule_config(config: RunConfig, rule: str, factor: int) -> RunConfig:
     """``config`` with its plain RoPE replaced by ``rule`` at ``factor`` (``max_len`` = the
     trained context, dynamic NTK's threshold)."""
-    flat, hf, rotary_dim = _base_rope(config)
+    flat, hf, rotary_dim = base_rope(config)
     theta = hf.pop("rope_theta", 10000.0)
     params = rule_parameters(rule, factor, trained_context(config), rotary_dim=rotary_dim, rope_theta=theta,
                              extra=hf)  # fmt: skip

@@ -235,7 +235,7 @@ def scaling_rule(name: str, *, rules: Mapping[str, ScalingRule] | None = None) -
             return rule
     known = [n for rule in rules.values() for n in rule.names]
     main = [rule.cli_name or rule.name for rule in rules.values()]
-    raise ValueError(f"unknown scaling rule {name!r}; available: {main}.{did_you_mean(wanted, known)}")
+    raise ValueError(f"unknown rule {name!r}; available: {main}.{did_you_mean(wanted, known)}")
 
 
 def canonical_rope_type(name: object) -> object:
