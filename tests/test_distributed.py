@@ -123,6 +123,7 @@ def spawned(tmp_path_factory):
 
 
 def test_ddp_loss_curve_equals_one_process(spawned, tmp_path):
+@pytest.mark.slow
     single: list[float] = []
     rec, _ = train_run(_cfg(), tmp_path, on_step=lambda s, n, loss: single.append(loss))
     ddp0 = json.loads((spawned / "losses0.json").read_text())
@@ -142,6 +143,7 @@ def test_ddp_loss_curve_equals_one_process(spawned, tmp_path):
 
 
 def test_ddp_language_model_loss_curve_equals_one_process(spawned, tmp_path):
+@pytest.mark.slow
     single: list[float] = []
     rec, _ = train_run(_lm_cfg(), tmp_path, on_step=lambda s, n, loss: single.append(loss))
     ddp = json.loads((spawned / "lm_losses0.json").read_text())
@@ -154,6 +156,7 @@ def test_ddp_language_model_loss_curve_equals_one_process(spawned, tmp_path):
 
 
 def test_sharded_study_writes_the_single_process_results(spawned, tmp_path):
+@pytest.mark.slow
     configs, _ = plan_study("smoke", **STUDY)
     run_study(configs, tmp_path)
     sharded, single = read_results(spawned / "sharded"), read_results(tmp_path)
@@ -172,6 +175,7 @@ def test_oversubscription_note(monkeypatch):
 
 
 def test_lonely_rank_cannot_form_a_group_within_the_timeout(monkeypatch):
+@pytest.mark.slow
     port = _free_port()
     monkeypatch.setenv("RANK", "1")  # rank 0 (the store's host) never comes
     monkeypatch.setenv("WORLD_SIZE", "2")
@@ -203,6 +207,7 @@ def test_batch_not_divisible_and_bad_settings():
 
 
 def test_a_hung_rank_is_an_error_after_the_timeout(spawned):
+@pytest.mark.slow
     """Rank 1 stopped (not dead: its sockets stay open) and no torchrun to stop rank 0:
     rank 0's next collective fails after POSENC_DIST_TIMEOUT seconds, not never."""
     seconds, message = (spawned / "dead_error.txt").read_text().split("\n", 1)
@@ -235,6 +240,7 @@ def _torchrun(cfg_path: Path, out: Path, timeout_s: int) -> subprocess.Popen:
 
 
 @pytest.mark.skipif(not Path("/proc/self/environ").exists(), reason="needs /proc to find the rank's process")
+@pytest.mark.slow
 def test_killed_rank_fails_fast_and_restart_resumes(tmp_path):
     timeout_s = 10
     cfg = _cfg(train={"steps": 150, "checkpoint_every": 5})

@@ -125,6 +125,7 @@ def _cli(args):
     return result.exit_code, result.output
 
 
+@pytest.mark.slow
 def test_cli_extend_tiny_writes_outputs(tmp_path):
     out = tmp_path / "ext"
     args = ["extend", "--preset", "smoke", "--tasks", "copy", "--rules", "none,linear,yarn", "--factors", "2",

@@ -124,6 +124,7 @@ def _compiled_matches(name: str) -> None:
     torch.testing.assert_close(torch.cat(steps, 1), ref, rtol=1e-4, atol=1e-5)
 
 
+@pytest.mark.slow
 def test_compiled_flex_model_matches_sdpa_alibi():
     """torch.compile'd FlexAttention: full forward and KV-cache decoding equal SDPA."""
     _compiled_matches("alibi")
@@ -143,6 +144,7 @@ def test_padded_length():
     assert flex.padded_length(8, 8, meta) == 8  # other devices: no padding without a cache
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("s", [8, 24])
 def test_compiled_flex_key_tail_of_one_avx2_vector(s):
     """Key lengths 8 and 24 at head_dim 8: the CPU micro-GEMM's N tail that is wrong on
@@ -168,6 +170,7 @@ print("ok")
 """
 
 
+@pytest.mark.slow
 @pytest.mark.skipif(
     torch.backends.cpu.get_cpu_capability() not in ("AVX2", "AVX512"), reason="needs an x86 CPU with AVX2"
 )

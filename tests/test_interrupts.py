@@ -55,7 +55,8 @@ def _kill_after_step(cfg_path: Path, out: Path, run_id: str, min_step: int) -> i
     return torch.load(ckpt, weights_only=True)["step"]
 
 
-@pytest.mark.skipif(sys.platform == "win32", reason="POSIX signals")
+@pytest.mark.slow
+@pytest.mark.skipif(sys.platform == "win32", reason="SIGKILL needs POSIX signals: not on Windows")
 def test_sigkill_at_several_points_then_resume_equals_uninterrupted(tmp_path):
     cfg = config_from_dict(json.loads(json.dumps(CONFIG)))
     cfg_path = tmp_path / "run.yaml"

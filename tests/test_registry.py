@@ -7,12 +7,32 @@ import pytest
 import posenc
 
 ABSOLUTE = ["binary", "integer", "learned", "none", "normalized", "sine", "sinusoidal"]
+# Every encoding the project ships. Many tests are parametrized over posenc.available(),
+# so losing one would shrink them silently: this list makes it a failure.
+SHIPPED = [
+    *ABSOLUTE,
+    "alibi",
+    "cope",
+    "fire",
+    "kerple",
+    "proportional",
+    "rope",
+    "rope2d",
+    "sandwich",
+    "shaw",
+    "t5",
+    "xpos",
+]
 
 
 def test_available_is_sorted_and_has_the_absolute_family():
     names = posenc.available()
     assert names == sorted(names)
     assert set(ABSOLUTE) <= set(names)
+
+
+def test_every_shipped_encoding_is_registered():
+    assert posenc.available() == sorted(SHIPPED)
 
 
 def test_unknown_name_lists_valid_ones_and_suggests():

@@ -108,11 +108,20 @@ def test_low_precision_matches_float64_reference(name, dtype, tol):
     CASES["numerics"] += 1
 
 
+# The only (encoding, dtype) pairs allowed to refuse positions near 2**20, and the refusal
+# they must give: integer's values (the positions themselves) exceed float16's 65,504.
+REFUSED_AT_2_20 = {
+    ("integer", torch.float16): r"integer encoding values reach 1\.049e\+06 at position 1048579, "
+    r"beyond the range of torch\.float16 \(max 6\.55e\+04\); use float32/bfloat16",
+}
+
+
 @pytest.mark.parametrize("name", posenc.available())
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
 def test_no_overflow_at_two_to_the_twenty(name, dtype):
-    """Positions near 2**20: finite outputs, or a clear error where the dtype cannot
-    hold the encoding's values (integer in float16) — never a silent inf/NaN."""
+    """Positions near 2**20: finite outputs, or — only for the pairs in ``REFUSED_AT_2_20``,
+    where the dtype cannot hold the encoding's values — that exact error; never a silent
+    inf/NaN, and never a refusal elsewhere."""
     if name == "binary":
         pe = create_example(name, dim=24)
     else:
@@ -122,15 +131,16 @@ def test_no_overflow_at_two_to_the_twenty(name, dtype):
     attn = posenc.Attention(x.shape[-1], HEADS, pe=pe).to(dtype)
     pe.to(dtype)
     with torch.no_grad():
-        try:
-            h = pe.embed(x, positions)
-        except ValueError as err:
-            assert "beyond the range of" in str(err)
+        if (name, dtype) in REFUSED_AT_2_20:
+            with pytest.raises(ValueError, match=REFUSED_AT_2_20[name, dtype]):
+                pe.embed(x, positions)
             CASES["overflow-refused"] += 1
             return
+        h = pe.embed(x, positions)
         out = attn(h, positions)
         bias = None if pe.needs_content else pe.bias(positions, positions)  # content: covered by attn
-    assert torch.isfinite(out).all()
+    assert h.shape == x.shape and torch.isfinite(h).all()
+    assert out.shape == x.shape and torch.isfinite(out).all()
     if bias is not None:
         assert not torch.isnan(bias).any()
     CASES["overflow"] += 1
@@ -138,44 +148,120 @@ def test_no_overflow_at_two_to_the_twenty(name, dtype):
 
 BAD_VALUES = [0, -1, -2.5, 0.5, float("nan"), float("inf"), "x", None, True, [], 4096]
 
+# The values of BAD_VALUES (by repr) that each parameter accepts; every other value of
+# BAD_VALUES must be refused. A value newly accepted or newly refused fails the test.
+ACCEPTED = {
+    "alibi": {"num_heads": ["4096"], "causal": ["True"]},
+    "binary": {"dim": ["4096"]},
+    "cope": {"head_dim": ["4096"], "npos_max": ["4096"], "causal": ["True"]},
+    "fire": {
+        "num_heads": ["4096"],
+        "mlp_width": ["4096"],
+        "init_c": ["0.5", "4096"],
+        "init_L": ["0.5", "4096"],
+        "eps": ["0.5", "4096"],
+    },
+    "integer": {"dim": ["4096"]},
+    "kerple": {"num_heads": ["4096"], "eps": ["0.5", "4096"]},
+    "learned": {"dim": ["4096"], "max_len": ["4096"], "init_std": ["0", "0.5", "4096"]},
+    "normalized": {"dim": ["4096"], "length": ["None", "4096"]},
+    "proportional": {
+        "head_dim": ["4096"],
+        "partial_rotary_factor": ["0", "0.5", "None"],
+        "base": ["None", "4096"],
+        "factor": ["None", "4096"],
+    },
+    "rope": {
+        "head_dim": ["4096"],
+        "base": ["None", "4096"],
+        "rotary_dim": ["None"],
+        "partial_rotary_factor": ["0.5", "None"],
+        "rope_type": ["None"],
+        "factor": ["None"],
+        "original_max_len": ["None"],
+        "max_len": ["None", "4096"],
+        "rope_parameters": ["None"],
+    },
+    "rope2d": {"head_dim": ["4096"], "grid_width": ["4096"], "base": ["4096"]},
+    "sandwich": {"num_heads": ["4096"], "sin_dim": ["4096"]},
+    "shaw": {"head_dim": ["4096"], "max_distance": ["0", "4096"]},
+    "sine": {"min_period": ["4096"], "ratio": ["4096"]},
+    "sinusoidal": {"dim": ["4096"], "base": ["4096"]},
+    "t5": {"num_heads": ["4096"], "max_distance": ["4096"], "causal": ["True"]},
+    "xpos": {"head_dim": ["4096"], "base": ["4096"], "scale_base": ["0.5", "4096"], "gamma": ["0.5", "4096"]},
+}
+WITHOUT_PARAMETERS = ["none"]
 
-@pytest.mark.parametrize("name", posenc.available())
+
+def _fields(name: str) -> list[str]:
+    import dataclasses
+
+    return [f.name for f in dataclasses.fields(posenc.get(name).Params)]
+
+
+def test_the_parameter_table_covers_every_encoding():
+    """Every registered encoding is in ACCEPTED (or has no parameters), with its real
+    parameter names: a new encoding or a renamed parameter must be added here."""
+    assert sorted([*ACCEPTED, *WITHOUT_PARAMETERS]) == posenc.available()
+    for name in WITHOUT_PARAMETERS:
+        assert _fields(name) == [], name
+        with pytest.raises(TypeError, match=r"no parameter 'dim'"):
+            posenc.create(name, dim=DIM)
+    for name, accepted in ACCEPTED.items():
+        assert set(accepted) <= set(_fields(name)), name
+
+
+def _forward_is_finite(pe: posenc.PositionalEncoding, fields: list[str]) -> torch.Tensor:
+    """Run a built encoding: through ``Attention`` at the test's width, or, when a size
+    parameter makes that width unusable (``num_heads=4096``, ``head_dim=4096``), through
+    its ``rotate``/``bias`` hooks on q/k of the encoding's own shape. Returns the output."""
+    p = pe.params
+    positions = torch.arange(6)
+    if "dim" in fields:  # additive: the width is the encoding's
+        width, heads, head_dim = p.dim, HEADS, p.dim // HEADS
+    else:
+        width = DIM
+        heads, head_dim = getattr(p, "num_heads", HEADS), getattr(p, "head_dim", DIM // HEADS)
+    with torch.no_grad():
+        if heads * head_dim == width:
+            attn = posenc.Attention(width, heads, pe=pe)
+            out = attn(pe.embed(torch.randn(1, 6, width), positions), positions)
+            assert out.shape == (1, 6, width)
+            CASES["valid-param"] += 1
+            return out
+        q, k, v = torch.randn(3, 1, heads, 6, head_dim).unbind(0)
+        q2, k2 = pe.rotate(q, k, positions, positions)
+        assert q2.shape == q.shape and k2.shape == k.shape
+        bias = pe.bias(positions, positions, q=q2, k=k2)
+        mask = torch.ones(6, 6, dtype=torch.bool).tril()
+        scores = torch.zeros(6, 6).masked_fill(~mask, float("-inf"))
+        if bias is not None:
+            assert bias.shape[-3:] == (heads, 6, 6)
+            scores = scores + bias
+        out = torch.nn.functional.scaled_dot_product_attention(q2, k2, v, attn_mask=scores)
+        CASES["valid-param-hooks"] += 1
+        return out
+
+
+@pytest.mark.parametrize("name", sorted(ACCEPTED))
 @settings(max_examples=int(os.environ.get("POSENC_FUZZ_EXAMPLES", 30)), deadline=None,
           suppress_health_check=[HealthCheck.too_slow])  # fmt: skip
 @given(data=st.data())
 def test_generated_parameter_values_build_or_name_the_parameter(name, data):
-    """Any value for any parameter: the encoding builds and runs finitely, or the error
-    is a ValueError/TypeError that names the parameter — never another exception."""
-    import dataclasses
-
-    fields = [f.name for f in dataclasses.fields(posenc.get(name).Params)]
-    if not fields:
-        return
+    """Any value for any parameter: a value in ``ACCEPTED`` builds and runs finitely (no
+    error of any kind is allowed); any other is refused with a ValueError/TypeError whose
+    message names the parameter."""
+    fields = _fields(name)
     field = data.draw(st.sampled_from(fields))
     value = data.draw(st.sampled_from(BAD_VALUES))
     dims = dict(dim=DIM, num_heads=HEADS, head_dim=DIM // HEADS, max_len=64, causal=True)
     params = {**posenc.get(name).example_params, field: value}
-    try:
-        pe = posenc.registry.create_for_model(name, params, **dims)
-    except (ValueError, TypeError) as err:
-        assert field in str(err), f"{name}.{field}={value!r}: message does not name it: {err}"
+    if repr(value) not in ACCEPTED[name].get(field, []):
+        with pytest.raises((ValueError, TypeError), match=rf"\b{field}\b"):
+            posenc.registry.create_for_model(name, params, **dims)
         CASES["invalid-param"] += 1
         return
-    # The value was valid: a forward must be finite (or refuse with a named error).
-    width = pe.params.dim if "dim" in fields else DIM
-    heads = getattr(pe.params, "num_heads", HEADS)
-    head_dim = getattr(pe.params, "head_dim", width // heads)
-    if width % heads or width // heads != head_dim:
-        CASES["valid-param-unusable-size"] += 1
-        return
-    attn = posenc.Attention(width, heads, pe=pe)
-    positions = torch.arange(6)
-    with torch.no_grad():
-        try:
-            out = attn(pe.embed(torch.randn(1, 6, width), positions), positions)
-        except (ValueError, TypeError) as err:
-            CASES["valid-param-refused-input"] += 1
-            assert str(err)
-            return
+    pe = posenc.registry.create_for_model(name, params, **dims)
+    assert getattr(pe.params, field) == value or repr(value) in ("nan", "None") or field in dims, (field, value)
+    out = _forward_is_finite(pe, fields)
     assert torch.isfinite(out).all(), f"{name}.{field}={value!r} gave non-finite output"
-    CASES["valid-param"] += 1

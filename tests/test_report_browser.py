@@ -67,9 +67,10 @@ def report(tmp_path_factory) -> pathlib.Path:
     Evil = type("Evil", (Sinusoidal,), {"name": EVIL, "formula": EVIL, "flaw": EVIL})
     with pytest.MonkeyPatch.context() as mp:
         mp.setitem(registry._REGISTRY, EVIL, Evil)
-        # One encoding of every kind of figure (and the bias family once it is merged).
+        # One encoding of every kind of figure; each one is shipped, so a missing one fails.
         wanted = ("none", "binary", "learned", "sine", "rope", "xpos", "alibi", "t5", "kerple", "fire")
-        names = [n for n in wanted if n in posenc.available()] + [EVIL]
+        assert set(wanted) <= set(posenc.available()), sorted(set(wanted) - set(posenc.available()))
+        names = [*wanted, EVIL]
         cfg = A.CardConfig(horizon=64, train_length=32, beyond_horizon=96, relative_length=16)
         return write_report(
             tmp / "report.html",
@@ -88,6 +89,7 @@ def report(tmp_path_factory) -> pathlib.Path:
         )
 
 
+@pytest.mark.slow  # the `report` fixture builds a full report (~15 s)
 def test_report_escapes_hostile_names(report):
     html = report.read_text(encoding="utf-8")
     assert EVIL not in html and EVIL_DIR not in html
@@ -97,6 +99,7 @@ def test_report_escapes_hostile_names(report):
     assert not re.search(r'<img[^>]+src="(?!data:)', html)
 
 
+@pytest.mark.slow
 def test_report_renders_in_headless_chromium(report, tmp_path):
     exe = _need_browser()
     html = report.read_text(encoding="utf-8")

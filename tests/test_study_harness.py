@@ -117,6 +117,7 @@ def test_random_positions_sorted_distinct_in_range():
 # -- the harness end to end ----------------------------------------------------------------
 
 
+@pytest.mark.slow
 def test_train_resume_identical_and_skip(tmp_path):
     cfg = _cfg()
     full, skipped = train_run(cfg, tmp_path / "a")
@@ -165,6 +166,7 @@ def test_lm_run_and_randomized_positions(tmp_path):
     assert all(m["ppl"] > 1 and m["ppl_sliding"] > 1 for m in rec["metrics"])
 
 
+@pytest.mark.slow
 @pytest.mark.skipif(sys.platform == "win32", reason="POSIX signals")
 def test_sigkill_then_resume_gives_same_metrics(tmp_path):
     cfg = _cfg(train={"steps": 400, "checkpoint_every": 5})
@@ -280,6 +282,7 @@ def test_load_config_yaml_and_study_plan(tmp_path):
         plan_study("huge")
 
 
+@pytest.mark.slow
 def test_cli_study_end_to_end(tmp_path):
     out = tmp_path / "study"
     args = ["study", "--preset", "smoke", "--encodings", "sinusoidal,none", "--tasks", "copy", "--out", str(out)]

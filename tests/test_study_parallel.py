@@ -40,6 +40,7 @@ def _configs(encodings=("sinusoidal", "rope", "alibi"), seeds=(0,), steps=30):
     return out
 
 
+@pytest.mark.slow
 def test_parallel_records_equal_sequential_and_are_in_plan_order(tmp_path):
     configs = _configs(seeds=(0, 1))
     seq = run_study(configs, tmp_path / "seq")
@@ -63,6 +64,7 @@ def test_parallel_records_equal_sequential_and_are_in_plan_order(tmp_path):
     assert again == par and events == [True] * len(configs) and set(mp.active_children()) == before
 
 
+@pytest.mark.slow
 def test_failing_run_stops_the_study_with_its_error(tmp_path):
     configs = _configs(encodings=("sinusoidal", "rope"))
     ckpt = checkpoint_path(tmp_path, configs[1].run_id)
@@ -74,6 +76,7 @@ def test_failing_run_stops_the_study_with_its_error(tmp_path):
     assert all(r["run_id"] != configs[1].run_id for r in read_results(tmp_path))
 
 
+@pytest.mark.slow
 def test_killed_worker_is_named(tmp_path):
     configs = _configs(encodings=("sinusoidal",), steps=3000)
     killed = []
@@ -106,6 +109,7 @@ def test_plan_jobs():
             plan_jobs(bad, None, 5)
 
 
+@pytest.mark.slow
 def test_cli_jobs(tmp_path):
     runner = CliRunner()
     base = ["study", "--preset", "smoke", "--encodings", "sinusoidal,none", "--tasks", "copy", "--no-report"]
@@ -131,6 +135,7 @@ def _children(pid: int) -> list[int]:
     return out
 
 
+@pytest.mark.slow
 @pytest.mark.skipif(not os.path.isdir("/proc"), reason="reads /proc")
 def test_workers_exit_when_the_parent_is_killed(tmp_path):
     script = (

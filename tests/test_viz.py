@@ -163,6 +163,7 @@ def test_attention_weights_reproduce_the_layer_output(toys):
     assert torch.allclose(out, seen["out"], atol=1e-5)
 
 
+@pytest.mark.slow
 def test_trained_attention_figure():
     fig = pipeline_figures.trained_attention("sinusoidal", steps=3, half=4)
     assert len([a for a in fig.axes if a.get_label() != "<colorbar>"]) == 8  # 2 layers x 4 heads
@@ -195,6 +196,7 @@ def test_cli_plot_writes_the_file(tmp_path):
     assert res.exit_code == 2 and "--steps does not apply" in res.output
 
 
+@pytest.mark.slow
 def test_cli_report(tmp_path):
     out = tmp_path / "r.html"
     args = ["report", "-o", str(out), "--encodings", "binary,none", "--attention-steps", "0", "--no-pretrained"]
