@@ -26,6 +26,7 @@ import torch.multiprocessing as mp
 
 from posenc.experiments import distributed as pd
 from posenc.experiments.config import config_from_dict
+from posenc.experiments.parallel import run_study_sharded, shard
 from posenc.experiments.results import read_results
 from posenc.experiments.study import plan_study, run_study
 from posenc.experiments.train import checkpoint_path, train_run
@@ -79,13 +80,13 @@ def _worker(rank: int, world: int, port: int, out: str) -> None:
     torch.set_num_threads(1)
     ctx = pd.init("gloo")
     losses: list[float] = []
-    pd.train_distributed(_cfg(), Path(out) / "ddp", ctx, on_step=lambda s, n, loss: losses.append(loss))
+    train_run(_cfg(), Path(out) / "ddp", on_step=lambda s, n, loss: losses.append(loss), context=ctx)
     (Path(out) / f"losses{rank}.json").write_text(json.dumps(losses))
     lm_losses: list[float] = []
-    pd.train_distributed(_lm_cfg(), Path(out) / "lm", ctx, on_step=lambda s, n, loss: lm_losses.append(loss))
+    train_run(_lm_cfg(), Path(out) / "lm", on_step=lambda s, n, loss: lm_losses.append(loss), context=ctx)
     (Path(out) / f"lm_losses{rank}.json").write_text(json.dumps(lm_losses))
     configs, _ = plan_study("smoke", **STUDY)
-    pd.run_study_sharded(configs, Path(out) / "sharded", ctx)
+    run_study_sharded(configs, Path(out) / "sharded", ctx)
 
     def hang_at_3(step: int, total: int, loss: float) -> None:
         if rank == 1 and step == 3:
@@ -93,7 +94,7 @@ def _worker(rank: int, world: int, port: int, out: str) -> None:
 
     start = time.time()
     try:
-        pd.train_distributed(_cfg(train={"steps": 50}), Path(out) / "dead", ctx, on_step=hang_at_3)
+        train_run(_cfg(train={"steps": 50}), Path(out) / "dead", on_step=hang_at_3, context=ctx)
     except pd.DistributedError as err:
         (Path(out) / "dead_error.txt").write_text(f"{time.time() - start:.1f}\n{err}")
     # A group whose peer hung cannot be torn down: gloo's destructor may call
@@ -122,8 +123,8 @@ def spawned(tmp_path_factory):
     return out
 
 
-def test_ddp_loss_curve_equals_one_process(spawned, tmp_path):
 @pytest.mark.slow
+def test_ddp_loss_curve_equals_one_process(spawned, tmp_path):
     single: list[float] = []
     rec, _ = train_run(_cfg(), tmp_path, on_step=lambda s, n, loss: single.append(loss))
     ddp0 = json.loads((spawned / "losses0.json").read_text())
@@ -142,8 +143,8 @@ def test_ddp_loss_curve_equals_one_process(spawned, tmp_path):
     assert ddp_rec["run_id"] == rec["run_id"] and ddp_rec["metrics"] == rec["metrics"]
 
 
-def test_ddp_language_model_loss_curve_equals_one_process(spawned, tmp_path):
 @pytest.mark.slow
+def test_ddp_language_model_loss_curve_equals_one_process(spawned, tmp_path):
     single: list[float] = []
     rec, _ = train_run(_lm_cfg(), tmp_path, on_step=lambda s, n, loss: single.append(loss))
     ddp = json.loads((spawned / "lm_losses0.json").read_text())
@@ -155,8 +156,8 @@ def test_ddp_language_model_loss_curve_equals_one_process(spawned, tmp_path):
         assert a["ppl"] == pytest.approx(b["ppl"], rel=1e-4)
 
 
-def test_sharded_study_writes_the_single_process_results(spawned, tmp_path):
 @pytest.mark.slow
+def test_sharded_study_writes_the_single_process_results(spawned, tmp_path):
     configs, _ = plan_study("smoke", **STUDY)
     run_study(configs, tmp_path)
     sharded, single = read_results(spawned / "sharded"), read_results(tmp_path)
@@ -174,8 +175,8 @@ def test_oversubscription_note(monkeypatch):
     assert note is not None and f"{cores} processes x 2 threads > {cores} cores" in note and "--threads 1" in note
 
 
-def test_lonely_rank_cannot_form_a_group_within_the_timeout(monkeypatch):
 @pytest.mark.slow
+def test_lonely_rank_cannot_form_a_group_within_the_timeout(monkeypatch):
     port = _free_port()
     monkeypatch.setenv("RANK", "1")  # rank 0 (the store's host) never comes
     monkeypatch.setenv("WORLD_SIZE", "2")
@@ -192,7 +193,7 @@ def test_batch_not_divisible_and_bad_settings():
     assert ctx.rows(12) == slice(4, 8)
     with pytest.raises(ValueError, match=r"batch_size=8 \(the global batch\) is not divisible by the world size 3"):
         ctx.rows(8)
-    assert pd.shard(7, 1, 3) == [1, 4]
+    assert shard(7, 1, 3) == [1, 4]
     with pytest.raises(ValueError, match="backend must be one of"):
         pd.choose_backend("mpi")
     os.environ[pd.ENV_TIMEOUT] = "soon"
@@ -206,8 +207,8 @@ def test_batch_not_divisible_and_bad_settings():
 # -- a killed rank ---------------------------------------------------------------------------
 
 
-def test_a_hung_rank_is_an_error_after_the_timeout(spawned):
 @pytest.mark.slow
+def test_a_hung_rank_is_an_error_after_the_timeout(spawned):
     """Rank 1 stopped (not dead: its sockets stay open) and no torchrun to stop rank 0:
     rank 0's next collective fails after POSENC_DIST_TIMEOUT seconds, not never."""
     seconds, message = (spawned / "dead_error.txt").read_text().split("\n", 1)
@@ -239,8 +240,8 @@ def _torchrun(cfg_path: Path, out: Path, timeout_s: int) -> subprocess.Popen:
     return subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
 
 
-@pytest.mark.skipif(not Path("/proc/self/environ").exists(), reason="needs /proc to find the rank's process")
 @pytest.mark.slow
+@pytest.mark.skipif(not Path("/proc/self/environ").exists(), reason="needs /proc to find the rank's process")
 def test_killed_rank_fails_fast_and_restart_resumes(tmp_path):
     timeout_s = 10
     cfg = _cfg(train={"steps": 150, "checkpoint_every": 5})

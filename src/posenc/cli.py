@@ -102,10 +102,7 @@ def train(
             def on_step(step: int, total: int, loss: float) -> None:
                 progress.update(bar, completed=step, info=f"loss {loss:.3f}")
 
-            if ctx is None:
-                record, skipped = train_run(cfg, out, on_step=on_step)
-            else:
-                record, skipped = pd.train_distributed(cfg, out, ctx, on_step=on_step)
+            record, skipped = train_run(cfg, out, on_step=on_step, context=ctx or pd.SINGLE_PROCESS)
     except (ValueError, TypeError, FloatingPointError, pd.DistributedError, KeyboardInterrupt) as err:
         raise harness_exit(err, ctx, "run the same command again to resume from the checkpoint") from None
     finally:
@@ -169,7 +166,7 @@ def study(
     from pathlib import Path
 
     from posenc.experiments import distributed as pd
-    from posenc.experiments.parallel import StudyWorkerError, plan_jobs, run_study_parallel
+    from posenc.experiments.parallel import StudyWorkerError, plan_jobs, run_study_parallel, run_study_sharded, shard
     from posenc.experiments.results import read_results
     from posenc.experiments.study import plan_study, run_study
     from posenc.pipeline.study import write_study_outputs
@@ -210,7 +207,7 @@ def study(
             note = pd.oversubscription(threads)
             if note and ctx.is_main:
                 console.print(f"[yellow]note:[/yellow] {note}")
-        mine = len(configs) if ctx is None else len(pd.shard(len(configs), ctx.rank, ctx.world_size))
+        mine = len(configs) if ctx is None else len(shard(len(configs), ctx.rank, ctx.world_size))
         parallel = ctx is None and jobs > 1
         with progress_bars() if ctx is None or ctx.is_main else NoProgress() as progress:
             label = "runs" if ctx is None else f"runs of rank 0/{ctx.world_size}"
@@ -218,7 +215,7 @@ def study(
                 label = f"runs ({jobs} processes x {configs[0].train.threads} threads)"
             hooks = study_hooks(progress, configs, mine, label, parallel)
             if ctx is not None:
-                records = pd.run_study_sharded(configs, run_dir, ctx, **hooks)
+                records = run_study_sharded(configs, run_dir, ctx, **hooks)
             elif parallel:
                 records = run_study_parallel(configs, run_dir, jobs, **hooks)
             else:

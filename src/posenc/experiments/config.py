@@ -15,6 +15,7 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
+import os
 import types
 import typing
 from pathlib import Path
@@ -189,6 +190,25 @@ class RunConfig:
         digest = hashlib.sha256(json.dumps(d, sort_keys=True).encode()).hexdigest()[:10]
         task = self.task.label.replace(":", "-").replace("/", "-")
         return f"{task}__{self.encoding_label}__L{self.task.train_length}__s{self.train.seed}__{digest}"
+
+
+# -- what the train section leaves implicit -----------------------------------------------
+
+
+def derive_seed(*parts: int) -> int:
+    """A deterministic 63-bit seed from integers, e.g. ``(train.seed, stream)``: each random
+    stream of a run (model initialization, training data, the examples of each evaluation
+    length) gets its own seed, so none depends on how much another one drew."""
+    h = 1469598103934665603
+    for p in parts:
+        h = ((h ^ (p + 0x9E3779B9)) * 1099511628211) % (1 << 63)
+    return h
+
+
+def default_threads(cores: int | None = None) -> int:
+    """The torch threads of a run whose ``train.threads`` is None: ``min(2, cores)``
+    (``cores``: this machine's, ``os.cpu_count()``, unless given)."""
+    return max(1, min(2, cores if cores is not None else os.cpu_count() or 1))
 
 
 # -- strict loading from dicts / YAML ---------------------------------------------------

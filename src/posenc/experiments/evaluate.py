@@ -24,15 +24,8 @@ from torch import nn
 
 from posenc.data.synthetic import SyntheticTask
 from posenc.data.text import CharCorpus
+from posenc.experiments.config import derive_seed
 from posenc.functional.checks import positive_int
-
-
-def _seed(*parts: int) -> int:
-    """A deterministic 63-bit seed from integers (independent streams per length/seed)."""
-    h = 1469598103934665603
-    for p in parts:
-        h = ((h ^ (p + 0x9E3779B9)) * 1099511628211) % (1 << 63)
-    return h
 
 
 @torch.no_grad()
@@ -55,7 +48,7 @@ def synthetic_metrics(
     model.eval()
     out = []
     for n in lengths:
-        gen = torch.Generator().manual_seed(_seed(seed, n, 7))
+        gen = torch.Generator().manual_seed(derive_seed(seed, n, 7))
         exact = correct = total = 0
         left = samples
         while left:

@@ -1,4 +1,6 @@
-"""A study's runs trained by several worker processes on one machine (``posenc study --jobs N``).
+"""A study's runs trained by several processes: worker processes on one machine
+(``posenc study --jobs N``, ``run_study_parallel``) or the ranks of a ``torchrun`` job
+(``run_study_sharded``).
 
 Small models do not use two or more cores well: a copy run of the quick preset takes
 ~50-75 s with two torch threads and ~100 s with one, so two one-thread runs side by side
@@ -14,6 +16,11 @@ one. The workers report start / step / end / error on a queue; the caller's hook
 the run's index in the plan, so a progress display can show one bar per active run.
 At the end ``results.jsonl`` is put back in plan order (runs are appended as they finish).
 
+Under torchrun, plan entry ``i`` is trained by rank ``i % world_size`` as a plain
+single-process ``train_run`` (which appends its line to ``results.jsonl`` under the file
+lock); after a monitored barrier rank 0 puts ``results.jsonl`` in plan order, so the
+file equals the single-process study's (apart from wall times).
+
 A run that raises stops the study: the other workers are terminated (their checkpoints
 stay; the same command resumes them) and the error is raised in the caller, with its
 original type where it can be pickled. A worker that dies without a word (killed,
@@ -22,6 +29,7 @@ out of memory) is a ``StudyWorkerError`` naming the run.
 
 from __future__ import annotations
 
+import json
 import multiprocessing as mp
 import os
 import pickle
@@ -31,8 +39,10 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from posenc.experiments.config import RunConfig
-from posenc.experiments.results import order_results, read_results
+from posenc.experiments.config import RunConfig, config_from_dict, default_threads
+from posenc.experiments.distributed import DistContext, DistributedError, study_timeout
+from posenc.experiments.results import RESULTS_FILE, order_results, read_results
+from posenc.experiments.train import StepCallback, train_run
 
 #: Seconds between two progress messages of one worker (the last step is always sent).
 STEP_REPORT_S = 0.25
@@ -70,8 +80,8 @@ def plan_jobs(
     cores = available_cores() if cores is None else cores
     jobs = default_jobs(pending, cores) if jobs is None else jobs
     if jobs > 1 and threads is None:
-        threads = max(1, min(2, cores // jobs))
-    per = threads or max(1, min(2, cores))
+        threads = default_threads(cores // jobs)
+    per = threads or default_threads(cores)
     note = None
     if jobs * per > cores:
         note = (f"{jobs} processes x {per} threads > {cores} cores: they will compete "
@@ -88,9 +98,6 @@ def _worker(tasks, messages, configs: list[dict[str, Any]], run_dir: str, parent
     (``None`` ends the loop) and report on ``messages``. If the parent process ``parent``
     dies (SIGKILL, or a SIGTERM that skips its clean-up), the worker exits at its next step
     rather than train the rest of the study unseen; its run resumes from the checkpoint."""
-    from posenc.experiments.config import config_from_dict
-    from posenc.experiments.train import train_run
-
     cache: dict = {}  # corpora, shared by this worker's runs
     while os.getppid() == parent and (i := tasks.get()) is not None:
         last = [0.0]
@@ -226,3 +233,47 @@ def _check_alive(workers, running: dict[int, int], configs: list[RunConfig]) -> 
             )
     if not any(w.is_alive() for w in workers):
         raise StudyWorkerError("every study worker exited with runs left; run the same command again to resume")
+
+
+# -- studies sharded across the ranks of a torchrun job --------------------------------------------
+
+
+def shard(n: int, rank: int, world_size: int) -> list[int]:
+    """Plan indices of ``rank``: ``rank, rank + world_size, ...`` (round robin)."""
+    return list(range(rank, n, world_size))
+
+
+def run_study_sharded(
+    configs: list[RunConfig],
+    run_dir: str | Path,
+    context: DistContext,
+    *,
+    on_run_start: Callable[[int, RunConfig], None] | None = None,
+    on_run_end: Callable[[int, dict[str, Any], bool], None] | None = None,
+    on_step: StepCallback | None = None,
+) -> list[dict[str, Any]]:
+    """Train this rank's share of ``configs`` (plain single-process runs); after every
+    rank is done, rank 0 orders ``results.jsonl`` by plan. Returns, on rank 0, every
+    record of the plan in plan order; on the other ranks, their own records."""
+    run_dir = Path(run_dir)
+    ids = [c.run_id for c in configs]
+    context.check_same(json.dumps(ids), "the study plan")
+    cache: dict = {}
+    mine = []
+    for i in shard(len(configs), context.rank, context.world_size):
+        if on_run_start is not None:
+            on_run_start(i, configs[i])
+        record, skipped = train_run(configs[i], run_dir, on_step=on_step, corpus_cache=cache)
+        mine.append(record)
+        if on_run_end is not None:
+            on_run_end(i, record, skipped)
+    context.wait_for_all(study_timeout(), "waiting for the other ranks' runs")
+    if not context.is_main:
+        return mine
+    order_results(run_dir, ids)
+    by_id = {r["run_id"]: r for r in read_results(run_dir)}
+    missing = [rid for rid in ids if rid not in by_id]
+    if missing:
+        raise DistributedError(f"runs {missing} are not in {str(run_dir / RESULTS_FILE)!r} after every rank finished; "
+                               "is the run folder on a filesystem every rank shares?")  # fmt: skip
+    return [by_id[rid] for rid in ids]

@@ -6,6 +6,19 @@ one line to ``<run_dir>/results.jsonl``. Re-running a finished run returns its r
 without training; a run with a checkpoint resumes from it and ends with the same
 metrics as an uninterrupted run (the checkpoint holds the model, the optimizer, the
 step, elapsed time and every random state the loop uses).
+
+One loop for one process and for N (``context``, a ``DistContext`` from
+``distributed.init()`` under torchrun; one process is world size 1): every rank draws
+the SAME global batch of ``train.batch_size`` rows from the shared seeded generator and
+keeps its contiguous slice of ``batch_size / world_size`` rows. Each rank's loss is its
+slice's summed token loss divided by the token count of the whole global batch, times
+``world_size``; DDP averages gradients over ranks, so the gradient is that of the
+global mean loss (up to float32 summation order; in one process it is exactly the mean
+loss). Rank 0 decides whether the run is finished, resumes or starts from ``init_from``
+(and broadcasts what it read), writes every checkpoint and the results line; every rank
+evaluates its identical model (no collective after training, so a long evaluation
+cannot hit the collective timeout). Checkpoints do not depend on N: a run started with
+N processes resumes with any other N.
 """
 
 from __future__ import annotations
@@ -13,7 +26,6 @@ from __future__ import annotations
 import dataclasses
 import io
 import math
-import os
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -24,14 +36,18 @@ from torch import nn
 
 from posenc.data.synthetic import PAD, SyntheticTask
 from posenc.data.text import CharCorpus, load_text
-from posenc.experiments.config import RunConfig, config_from_dict
-from posenc.experiments.evaluate import _seed, lm_metrics, synthetic_metrics
+from posenc.experiments.config import RunConfig, TrainConfig, config_from_dict, default_threads, derive_seed
+from posenc.experiments.distributed import SINGLE_PROCESS, DistContext
+from posenc.experiments.evaluate import lm_metrics, synthetic_metrics
 from posenc.experiments.results import append_result, atomic_write_bytes, find_result, git_commit
 from posenc.model import Transformer, TransformerConfig
 from posenc.registry import get as get_encoding
 
 CHECKPOINT_FORMAT = 1
 StepCallback = Callable[[int, int, float], None]
+#: ``derive_seed(train.seed, stream)`` seeds each random stream of a run.
+INIT_STREAM = 1  # the model's initial weights (torch's global generator)
+DATA_STREAM = 2  # the training batches (and randomized positions)
 
 
 # -- the task, the model -----------------------------------------------------------------
@@ -115,24 +131,28 @@ def random_positions(batch: int, length: int, max_position: int, generator: torc
     return scores.argsort(dim=1)[:, :length].sort(dim=1).values  # [b, length]
 
 
-def _batch(s: Setup, gen: torch.Generator) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None, torch.Tensor]:
-    """(inputs [b, s], targets [b, s], loss mask [b, s] or None, positions [b, s]) for one step.
+def training_batch(
+    run_setup: Setup, generator: torch.Generator
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None, torch.Tensor]:
+    """The next training batch drawn from ``generator``: (inputs [b, s], targets [b, s],
+    loss mask [b, s] or None, positions [b, s] or [s]), ``b = train.batch_size``.
 
     Synthetic tasks mix lengths ``1..L`` in every batch (right-padded; see
     ``SyntheticTask.sample_mixed``); with randomized positions each sequence gets its own
     sorted draw from ``0..max_position-1`` (padding stays at 0).
     """
-    tc = s.config.train
-    if s.corpus is not None:
-        window = s.corpus.sample(s.config.task.train_length, tc.batch_size, gen)  # [b, L+1]
+    tc = run_setup.config.train
+    train_length = run_setup.config.task.train_length
+    if run_setup.corpus is not None:
+        window = run_setup.corpus.sample(train_length, tc.batch_size, generator)  # [b, L+1]
         inputs = window[:, :-1]
         positions = torch.arange(inputs.shape[1])  # [L]
         if tc.randomized_positions:
-            positions = random_positions(inputs.shape[0], inputs.shape[1], s.max_position, gen)  # [b, L]
+            positions = random_positions(inputs.shape[0], inputs.shape[1], run_setup.max_position, generator)
         return inputs, window[:, 1:], None, positions
-    ns = torch.randint(1, s.config.task.train_length + 1, (tc.batch_size,), generator=gen)  # [b]
-    ex, positions = s.task.sample_mixed(ns, gen)
-    if not tc.randomized_positions and not s.length_dependent:
+    ns = torch.randint(1, train_length + 1, (tc.batch_size,), generator=generator)  # [b]
+    ex, positions = run_setup.task.sample_mixed(ns, generator)
+    if not tc.randomized_positions and not run_setup.length_dependent:
         # Padding follows each example and the mask is causal, so shared positions 0..s-1
         # give the same outputs on real tokens, and bias encodings build [h, s, s], not [b, h, s, s].
         positions = torch.arange(ex.tokens.shape[1])  # [s]
@@ -140,12 +160,13 @@ def _batch(s: Setup, gen: torch.Generator) -> tuple[torch.Tensor, torch.Tensor, 
         lengths = (ex.tokens != PAD).sum(dim=1)  # [b]; padding only at the end of a row
         for n in lengths.unique().tolist():  # each row: its own sorted draw of s_i positions
             rows = (lengths == n).nonzero().squeeze(1)  # [k]
-            positions[rows, :n] = random_positions(len(rows), n, s.max_position, gen)
+            positions[rows, :n] = random_positions(len(rows), n, run_setup.max_position, generator)
     return ex.tokens[:, :-1], ex.tokens[:, 1:], ex.answer_mask[:, 1:], positions[..., :-1]
 
 
-def _lr(step: int, tc) -> float:
-    """Linear warm-up, then cosine decay to a tenth of ``lr``."""
+def learning_rate(step: int, tc: TrainConfig) -> float:
+    """The learning rate of optimizer step ``step`` (from 0): linear warm-up over
+    ``tc.warmup`` steps, then cosine decay to a tenth of ``tc.lr`` at ``tc.steps``."""
     if step < tc.warmup:
         return tc.lr * (step + 1) / tc.warmup
     progress = (step - tc.warmup) / max(1, tc.steps - tc.warmup)
@@ -230,12 +251,13 @@ def load_checkpoint(path: Path) -> dict[str, Any]:
 # -- the run ---------------------------------------------------------------------------------
 
 
-def evaluate_model(model: nn.Module, s: Setup) -> list[dict[str, Any]]:
-    """The metrics of ``model`` on the task of ``s`` at every evaluation length."""
-    if s.corpus is not None:
-        return lm_metrics(model, s.corpus, s.eval_lengths, eval_tokens=s.eval_tokens, stride=s.stride)
-    return synthetic_metrics(model, s.task, s.eval_lengths, samples=s.config.task.eval_samples,
-                             seed=s.config.train.seed)  # fmt: skip
+def evaluate_model(model: nn.Module, run_setup: Setup) -> list[dict[str, Any]]:
+    """The metrics of ``model`` on the task of ``run_setup`` at every evaluation length."""
+    lengths = run_setup.eval_lengths
+    if run_setup.corpus is not None:
+        return lm_metrics(model, run_setup.corpus, lengths, eval_tokens=run_setup.eval_tokens, stride=run_setup.stride)
+    return synthetic_metrics(model, run_setup.task, lengths, samples=run_setup.config.task.eval_samples,
+                             seed=run_setup.config.train.seed)  # fmt: skip
 
 
 def _without_threads(d: dict[str, Any]) -> dict[str, Any]:
@@ -244,8 +266,39 @@ def _without_threads(d: dict[str, Any]) -> dict[str, Any]:
     return {**d, "train": {k: v for k, v in d["train"].items() if k != "threads"}}
 
 
-def default_threads() -> int:
-    return max(1, min(2, os.cpu_count() or 1))
+def _read_start(config: RunConfig, run_dir: Path) -> tuple[str, Any]:
+    """Where the run starts, read from ``run_dir``: ("done", its record) | ("resume",
+    checkpoint state) | ("init", the model weights of ``train.init_from``) | ("fresh", None)."""
+    done = find_result(run_dir, config.run_id)
+    if done is not None:
+        return "done", done
+    ckpt = checkpoint_path(run_dir, config.run_id)
+    if ckpt.exists():
+        state = load_checkpoint(ckpt)
+        check_checkpoint_config(state, config, ckpt)
+        return "resume", state
+    init_from = config.train.init_from
+    if init_from is not None:  # fine-tuning: start from another run's weights
+        init = load_checkpoint(Path(init_from))
+        if init["step"] < config_from_dict(init["config"]).train.steps:
+            raise ValueError(f"init_from checkpoint {init_from!r} is of an unfinished run (step {init['step']})")
+        return "init", init["model"]
+    return "fresh", None
+
+
+def _start(config: RunConfig, run_dir: Path, context: DistContext) -> tuple[str, Any]:
+    """``_read_start`` on rank 0, the same answer on every rank (a bad checkpoint is a
+    ``ValueError`` on every rank)."""
+    decision: tuple[str, Any] = ("fresh", None)
+    if context.is_main:
+        try:
+            decision = _read_start(config, run_dir)
+        except ValueError as err:
+            decision = ("error", str(err))
+    kind, payload = context.broadcast(decision, "sharing the checkpoint from rank 0")
+    if kind == "error":
+        raise ValueError(payload)
+    return kind, payload
 
 
 def train_run(
@@ -254,76 +307,87 @@ def train_run(
     *,
     on_step: StepCallback | None = None,
     corpus_cache: dict | None = None,
+    context: DistContext = SINGLE_PROCESS,
 ) -> tuple[dict[str, Any], bool]:
-    """Train, evaluate and record one run; returns ``(record, skipped)``.
+    """Train, evaluate and record one run; returns ``(record, skipped)`` (on every rank;
+    only rank 0 writes files).
 
     ``skipped`` is True when ``results.jsonl`` already held the run. ``on_step(step,
-    steps, loss)`` is called after every optimizer step (progress bars; tests raise
-    from it to simulate a crash).
+    steps, loss)`` is called after every optimizer step with the mean loss of the whole
+    (global) batch (progress bars; tests raise from it to simulate a crash). ``context``:
+    this process's place in a torchrun job (``distributed.init()``); the default is one
+    process.
     """
     if not isinstance(config, RunConfig):
         raise TypeError(f"config must be a RunConfig, got {type(config).__name__}")
     run_dir = Path(run_dir)
-    run_id = config.run_id
-    done = find_result(run_dir, run_id)
-    if done is not None:
-        return done, True
     tc = config.train
+    rows = context.rows(tc.batch_size)  # this rank's rows of every global batch
+    context.check_same(config.run_id, "the run config")
+    start_kind, start_state = _start(config, run_dir, context)
+    if start_kind == "done":
+        return start_state, True
     torch.set_num_threads(tc.threads or default_threads())
-    s = setup(config, corpus_cache)
+    run_setup = setup(config, corpus_cache)
 
-    torch.manual_seed(_seed(tc.seed, 1))
-    model = build_model(config, s.vocab_size, s.max_len)
-    opt = torch.optim.AdamW(model.parameters(), lr=tc.lr, weight_decay=tc.weight_decay, betas=(0.9, 0.98))
-    gen = torch.Generator().manual_seed(_seed(tc.seed, 2))
-    step, elapsed = 0, 0.0
-    ckpt = checkpoint_path(run_dir, run_id)
-    if tc.init_from is not None and not ckpt.exists():  # fine-tuning: start from another run's weights
-        init = load_checkpoint(Path(tc.init_from))
-        if init["step"] < config_from_dict(init["config"]).train.steps:
-            raise ValueError(f"init_from checkpoint {tc.init_from!r} is of an unfinished run (step {init['step']})")
+    torch.manual_seed(derive_seed(tc.seed, INIT_STREAM))
+    model = build_model(config, run_setup.vocab_size, run_setup.max_len)
+    if start_kind == "init":
         try:
-            model.load_state_dict(init["model"])
+            model.load_state_dict(start_state)
         except RuntimeError as err:
             raise ValueError(f"init_from checkpoint {tc.init_from!r} does not fit this model: "
                              f"{str(err).splitlines()[0]}") from None  # fmt: skip
-    if ckpt.exists():
-        state = load_checkpoint(ckpt)
-        check_checkpoint_config(state, config, ckpt)
-        model.load_state_dict(state["model"])
-        opt.load_state_dict(state["optimizer"])
-        gen.set_state(state["rng"]["data"])
-        torch.set_rng_state(state["rng"]["torch"])
-        step, elapsed = int(state["step"]), float(state["elapsed"])
+    model.to(context.device)
+    opt = torch.optim.AdamW(model.parameters(), lr=tc.lr, weight_decay=tc.weight_decay, betas=(0.9, 0.98))
+    generator = torch.Generator().manual_seed(derive_seed(tc.seed, DATA_STREAM))  # the same stream on every rank
+    step, elapsed = 0, 0.0
+    ckpt = checkpoint_path(run_dir, config.run_id)
+    if start_kind == "resume":
+        model.load_state_dict(start_state["model"])
+        opt.load_state_dict(start_state["optimizer"])
+        generator.set_state(start_state["rng"]["data"])
+        torch.set_rng_state(start_state["rng"]["torch"])
+        step, elapsed = int(start_state["step"]), float(start_state["elapsed"])
+        context.log(f"resuming {config.run_id} from {ckpt} at step {step}")
+    wrapped = context.wrap(model)  # DDP over several ranks, the model itself in one process
 
     def snapshot() -> dict[str, Any]:
-        return checkpoint_state(config, step, model, opt, gen, elapsed + (time.perf_counter() - start))
+        return checkpoint_state(config, step, model, opt, generator, elapsed + (time.perf_counter() - start))
 
     start = time.perf_counter()
-    model.train()
+    wrapped.train()
     while step < tc.steps:
         for group in opt.param_groups:
-            group["lr"] = _lr(step, tc)
-        inputs, targets, mask, positions = _batch(s, gen)
-        logits = model(inputs, positions)  # [b, s, vocab]
-        loss = nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]), targets.reshape(-1),
-                                           reduction="none")  # fmt: skip
-        loss = loss.mean() if mask is None else (loss * mask.reshape(-1)).sum() / mask.sum()
+            group["lr"] = learning_rate(step, tc)
+        inputs, targets, mask, positions = training_batch(run_setup, generator)  # the global batch [B, s]
+        count = float(targets.numel()) if mask is None else float(mask.sum())  # tokens scored in the global batch
+        inputs, targets = inputs[rows].to(context.device), targets[rows].to(context.device)  # [B/N, s]
+        mask = None if mask is None else mask[rows].to(context.device)
+        positions = (positions[rows] if positions.dim() == 2 else positions).to(context.device)  # [B/N, s] | [s]
+        logits = wrapped(inputs, positions)  # [B/N, s, vocab]
+        token_loss = nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]), targets.reshape(-1),
+                                                 reduction="none")  # fmt: skip
+        share = (token_loss.sum() if mask is None else (token_loss * mask.reshape(-1)).sum()) / count  # this slice's
+        loss = share.detach().clone()
+        with context.collective(f"step {step + 1}"):
+            context.all_reduce_sum(loss)  # the sum of the shares: the mean loss of the global batch
+            opt.zero_grad(set_to_none=True)
+            (share * context.world_size).backward()  # DDP averages over ranks -> d(global loss)
         if not torch.isfinite(loss):
-            raise FloatingPointError(f"run {run_id}: loss is {float(loss)} at step {step} (try a lower lr)")
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
+            raise FloatingPointError(f"run {config.run_id}: loss is {float(loss)} at step {step} (try a lower lr)")
         nn.utils.clip_grad_norm_(model.parameters(), tc.grad_clip)
         opt.step()
         step += 1
-        if step % tc.checkpoint_every == 0 or step == tc.steps:
+        if context.is_main and (step % tc.checkpoint_every == 0 or step == tc.steps):
             save_checkpoint(ckpt, snapshot())
         if on_step is not None:
-            on_step(step, tc.steps, float(loss.detach()))
+            on_step(step, tc.steps, float(loss))
 
-    metrics = evaluate_model(model, s)
+    metrics = evaluate_model(model.cpu(), run_setup)  # every rank: identical models, no collective
     record = result_record(config, metrics, elapsed + time.perf_counter() - start)
-    append_result(run_dir, record)
+    if context.is_main:
+        append_result(run_dir, record)
     return record, False
 
 
@@ -331,10 +395,10 @@ def load_trained(checkpoint: str | Path) -> tuple[RunConfig, Transformer, Setup]
     """The config, model (eval mode) and setup stored in a run checkpoint."""
     state = load_checkpoint(Path(checkpoint))
     config = config_from_dict(state["config"])
-    s = setup(config)
-    model = build_model(config, s.vocab_size, s.max_len)
+    run_setup = setup(config)
+    model = build_model(config, run_setup.vocab_size, run_setup.max_len)
     model.load_state_dict(state["model"])
     if state["step"] < config.train.steps:
         raise ValueError(f"checkpoint {str(checkpoint)!r} is of an unfinished run (step {state['step']} of "
                          f"{config.train.steps}); run `posenc train` to finish it")  # fmt: skip
-    return config, model.eval(), s
+    return config, model.eval(), run_setup
