@@ -94,3 +94,18 @@ def test_unknown_check_and_bad_encoding_are_refused():
         check_encoding(int)
     with pytest.raises(ValueError, match="Did you mean 'rope'"):
         check_encoding("rop")
+
+
+def test_translation_check_holds_rotary_claims_to_account():
+    """rope2d does not claim translation invariance (a shift moves tokens across grid
+    rows); a subclass that claims it fails the check, rope with a length-dependent rule
+    drops the claim."""
+
+    class ClaimsInvariance(posenc.get("rope2d")):
+        translation_invariant = True
+
+    (result,) = check_encoding(ClaimsInvariance, checks=("translation",))
+    assert not result.passed and "shifting every position by" in result.detail
+    assert posenc.create("rope", head_dim=8).translation_invariant
+    dynamic = posenc.create("rope", head_dim=8, rope_type="dynamic", factor=2.0, max_len=16)
+    assert not dynamic.translation_invariant

@@ -49,6 +49,7 @@ class _Rotary(PositionalEncoding):
     """
 
     family = "rotary"
+    translation_invariant = True  # q_m . k_n depends on m - n; rope2d (grid positions) overrides
     _EXACT = ("inv_freq", "long_inv_freq", "main_cos", "main_sin", "long_cos", "long_sin")
 
     def __init__(self, **params: Any) -> None:
@@ -56,6 +57,8 @@ class _Rotary(PositionalEncoding):
         self.cfg: RopeConfig = self.rope_config()
         self.layout: str = self.params.layout
         self.length_dependent = self.cfg.length_dependent
+        # q'k' depends on m - n only while the frequencies do not depend on the length
+        self.translation_invariant = type(self).translation_invariant and not self.cfg.length_dependent
         self._build(torch.device("cpu"))
 
     def rope_config(self) -> RopeConfig:  # pragma: no cover - abstract
@@ -425,6 +428,7 @@ class RoPE2D(_Rotary):
     """
 
     name = "rope2d"
+    translation_invariant = False  # a shift moves tokens across grid rows
     reference = "Heo et al. 2024, Rotary Position Embedding for Vision Transformer (RoPE-Axial)"
     formula = "x[:d/2] rotated by row * inv_freq, x[d/2:] by col * inv_freq, inv_freq_i = base^(-4i/d)"
     flaw = "axial: no mixed (diagonal) frequencies, so diagonal offsets are seen only as row + column"
