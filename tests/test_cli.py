@@ -1,5 +1,6 @@
-"""The command line: list and show."""
+"""The command line: list, show, check, evaluate and plugins."""
 
+import pytest
 from typer.testing import CliRunner
 
 import posenc
@@ -28,3 +29,99 @@ def test_show_unknown_name_is_a_one_line_error_with_a_suggestion():
     assert result.exit_code == 2
     assert "Did you mean 'sinusoidal'" in result.output
     assert "Traceback" not in result.output
+
+
+def test_show_prints_formula_brackets_literally():
+    """Formulas hold brackets that rich would read as markup and drop."""
+    for name in ("t5", "shaw", "learned", "rope2d"):
+        result = runner.invoke(app, ["show", name], env={"COLUMNS": "200"})
+        assert result.exit_code == 0, result.output
+        assert f"formula:   {posenc.get(name).formula}" in result.output
+
+
+def test_evaluate_a_synthetic_checkpoint_prints_its_table(tmp_path):
+    """The README's `posenc evaluate runs/.../checkpoints/<run>.pt` on a copy run."""
+    config = tmp_path / "copy.yaml"
+    config.write_text(
+        "task: {name: copy, train_length: 3, num_symbols: 4, eval_samples: 8, eval_factors: [1, 2]}\n"
+        "model: {encoding: rope, dim: 16, num_layers: 1, num_heads: 2}\n"
+        "train: {steps: 3, batch_size: 4, warmup: 1}\n",
+        encoding="utf-8",
+    )
+    trained = runner.invoke(app, ["train", "--config", str(config), "--out", str(tmp_path / "run")])
+    assert trained.exit_code == 0, trained.output
+    (checkpoint,) = (tmp_path / "run" / "checkpoints").glob("*.pt")
+    result = runner.invoke(app, ["evaluate", str(checkpoint), "--factors", "1,2,4"], env={"COLUMNS": "200"})
+    assert result.exit_code == 0, result.output
+    assert "copy: exact match by length" in result.output and "rope" in result.output
+
+
+def test_check_prints_the_contract_table_and_exits_by_its_result():
+    ok = runner.invoke(app, ["check", "rope"], env={"COLUMNS": "200"})
+    assert ok.exit_code == 0, ok.output
+    assert "all 7 checks passed" in ok.output
+    leaky = runner.invoke(app, ["check", "normalized", "--checks", "causality,hooks"], env={"COLUMNS": "200"})
+    assert leaky.exit_code == 1, leaky.output
+    assert "appending 4 tokens to 8 changed the logits" in leaky.output
+    assert "1 of 2 checks failed: causality" in leaky.output
+    bad = runner.invoke(app, ["check", "rope", "--checks", "causalty"], env={"COLUMNS": "200"})
+    assert bad.exit_code == 2 and "unknown checks ['causalty']" in bad.output
+
+
+def _posenc(*args: str, **env: str):
+    """The CLI in a fresh interpreter: plugins register once per process."""
+    import os
+    import subprocess
+    import sys
+
+    full_env = {k: v for k, v in os.environ.items() if k != "POSENC_PLUGINS"}
+    full_env.update(COLUMNS="200", **env)
+    return subprocess.run(
+        [sys.executable, "-m", "posenc.cli", *args], env=full_env, capture_output=True, text=True, timeout=300
+    )
+
+
+PLUGIN = """
+import dataclasses
+from typing import ClassVar
+
+import posenc
+
+
+@dataclasses.dataclass(frozen=True)
+class TenthParams(posenc.Params):
+    dim: int
+
+    def validate(self):
+        if not isinstance(self.dim, int) or self.dim < 1:
+            raise ValueError(f"dim must be a positive int, got {self.dim!r}")
+
+
+@posenc.register
+class Tenth(posenc.AdditiveEncoding):
+    name = "tenth"
+    family = "additive"
+    reference = "a test plugin [with brackets]"
+    formula = "PE(p, i) = p / 10"
+    Params: ClassVar[type[posenc.Params]] = TenthParams
+
+    def table(self, positions):
+        return (positions.double()[..., None] / 10).expand(*positions.shape, self.params.dim).float()
+"""
+
+
+@pytest.mark.slow
+def test_plugin_option_and_variable_reach_every_command(tmp_path):
+    plugin = tmp_path / "tenth.py"
+    plugin.write_text(PLUGIN, encoding="utf-8")
+    listed = _posenc("--plugin", str(plugin), "list")
+    assert listed.returncode == 0 and "tenth" in listed.stdout, listed.stderr
+    shown = _posenc("show", "tenth", POSENC_PLUGINS=str(plugin))
+    assert shown.returncode == 0 and "a test plugin [with brackets]" in shown.stdout, shown.stderr
+    checked = _posenc("--plugin", str(plugin), "check", "tenth")
+    assert checked.returncode == 0 and "all 7 checks passed" in checked.stdout, checked.stdout + checked.stderr
+    broken = tmp_path / "broken.py"
+    broken.write_text("import posenc\nraise ImportError('needs a package that is not installed')\n", encoding="utf-8")
+    failed = _posenc("--plugin", str(broken), "list")
+    assert failed.returncode == 2 and "Traceback" not in failed.stdout + failed.stderr
+    assert "plugin" in failed.stdout and "broken.py" in failed.stdout and "needs a package" in failed.stdout

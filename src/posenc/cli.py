@@ -6,9 +6,11 @@ import dataclasses
 import os
 
 import typer
+from rich.markup import escape
 from rich.table import Table
 
 import posenc
+from posenc.analysis.contract import CHECKS, check_encoding
 from posenc.cli_output import (
     NoProgress,
     console,
@@ -23,6 +25,20 @@ from posenc.cli_output import (
 from posenc.functional.rope_scaling import extension_rules
 
 app = typer.Typer(help="posenc: a positional-encoding laboratory for PyTorch.", no_args_is_help=True)
+
+
+PLUGIN_OPTION = typer.Option(
+    None, "--plugin", help="a .py file or module that registers encodings (repeatable; or POSENC_PLUGINS)"
+)
+
+
+@app.callback()
+def load_plugins(plugin: list[str] = PLUGIN_OPTION) -> None:
+    """posenc: a positional-encoding laboratory for PyTorch."""
+    try:
+        posenc.load_plugins(plugin or [])
+    except posenc.registry.PluginError as err:
+        raise fail(err) from None
 
 
 def _default(field: dataclasses.Field) -> str:
@@ -42,7 +58,7 @@ def list_encodings() -> None:
     for name in posenc.available():
         cls = posenc.get(name)
         params = ", ".join(f.name for f in dataclasses.fields(cls.Params)) or "-"
-        table.add_row(name, cls.family, params, cls.reference)
+        table.add_row(escape(name), cls.family, escape(params), escape(cls.reference))
     console.print(table)
 
 
@@ -54,17 +70,18 @@ def show(name: str = typer.Argument(..., help="a registered encoding name")) -> 
     except ValueError as err:
         console.print(f"[red]error:[/red] {err}")
         raise typer.Exit(2) from None
-    console.print(f"[bold]{name}[/bold] ({cls.family})")
-    console.print(f"formula:   {cls.formula}")
+    # formulas and references hold brackets (w[bucket(j - i), h]) that rich would read as markup
+    console.print(f"[bold]{escape(name)}[/bold] ({escape(cls.family)})")
+    console.print(f"formula:   {escape(cls.formula)}")
     if cls.flaw:
-        console.print(f"flaw:      {cls.flaw}")
-    console.print(f"reference: {cls.reference}")
+        console.print(f"flaw:      {escape(cls.flaw)}")
+    console.print(f"reference: {escape(cls.reference)}")
     table = Table(title="parameters")
     table.add_column("name")
     table.add_column("default")
     table.add_column("type")
     for f in dataclasses.fields(cls.Params):
-        table.add_row(f.name, _default(f), str(f.type))
+        table.add_row(f.name, escape(_default(f)), escape(str(f.type)))
     console.print(table)
 
 
@@ -139,8 +156,13 @@ def evaluate(
             metrics = evaluate_model(model, s)
     except (ValueError, TypeError) as err:
         raise fail(err) from None
-    record = {"task": cfg.task.label, "encoding": cfg.encoding_label, "train_length": cfg.task.train_length,
-              "metrics": metrics}  # fmt: skip
+    record = {
+        "task": cfg.task.label,
+        "encoding": cfg.encoding_label,
+        "seed": cfg.train.seed,  # the tables group runs by seed
+        "train_length": cfg.task.train_length,
+        "metrics": metrics,
+    }
     print_tables([record])
 
 
@@ -459,6 +481,32 @@ def extend(
     console.print(
         f"report section: posenc.pipeline.extension.extension_report_section({str(Path(out) / 'extension.json')!r})"
     )
+
+
+@app.command("check")
+def check(
+    name: str = typer.Argument(..., help="a registered encoding name (plugins included)"),
+    checks: str = typer.Option(None, "--checks", help=f"comma-separated subset of: {', '.join(CHECKS)}"),
+    seed: int = typer.Option(0, "--seed", help="seed of the random inputs"),
+) -> None:
+    """Run the encoding contract on NAME: shapes and dtypes of every hook, parameter
+    validation, causality, KV-cache decoding, translation invariance (where claimed),
+    long positions, score_mod = bias. Exit code 1 when a check fails."""
+    try:
+        results = check_encoding(name, checks=tuple(csv(checks)) if checks else CHECKS, seed=seed)
+    except (ValueError, TypeError) as err:
+        raise fail(err) from None
+    table = Table(title=f"posenc check {escape(name)}")
+    for column in ("check", "result", "detail"):
+        table.add_column(column, overflow="fold")
+    for r in results:
+        table.add_row(r.check, "[green]pass[/green]" if r.passed else "[red]FAIL[/red]", escape(r.detail))
+    console.print(table)
+    failed = [r.check for r in results if not r.passed]
+    if failed:
+        console.print(f"[red]{len(failed)} of {len(results)} checks failed:[/red] {', '.join(failed)}")
+        raise typer.Exit(1)
+    console.print(f"all {len(results)} checks passed")
 
 
 def main() -> None:  # pragma: no cover

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import typer
 from rich.console import Console
+from rich.markup import escape
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
 from posenc.experiments.distributed import DistributedError, exit_now
@@ -29,7 +30,7 @@ def harness_exit(err: BaseException, ctx, interrupted_hint: str) -> typer.Exit:
 
 def fail(err: BaseException, ctx=None) -> typer.Exit:
     where = "" if ctx is None else f" (rank {ctx.rank}/{ctx.world_size})"
-    console.print(f"[red]error{where}:[/red] {err}", highlight=False, soft_wrap=True)
+    console.print(f"[red]error{where}:[/red] {escape(str(err))}", highlight=False, soft_wrap=True)
     return typer.Exit(2)
 
 
