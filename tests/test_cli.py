@@ -125,3 +125,17 @@ def test_plugin_option_and_variable_reach_every_command(tmp_path):
     failed = _posenc("--plugin", str(broken), "list")
     assert failed.returncode == 2 and "Traceback" not in failed.stdout + failed.stderr
     assert "plugin" in failed.stdout and "broken.py" in failed.stdout and "needs a package" in failed.stdout
+
+
+def test_bad_lists_and_a_config_given_as_checkpoint_are_clear_errors(tmp_path):
+    config = tmp_path / "run.yaml"
+    config.write_text("task: {name: copy}\n", encoding="utf-8")
+    cases = [
+        (["evaluate", str(config)], "is a run config, not a checkpoint: train it with `posenc train --config"),
+        (["study", "--seeds", "a", "--out", str(tmp_path / "s")], "--seeds must be comma-separated integers, got 'a'"),
+        (["extend", "--factors", "1,x", "--out", str(tmp_path / "e")], "--factors must be comma-separated integers"),
+    ]
+    for args, message in cases:
+        result = runner.invoke(app, args, env={"COLUMNS": "300"})
+        assert result.exit_code == 2, result.output
+        assert message in result.output and "invalid literal" not in result.output and "delete" not in result.output

@@ -11,8 +11,7 @@ import torch
 
 import posenc
 from posenc.encodings.rotary import TABLE_CAP
-from posenc.functional import apply_rotary
-from posenc.functional import rope
+from posenc.functional import apply_rotary, rope
 
 C, S = math.cos, math.sin
 

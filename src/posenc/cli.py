@@ -2,11 +2,9 @@
 
 from __future__ import annotations
 
-import dataclasses
 import os
 
 import typer
-from rich.markup import escape
 from rich.table import Table
 
 import posenc
@@ -15,8 +13,12 @@ from posenc.cli_output import (
     NoProgress,
     console,
     csv,
+    encodings_table,
     fail,
     harness_exit,
+    int_list,
+    print_check,
+    print_encoding,
     print_outputs,
     print_tables,
     progress_bars,
@@ -41,25 +43,10 @@ def load_plugins(plugin: list[str] = PLUGIN_OPTION) -> None:
         raise fail(err) from None
 
 
-def _default(field: dataclasses.Field) -> str:
-    if field.default is not dataclasses.MISSING:
-        return repr(field.default)
-    if field.default_factory is not dataclasses.MISSING:  # type: ignore[misc]
-        return repr(field.default_factory())  # type: ignore[misc]
-    return "(required)"
-
-
 @app.command("list")
 def list_encodings() -> None:
     """A table of every registered encoding: name, family, parameters, paper."""
-    table = Table(title="posenc encodings")
-    for col in ("name", "family", "parameters", "reference"):
-        table.add_column(col, overflow="fold")
-    for name in posenc.available():
-        cls = posenc.get(name)
-        params = ", ".join(f.name for f in dataclasses.fields(cls.Params)) or "-"
-        table.add_row(escape(name), cls.family, escape(params), escape(cls.reference))
-    console.print(table)
+    console.print(encodings_table([posenc.get(name) for name in posenc.available()]))
 
 
 @app.command("show")
@@ -68,21 +55,8 @@ def show(name: str = typer.Argument(..., help="a registered encoding name")) -> 
     try:
         cls = posenc.get(name)
     except ValueError as err:
-        console.print(f"[red]error:[/red] {err}")
-        raise typer.Exit(2) from None
-    # formulas and references hold brackets (w[bucket(j - i), h]) that rich would read as markup
-    console.print(f"[bold]{escape(name)}[/bold] ({escape(cls.family)})")
-    console.print(f"formula:   {escape(cls.formula)}")
-    if cls.flaw:
-        console.print(f"flaw:      {escape(cls.flaw)}")
-    console.print(f"reference: {escape(cls.reference)}")
-    table = Table(title="parameters")
-    table.add_column("name")
-    table.add_column("default")
-    table.add_column("type")
-    for f in dataclasses.fields(cls.Params):
-        table.add_row(f.name, escape(_default(f)), escape(str(f.type)))
-    console.print(table)
+        raise fail(err) from None
+    print_encoding(cls)
 
 
 # -- experiments: train, evaluate, study ---------------------------------------------------
@@ -139,30 +113,14 @@ def evaluate(
     factors: str = typer.Option(None, "--factors", help="evaluation lengths as multiples of L, e.g. 1,2,4,8,16,32"),
 ) -> None:
     """Re-evaluate a trained checkpoint, optionally at other lengths, and print the table."""
-    import dataclasses as dc
-
-    from posenc.experiments.train import evaluate_model, load_trained, setup
+    from posenc.experiments.train import evaluate_checkpoint
 
     try:
-        cfg, model, s = load_trained(checkpoint)
-        if factors is not None:
-            fs = tuple(int(f) for f in csv(factors))
-            cfg = dc.replace(cfg, task=dc.replace(cfg.task, eval_factors=fs))
-            s2 = setup(cfg)
-            if s2.max_len > s.max_len and cfg.model.encoding == "learned":
-                raise ValueError(f"the learned encoding has {s.max_len} positions; length {s2.max_len} does not exist")
-            s = s2
+        factor_list = int_list("--factors", factors)
         with console.status("evaluating"):
-            metrics = evaluate_model(model, s)
+            record = evaluate_checkpoint(checkpoint, None if factor_list is None else tuple(factor_list))
     except (ValueError, TypeError) as err:
         raise fail(err) from None
-    record = {
-        "task": cfg.task.label,
-        "encoding": cfg.encoding_label,
-        "seed": cfg.train.seed,  # the tables group runs by seed
-        "train_length": cfg.task.train_length,
-        "metrics": metrics,
-    }
     print_tables([record])
 
 
@@ -195,9 +153,13 @@ def study(
 
     run_dir = Path(out) if out else Path("runs") / preset
     try:
-        seed_list = [int(x) for x in csv(seeds)] if seeds is not None else None
-        plan = {"encodings": csv(encodings), "tasks": csv(tasks), "seeds": seed_list, "steps": steps,
-                "text_path": text_path}  # fmt: skip
+        plan = {
+            "encodings": csv(encodings),
+            "tasks": csv(tasks),
+            "seeds": int_list("--seeds", seeds),
+            "steps": steps,
+            "text_path": text_path,
+        }
         configs, missing = plan_study(preset, **plan, threads=threads)
         done = set() if summarize_only else {r["run_id"] for r in read_results(run_dir)}
         pending = sum(c.run_id not in done for c in configs)
@@ -254,7 +216,7 @@ def study(
     print_outputs(run_dir, outputs)
 
 
-# -- evidence: analyze, plot, report (issue 5) ---------------------------------------------------
+# -- evidence: analyze, plot, report, check ------------------------------------------------------
 @app.command("analyze")
 def analyze(
     names: list[str] = typer.Argument(None, help="encodings to measure (default: every registered one)"),  # noqa: B008
@@ -270,8 +232,13 @@ def analyze(
     from posenc import analysis
 
     try:
-        cfg = analysis.CardConfig(dim=dim, num_heads=heads, horizon=horizon, train_length=train_length,
-                                  beyond_horizon=max(4 * train_length, horizon + 1))  # fmt: skip
+        cfg = analysis.CardConfig(
+            dim=dim,
+            num_heads=heads,
+            horizon=horizon,
+            train_length=train_length,
+            beyond_horizon=max(4 * train_length, horizon + 1),
+        )
         names = names or posenc.available()
         for n in names:
             posenc.get(n)
@@ -309,7 +276,7 @@ def plot(
         "-k",
         help="heatmap, similarity, magnitude, distance, bias, buckets, "
         "rotation, wavelengths, decay, scaling, attention, pretrained",
-    ),  # fmt: skip
+    ),
     output: str = typer.Option(..., "--output", "-o", help="the .png or .svg file to write"),
     dim: int = typer.Option(None, help="model width"),
     heads: int = typer.Option(None, "--heads", help="attention heads"),
@@ -422,34 +389,23 @@ def extend(
     import sys
     from pathlib import Path
 
-    from posenc.experiments.extend import PRESETS, Finetune, check_request, run_extension
+    from posenc.experiments.extend import check_request, finetune_settings, run_extension
     from posenc.experiments.extend_summary import extension_tables, ordering_tables
     from posenc.experiments.summary import to_rich
     from posenc.pipeline.extension import write_extension_outputs
 
     try:
-        if preset not in PRESETS:
-            raise ValueError(f"unknown preset {preset!r}; available: {sorted(PRESETS)}")
-        ft = PRESETS[preset][2]
-        if finetune_steps is not None and finetune_steps < 0:
-            raise ValueError(f"--finetune-steps must be >= 0, got {finetune_steps}")
-        finetune = None if finetune_steps == 0 else Finetune(
-            factor=finetune_factor if finetune_factor is not None else ft.factor,
-            steps=finetune_steps or ft.steps, batch_size=ft.batch_size, lr=ft.lr, warmup=ft.warmup)  # fmt: skip
-
-        def ints(name: str, value: str | None) -> list[int] | None:
-            if value is None:
-                return None
-            try:
-                return [int(x) for x in csv(value)]
-            except ValueError:
-                raise ValueError(f"{name} must be comma-separated integers, got {value!r}") from None
-
-        command = "posenc extend " + " ".join(shlex.quote(a) for a in sys.argv[1:][1:]) if sys.argv[1:2] == [
-            "extend"] else "posenc extend"  # fmt: skip
-        check_request(preset, rules=tuple(csv(rules)), factors=tuple(ints("--factors", factors)),
-                      baselines=tuple(csv(baselines) or ()) if baselines.strip() else (),
-                      checkpoints=csv(checkpoint), tasks=csv(tasks), seeds=ints("--seeds", seeds))  # fmt: skip
+        finetune = finetune_settings(preset, factor=finetune_factor, steps=finetune_steps)
+        command = " ".join(["posenc", *map(shlex.quote, sys.argv[1:])]) if "extend" in sys.argv else "posenc extend"
+        request = dict(
+            rules=tuple(csv(rules)),
+            factors=tuple(int_list("--factors", factors)),
+            baselines=tuple(csv(baselines) or ()) if baselines.strip() else (),
+            checkpoints=csv(checkpoint),
+            tasks=csv(tasks),
+            seeds=int_list("--seeds", seeds),
+        )
+        check_request(preset, **request)
         with progress_bars() as progress:
             bar = progress.add_task("extend", total=1, info="")
 
@@ -460,11 +416,16 @@ def extend(
                 progress.update(bar, total=total, completed=step, info=f"loss {loss:.3f}")
 
             data = run_extension(
-                preset, out, tasks=csv(tasks), seeds=ints("--seeds", seeds),
-                checkpoints=csv(checkpoint), rules=tuple(csv(rules)), factors=tuple(ints("--factors", factors)),
-                finetune=finetune, baselines=tuple(csv(baselines) or ()) if baselines.strip() else (),
-                base_dir=base_dir, threads=threads, command=command, on_stage=on_stage, on_step=on_step,
-            )  # fmt: skip
+                preset,
+                out,
+                **request,
+                finetune=finetune,
+                base_dir=base_dir,
+                threads=threads,
+                command=command,
+                on_stage=on_stage,
+                on_step=on_step,
+            )
         outputs = write_extension_outputs(data, out)
     except (ValueError, TypeError, FloatingPointError) as err:
         raise fail(err) from None
@@ -478,9 +439,7 @@ def extend(
     console.print(f"results: {outputs['json']}")
     console.print(f"tables: {outputs['markdown']}")
     console.print(f"plots: {', '.join(str(p) for p in outputs['plots'])}")
-    console.print(
-        f"report section: posenc.pipeline.extension.extension_report_section({str(Path(out) / 'extension.json')!r})"
-    )
+    console.print(f"report: posenc report --extension {shlex.quote(str(Path(out) / 'extension.json'))}")
 
 
 @app.command("check")
@@ -496,17 +455,8 @@ def check(
         results = check_encoding(name, checks=tuple(csv(checks)) if checks else CHECKS, seed=seed)
     except (ValueError, TypeError) as err:
         raise fail(err) from None
-    table = Table(title=f"posenc check {escape(name)}")
-    for column in ("check", "result", "detail"):
-        table.add_column(column, overflow="fold")
-    for r in results:
-        table.add_row(r.check, "[green]pass[/green]" if r.passed else "[red]FAIL[/red]", escape(r.detail))
-    console.print(table)
-    failed = [r.check for r in results if not r.passed]
-    if failed:
-        console.print(f"[red]{len(failed)} of {len(results)} checks failed:[/red] {', '.join(failed)}")
+    if not print_check(name, results):
         raise typer.Exit(1)
-    console.print(f"all {len(results)} checks passed")
 
 
 def main() -> None:  # pragma: no cover

@@ -3,10 +3,13 @@ result tables and the one-line errors (exit codes) shared by its commands."""
 
 from __future__ import annotations
 
+import dataclasses
+
 import typer
 from rich.console import Console
 from rich.markup import escape
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+from rich.table import Table
 
 from posenc.experiments.distributed import DistributedError, exit_now
 from posenc.experiments.summary import tables, to_rich
@@ -65,6 +68,18 @@ def csv(value: str | None) -> list[str] | None:
     return items
 
 
+def int_list(option: str, value: str | None) -> list[int] | None:
+    """``"0,1,2"`` -> ``[0, 1, 2]`` (``None`` stays ``None``); anything else is a
+    ``ValueError`` naming the option."""
+    items = csv(value)
+    if items is None:
+        return None
+    bad = [v for v in items if not v.lstrip("-").isdigit()]
+    if bad:
+        raise ValueError(f"{option} must be comma-separated integers, got {value!r} ({bad[0]!r} is not one)")
+    return [int(v) for v in items]
+
+
 def progress_bars() -> Progress:
     return Progress(
         TextColumn("{task.description}"),
@@ -74,6 +89,56 @@ def progress_bars() -> Progress:
         TimeElapsedColumn(),
         console=console,
     )
+
+
+def _default(field: dataclasses.Field) -> str:
+    if field.default is not dataclasses.MISSING:
+        return repr(field.default)
+    if field.default_factory is not dataclasses.MISSING:  # type: ignore[misc]
+        return repr(field.default_factory())  # type: ignore[misc]
+    return "(required)"
+
+
+# Formulas, references and error messages hold brackets (w[bucket(j - i), h]) that rich
+# would read as markup and drop: every such text goes through escape().
+def encodings_table(classes: list) -> Table:
+    table = Table(title="posenc encodings")
+    for col in ("name", "family", "parameters", "reference"):
+        table.add_column(col, overflow="fold")
+    for cls in classes:
+        params = ", ".join(f.name for f in dataclasses.fields(cls.Params)) or "-"
+        table.add_row(escape(cls.name), escape(cls.family), escape(params), escape(cls.reference))
+    return table
+
+
+def print_encoding(cls) -> None:
+    console.print(f"[bold]{escape(cls.name)}[/bold] ({escape(cls.family)})")
+    console.print(f"formula:   {escape(cls.formula)}")
+    if cls.flaw:
+        console.print(f"flaw:      {escape(cls.flaw)}")
+    console.print(f"reference: {escape(cls.reference)}")
+    table = Table(title="parameters")
+    for col in ("name", "default", "type"):
+        table.add_column(col)
+    for f in dataclasses.fields(cls.Params):
+        table.add_row(f.name, escape(_default(f)), escape(str(f.type)))
+    console.print(table)
+
+
+def print_check(name: str, results: list) -> bool:
+    """The contract's pass/fail table; True when every check passed."""
+    table = Table(title=f"posenc check {escape(name)}")
+    for column in ("check", "result", "detail"):
+        table.add_column(column, overflow="fold")
+    for r in results:
+        table.add_row(r.check, "[green]pass[/green]" if r.passed else "[red]FAIL[/red]", escape(r.detail))
+    console.print(table)
+    failed = [r.check for r in results if not r.passed]
+    if failed:
+        console.print(f"[red]{len(failed)} of {len(results)} checks failed:[/red] {', '.join(failed)}")
+    else:
+        console.print(f"all {len(results)} checks passed")
+    return not failed
 
 
 def print_tables(records: list) -> None:

@@ -86,6 +86,7 @@ from posenc.experiments.train import (
     setup,
     train_run,
 )
+from posenc.functional.checks import did_you_mean
 from posenc.model import Transformer
 from posenc.registry import available
 
@@ -153,6 +154,21 @@ PRESETS: dict[str, tuple[dict[str, dict], tuple[int, ...], Finetune]] = {
     "quick": (_QUICK_TASKS, (0, 1, 2), Finetune(steps=300)),
     "smoke": (_SMOKE_TASKS, (0,), Finetune(factor=2, steps=4, warmup=1)),
 }
+
+
+def finetune_settings(preset: str, *, factor: int | None = None, steps: int | None = None) -> Finetune | None:
+    """The preset's fine-tuning budget with ``factor``/``steps`` overridden; ``steps=0``
+    means no fine-tuning (``None``). Unknown presets and negative steps are refused."""
+    if preset not in PRESETS:
+        raise ValueError(
+            f"unknown preset {preset!r}; available: {sorted(PRESETS)}{did_you_mean(preset, sorted(PRESETS))}"
+        )
+    if steps is not None and (isinstance(steps, bool) or not isinstance(steps, int) or steps < 0):
+        raise ValueError(f"--finetune-steps must be an int >= 0, got {steps!r}")
+    if steps == 0:
+        return None
+    base = PRESETS[preset][2]
+    return dataclasses.replace(base, factor=base.factor if factor is None else factor, steps=steps or base.steps)
 
 
 def plan_base(preset: str = "quick", *, tasks: list[str] | None = None, seeds: list[int] | None = None,

@@ -235,13 +235,16 @@ def load_checkpoint(path: Path) -> dict[str, Any]:
     """Load with ``weights_only=True``; a truncated or foreign file is a ``ValueError``."""
     if not Path(path).is_file():
         raise ValueError(f"checkpoint {str(path)!r} does not exist")
+    if Path(path).suffix.lower() in (".yaml", ".yml", ".json"):
+        raise ValueError(
+            f"{str(path)!r} is a run config, not a checkpoint: train it with `posenc train --config {path}`, "
+            "then use <run dir>/checkpoints/<run_id>.pt"
+        )
     try:
         state = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as err:  # torch raises RuntimeError/EOFError/UnpicklingError/... for bad files
         first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
-        raise ValueError(
-            f"checkpoint {str(path)!r} is corrupt or truncated ({first[:200]}); delete it to restart that run"
-        ) from None
+        raise ValueError(f"checkpoint {str(path)!r} is corrupt or truncated ({first[:200]})") from None
     need = {"format", "run_id", "config", "step", "model", "optimizer", "rng", "elapsed"}
     if not isinstance(state, dict) or not need <= set(state) or state.get("format") != CHECKPOINT_FORMAT:
         raise ValueError(f"checkpoint {str(path)!r} is not a posenc run checkpoint (format {CHECKPOINT_FORMAT})")
@@ -274,7 +277,10 @@ def _read_start(config: RunConfig, run_dir: Path) -> tuple[str, Any]:
         return "done", done
     ckpt = checkpoint_path(run_dir, config.run_id)
     if ckpt.exists():
-        state = load_checkpoint(ckpt)
+        try:
+            state = load_checkpoint(ckpt)
+        except ValueError as err:
+            raise ValueError(f"{err}; delete it to restart that run") from None
         check_checkpoint_config(state, config, ckpt)
         return "resume", state
     init_from = config.train.init_from
@@ -399,6 +405,30 @@ def load_trained(checkpoint: str | Path) -> tuple[RunConfig, Transformer, Setup]
     model = build_model(config, run_setup.vocab_size, run_setup.max_len)
     model.load_state_dict(state["model"])
     if state["step"] < config.train.steps:
-        raise ValueError(f"checkpoint {str(checkpoint)!r} is of an unfinished run (step {state['step']} of "
-                         f"{config.train.steps}); run `posenc train` to finish it")  # fmt: skip
+        raise ValueError(
+            f"checkpoint {str(checkpoint)!r} is of an unfinished run (step {state['step']} of "
+            f"{config.train.steps}); run `posenc train` to finish it"
+        )
     return config, model.eval(), run_setup
+
+
+def evaluate_checkpoint(checkpoint: str | Path, eval_factors: tuple[int, ...] | None = None) -> dict[str, Any]:
+    """Re-evaluate a finished run's checkpoint, at ``eval_factors`` x L when given (else
+    the run's own lengths): a record with ``task``, ``encoding``, ``seed``,
+    ``train_length`` and ``metrics``, as the tables read it."""
+    config, model, run_setup = load_trained(checkpoint)
+    if eval_factors is not None:
+        config = dataclasses.replace(config, task=dataclasses.replace(config.task, eval_factors=tuple(eval_factors)))
+        longer = setup(config)
+        if longer.max_len > run_setup.max_len and config.model.encoding == "learned":
+            raise ValueError(
+                f"the learned encoding has {run_setup.max_len} positions; length {longer.max_len} does not exist"
+            )
+        run_setup = longer
+    return {
+        "task": config.task.label,
+        "encoding": config.encoding_label,
+        "seed": config.train.seed,
+        "train_length": config.task.train_length,
+        "metrics": evaluate_model(model, run_setup),
+    }
