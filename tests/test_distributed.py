@@ -75,8 +75,14 @@ def _free_port() -> int:
 def _worker(rank: int, world: int, port: int, out: str) -> None:
     """One rank: a DDP run (losses to a file), a sharded study, then a DDP run in which
     rank 1 hangs (SIGSTOP) after step 3 and rank 0 records the error it gets."""
-    os.environ.update(RANK=str(rank), WORLD_SIZE=str(world), LOCAL_RANK=str(rank), MASTER_ADDR="127.0.0.1",
-                      MASTER_PORT=str(port), POSENC_DIST_TIMEOUT=str(DEAD_PEER_TIMEOUT))  # fmt: skip
+    os.environ.update(
+        RANK=str(rank),
+        WORLD_SIZE=str(world),
+        LOCAL_RANK=str(rank),
+        MASTER_ADDR="127.0.0.1",
+        MASTER_PORT=str(port),
+        POSENC_DIST_TIMEOUT=str(DEAD_PEER_TIMEOUT),
+    )
     torch.set_num_threads(1)
     ctx = pd.init("gloo")
     losses: list[float] = []
@@ -235,8 +241,21 @@ def _children_with_rank(parent: int, rank: int) -> list[int]:
 
 def _torchrun(cfg_path: Path, out: Path, timeout_s: int) -> subprocess.Popen:
     env = {**os.environ, "PYTHONPATH": str(SRC), "OMP_NUM_THREADS": "1", pd.ENV_TIMEOUT: str(timeout_s)}
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "--max-restarts=0",
-           "-m", "posenc.cli", "train", "--config", str(cfg_path), "--out", str(out)]  # fmt: skip
+    cmd = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--standalone",
+        "--nproc_per_node=2",
+        "--max-restarts=0",
+        "-m",
+        "posenc.cli",
+        "train",
+        "--config",
+        str(cfg_path),
+        "--out",
+        str(out),
+    ]
     return subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
 
 

@@ -66,8 +66,9 @@ def test_rule_frequencies_by_hand():
     default = torch.tensor([1e4 ** (-2 * i / r) for i in range(4)], dtype=torch.float64)
 
     def freqs(rule, n):
-        return posenc.rope_frequencies(8, rule_parameters(rule, s, C, rotary_dim=r), max_position_embeddings=C,
-                                       seq_len=n)  # fmt: skip
+        return posenc.rope_frequencies(
+            8, rule_parameters(rule, s, C, rotary_dim=r), max_position_embeddings=C, seq_len=n
+        )
 
     torch.testing.assert_close(freqs("none", 100)[0], default)
     torch.testing.assert_close(freqs("linear", 100)[0], default / 4)  # Chen et al. 2023
@@ -75,8 +76,9 @@ def test_rule_frequencies_by_hand():
     ntk = torch.tensor([ntk_theta ** (-2 * i / r) for i in range(4)], dtype=torch.float64)
     torch.testing.assert_close(freqs("ntk", 100)[0], ntk)
     # static NTK = Hugging Face dynamic with factor 1 at length s * C
-    dyn1 = posenc.rope_frequencies(8, {"rope_type": "dynamic", "factor": 1.0}, max_position_embeddings=C,
-                                   seq_len=s * C)[0]  # fmt: skip
+    dyn1 = posenc.rope_frequencies(
+        8, {"rope_type": "dynamic", "factor": 1.0}, max_position_embeddings=C, seq_len=s * C
+    )[0]
     torch.testing.assert_close(freqs("ntk", 100)[0], dyn1)
     # dynamic (factor s): unchanged up to C; at n = 2C the base is theta (s n / C - s + 1)^(r/(r-2)) = theta 5^(4/3)
     torch.testing.assert_close(freqs("dynamic", C)[0], default)
@@ -128,8 +130,23 @@ def _cli(args):
 @pytest.mark.slow
 def test_cli_extend_tiny_writes_outputs(tmp_path):
     out = tmp_path / "ext"
-    args = ["extend", "--preset", "smoke", "--tasks", "copy", "--rules", "none,linear,yarn", "--factors", "2",
-            "--finetune-steps", "2", "--baselines", "alibi", "--out", str(out)]  # fmt: skip
+    args = [
+        "extend",
+        "--preset",
+        "smoke",
+        "--tasks",
+        "copy",
+        "--rules",
+        "none,linear,yarn",
+        "--factors",
+        "2",
+        "--finetune-steps",
+        "2",
+        "--baselines",
+        "alibi",
+        "--out",
+        str(out),
+    ]
     code, text = _cli(args)
     assert code == 0, text
     assert str(out / "extension.json") in text.replace("\n", "")
@@ -137,8 +154,15 @@ def test_cli_extend_tiny_writes_outputs(tmp_path):
     assert data["rules"] == ["none", "linear", "yarn"] and data["factors"] == [2]
     assert data["baselines"] == ["alibi"] and data["finetune"]["factor"] == 2
     stages = [(r["rule"], r["stage"]) for r in data["records"]]
-    assert stages == [("none", "zero-shot"), ("linear", "zero-shot"), ("yarn", "zero-shot"), ("none", "fine-tuned"),
-                      ("linear", "fine-tuned"), ("yarn", "fine-tuned"), ("alibi", "baseline")]  # fmt: skip
+    assert stages == [
+        ("none", "zero-shot"),
+        ("linear", "zero-shot"),
+        ("yarn", "zero-shot"),
+        ("none", "fine-tuned"),
+        ("linear", "fine-tuned"),
+        ("yarn", "fine-tuned"),
+        ("alibi", "baseline"),
+    ]
     for r in data["records"]:
         assert [m["length"] for m in r["metrics"]] == [3, 6]
         expected = {"zero-shot": [1, 2], "fine-tuned": [2, 2], "baseline": [None, None]}[r["stage"]]
@@ -203,16 +227,29 @@ def test_orderings_by_hand():
     """Two seeds, L = 10, one longer length 20; perplexities chosen by hand."""
 
     def rec(rule, stage, seed, at_l, at_2l):
-        return {"task": "t", "seed": seed, "rule": rule, "stage": stage, "train_length": 10, "context": 10,
-                "finetune_length": 20 if stage == "fine-tuned" else None,
-                "metrics": [{"length": 10, "factor": 1, "ppl": at_l, "ppl_sliding": at_l},
-                            {"length": 20, "factor": 2, "ppl": at_2l, "ppl_sliding": at_2l}]}  # fmt: skip
+        return {
+            "task": "t",
+            "seed": seed,
+            "rule": rule,
+            "stage": stage,
+            "train_length": 10,
+            "context": 10,
+            "finetune_length": 20 if stage == "fine-tuned" else None,
+            "metrics": [
+                {"length": 10, "factor": 1, "ppl": at_l, "ppl_sliding": at_l},
+                {"length": 20, "factor": 2, "ppl": at_2l, "ppl_sliding": at_2l},
+            ],
+        }
 
     records = []
     for seed, (none2, lin2, ntk2, linft, yarnft) in enumerate([(40, 8, 6, 5.5, 5.0), (40, 8, 9, 30.0, 31.0)]):
-        records += [rec("none", "zero-shot", seed, 5.0, none2), rec("linear", "zero-shot", seed, 5.0, lin2),
-                    rec("ntk", "zero-shot", seed, 5.0, ntk2), rec("linear", "fine-tuned", seed, 5.0, linft),
-                    rec("yarn", "fine-tuned", seed, 5.0, yarnft)]  # fmt: skip
+        records += [
+            rec("none", "zero-shot", seed, 5.0, none2),
+            rec("linear", "zero-shot", seed, 5.0, lin2),
+            rec("ntk", "zero-shot", seed, 5.0, ntk2),
+            rec("linear", "fine-tuned", seed, 5.0, linft),
+            rec("yarn", "fine-tuned", seed, 5.0, yarnft),
+        ]
     got = {c["claim"][:2]: c for c in orderings({"records": records}, "t")}
     assert (got["1."]["holds"], got["1."]["seeds"]) == (2, 2)
     assert got["2."]["holds"] == 2 and got["2."]["a"] == 8 and got["2."]["b"] == 40

@@ -13,14 +13,26 @@ from posenc.experiments.published import (
 
 def _lm(enc, seed, ppl_by_len, L=10):
     metrics = [{"length": n, "ppl": p, "ppl_sliding": p} for n, p in ppl_by_len.items()]
-    return {"run_id": f"lm{enc}{seed}", "task": "shakespeare", "encoding": enc, "seed": seed, "train_length": L,
-            "metrics": metrics}  # fmt: skip
+    return {
+        "run_id": f"lm{enc}{seed}",
+        "task": "shakespeare",
+        "encoding": enc,
+        "seed": seed,
+        "train_length": L,
+        "metrics": metrics,
+    }
 
 
 def _syn(task, enc, seed, acc_by_len, L=2):
     metrics = [{"length": n, "exact_match": a, "token_accuracy": a} for n, a in acc_by_len.items()]
-    return {"run_id": f"{task}{enc}{seed}", "task": task, "encoding": enc, "seed": seed, "train_length": L,
-            "metrics": metrics}  # fmt: skip
+    return {
+        "run_id": f"{task}{enc}{seed}",
+        "task": task,
+        "encoding": enc,
+        "seed": seed,
+        "train_length": L,
+        "metrics": metrics,
+    }
 
 
 def test_press_table_ratios_and_paper_values():

@@ -244,8 +244,11 @@ def _forward_is_finite(pe: posenc.PositionalEncoding, fields: list[str]) -> torc
 
 
 @pytest.mark.parametrize("name", sorted(ACCEPTED))
-@settings(max_examples=int(os.environ.get("POSENC_FUZZ_EXAMPLES", 30)), deadline=None,
-          suppress_health_check=[HealthCheck.too_slow])  # fmt: skip
+@settings(
+    max_examples=int(os.environ.get("POSENC_FUZZ_EXAMPLES", 30)),
+    deadline=None,
+    suppress_health_check=[HealthCheck.too_slow],
+)
 @given(data=st.data())
 def test_generated_parameter_values_build_or_name_the_parameter(name, data):
     """Any value for any parameter: a value in ``ACCEPTED`` builds and runs finitely (no

@@ -100,7 +100,7 @@ CASES = [
         },
         1024,
         None,
-    ),  # fmt: skip
+    ),
     (
         64,
         {
@@ -299,12 +299,22 @@ ONE = [
     {"rope_type": "linear", "factor": 1.0},
     {"rope_type": "dynamic", "factor": 1.0},
     {"rope_type": "yarn", "factor": 1.0, "original_max_position_embeddings": 512},
-    {"rope_type": "llama3", "factor": 1.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
-     "original_max_position_embeddings": 512},
-    {"rope_type": "longrope", "short_factor": [1.0] * 16, "long_factor": [1.0] * 16,
-     "original_max_position_embeddings": 512, "factor": 1.0},
+    {
+        "rope_type": "llama3",
+        "factor": 1.0,
+        "low_freq_factor": 1.0,
+        "high_freq_factor": 4.0,
+        "original_max_position_embeddings": 512,
+    },
+    {
+        "rope_type": "longrope",
+        "short_factor": [1.0] * 16,
+        "long_factor": [1.0] * 16,
+        "original_max_position_embeddings": 512,
+        "factor": 1.0,
+    },
     {"rope_type": "proportional", "factor": 1.0, "partial_rotary_factor": 1.0},
-]  # fmt: skip
+]
 
 
 # dynamic NTK scales past max_position_embeddings even at factor 1: see the next test
@@ -356,24 +366,75 @@ BAD = [
     ({"rope_type": "linear", "factor": "2"}, TypeError, "factor"),
     ({"rope_type": "linear", "factor": True}, TypeError, "factor"),
     ({"rope_type": "yarn", "factor": 4.0}, ValueError, "original_max_position_embeddings"),
-    ({"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0}, ValueError,
-     "original_max_position_embeddings"),
-    ({"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 4.0, "high_freq_factor": 4.0,
-      "original_max_position_embeddings": 64}, ValueError, "high_freq_factor"),
-    ({"rope_type": "longrope", "short_factor": [1.0] * 3, "long_factor": [1.0] * 4,
-      "original_max_position_embeddings": 64, "factor": 2.0}, ValueError, "short_factor"),
-    ({"rope_type": "longrope", "short_factor": [1.0] * 4, "long_factor": "abcd",
-      "original_max_position_embeddings": 64, "factor": 2.0}, TypeError, "long_factor"),
-    ({"rope_type": "longrope", "short_factor": [1.0] * 4, "long_factor": [1.0, 2.0, -1.0, 1.0],
-      "original_max_position_embeddings": 64, "factor": 2.0}, ValueError, "long_factor"),
-    ({"rope_type": "yarn", "factor": 2.0, "original_max_position_embeddings": 64, "truncate": 1}, TypeError,
-     "truncate"),
-    ({"rope_type": "yarn", "factor": 2.0, "original_max_position_embeddings": 64, "beta_fast": 1, "beta_slow": 4},
-     ValueError, "beta_fast"),
-    ({"rope_type": "yarn", "factor": 2.0, "original_max_position_embeddings": 64.5}, TypeError,
-     "original_max_position_embeddings"),
-    ({"rope_type": "yarn", "factor": 2.0, "original_max_position_embeddings": 64, "attention_factor": -1.0},
-     ValueError, "attention_factor"),
+    (
+        {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0},
+        ValueError,
+        "original_max_position_embeddings",
+    ),
+    (
+        {
+            "rope_type": "llama3",
+            "factor": 8.0,
+            "low_freq_factor": 4.0,
+            "high_freq_factor": 4.0,
+            "original_max_position_embeddings": 64,
+        },
+        ValueError,
+        "high_freq_factor",
+    ),
+    (
+        {
+            "rope_type": "longrope",
+            "short_factor": [1.0] * 3,
+            "long_factor": [1.0] * 4,
+            "original_max_position_embeddings": 64,
+            "factor": 2.0,
+        },
+        ValueError,
+        "short_factor",
+    ),
+    (
+        {
+            "rope_type": "longrope",
+            "short_factor": [1.0] * 4,
+            "long_factor": "abcd",
+            "original_max_position_embeddings": 64,
+            "factor": 2.0,
+        },
+        TypeError,
+        "long_factor",
+    ),
+    (
+        {
+            "rope_type": "longrope",
+            "short_factor": [1.0] * 4,
+            "long_factor": [1.0, 2.0, -1.0, 1.0],
+            "original_max_position_embeddings": 64,
+            "factor": 2.0,
+        },
+        ValueError,
+        "long_factor",
+    ),
+    (
+        {"rope_type": "yarn", "factor": 2.0, "original_max_position_embeddings": 64, "truncate": 1},
+        TypeError,
+        "truncate",
+    ),
+    (
+        {"rope_type": "yarn", "factor": 2.0, "original_max_position_embeddings": 64, "beta_fast": 1, "beta_slow": 4},
+        ValueError,
+        "beta_fast",
+    ),
+    (
+        {"rope_type": "yarn", "factor": 2.0, "original_max_position_embeddings": 64.5},
+        TypeError,
+        "original_max_position_embeddings",
+    ),
+    (
+        {"rope_type": "yarn", "factor": 2.0, "original_max_position_embeddings": 64, "attention_factor": -1.0},
+        ValueError,
+        "attention_factor",
+    ),
     ({"rope_theta": 1.0}, ValueError, "rope_theta"),
     ({"rope_theta": float("nan")}, ValueError, "rope_theta"),
     ({"partial_rotary_factor": 0.4}, ValueError, "partial_rotary_factor"),
@@ -381,7 +442,7 @@ BAD = [
     ({"rope_type": 3}, TypeError, "rope_type"),
     ({"rope_type": "linear", "type": "yarn", "factor": 2.0}, ValueError, "type"),
     ({"rope_type": "default", "mrope_section": [2, 2]}, ValueError, "mrope_section"),
-]  # fmt: skip
+]
 
 
 @pytest.mark.parametrize("params,exc,word", BAD, ids=lambda v: str(v)[:50])

@@ -98,10 +98,15 @@ CONFIGS = [
     dict(head_dim=24, partial_rotary_factor=0.5, layout="interleaved"),
     dict(head_dim=16, base=5e5, rope_type="linear", factor=4.0),
     dict(head_dim=16, rope_type="yarn", factor=4.0, original_max_len=64),
-    dict(head_dim=16, rope_type="llama3", factor=8.0, original_max_len=64,
-         rope_parameters={"low_freq_factor": 1.0, "high_freq_factor": 4.0}),
+    dict(
+        head_dim=16,
+        rope_type="llama3",
+        factor=8.0,
+        original_max_len=64,
+        rope_parameters={"low_freq_factor": 1.0, "high_freq_factor": 4.0},
+    ),
     dict(head_dim=16, rope_type="proportional", partial_rotary_factor=0.5),
-]  # fmt: skip
+]
 
 
 def _scores(pe, q, k, m, n):
@@ -235,14 +240,23 @@ DECODE = {
     "linear": dict(rope_type="linear", factor=2.0),
     "dynamic": dict(rope_type="dynamic", factor=2.0, max_len=ORIG),
     "yarn": dict(rope_type="yarn", factor=4.0, original_max_len=ORIG),
-    "longrope": dict(rope_type="longrope", original_max_len=ORIG, factor=4.0,
-                     rope_parameters={"short_factor": [1.0, 1.5, 2.0, 3.0], "long_factor": [2.0, 4.0, 8.0, 16.0]}),
-    "llama3": dict(rope_type="llama3", factor=8.0, original_max_len=ORIG,
-                   rope_parameters={"low_freq_factor": 1.0, "high_freq_factor": 4.0}),
+    "longrope": dict(
+        rope_type="longrope",
+        original_max_len=ORIG,
+        factor=4.0,
+        rope_parameters={"short_factor": [1.0, 1.5, 2.0, 3.0], "long_factor": [2.0, 4.0, 8.0, 16.0]},
+    ),
+    "llama3": dict(
+        rope_type="llama3",
+        factor=8.0,
+        original_max_len=ORIG,
+        rope_parameters={"low_freq_factor": 1.0, "high_freq_factor": 4.0},
+    ),
     "proportional": dict(rope_type="proportional", partial_rotary_factor=0.5),
-    "interleaved-partial-dynamic": dict(layout="interleaved", rotary_dim=4, rope_type="dynamic", factor=3.0,
-                                        max_len=ORIG),
-}  # fmt: skip
+    "interleaved-partial-dynamic": dict(
+        layout="interleaved", rotary_dim=4, rope_type="dynamic", factor=3.0, max_len=ORIG
+    ),
+}
 
 
 def _sharpen(model):
@@ -317,8 +331,9 @@ def test_rotated_key_cache_would_drift():
 def test_kv_cache_decode_other_rotary(name):
     torch.manual_seed(0)
     params = {"grid_width": 4} if name == "rope2d" else {"scale_base": 8.0}
-    model = posenc.Transformer(posenc.TransformerConfig(vocab_size=31, dim=32, num_heads=4, encoding=name,
-                                                        encoding_params=params)).eval()  # fmt: skip
+    model = posenc.Transformer(
+        posenc.TransformerConfig(vocab_size=31, dim=32, num_heads=4, encoding=name, encoding_params=params)
+    ).eval()
     _sharpen(model)
     _decode_matches_full(model, torch.randint(0, 31, (2, 14)))
 

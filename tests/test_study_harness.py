@@ -65,12 +65,16 @@ class CopyOracle(nn.Module):
 def test_synthetic_metrics_exact_and_token_accuracy():
     task = SyntheticTask("copy", num_symbols=4)
     good = synthetic_metrics(CopyOracle(task.vocab_size), task, [1, 4], samples=10)
-    assert good == [{"length": 1, "exact_match": 1.0, "token_accuracy": 1.0},
-                    {"length": 4, "exact_match": 1.0, "token_accuracy": 1.0}]  # fmt: skip
+    assert good == [
+        {"length": 1, "exact_match": 1.0, "token_accuracy": 1.0},
+        {"length": 4, "exact_match": 1.0, "token_accuracy": 1.0},
+    ]
     bad = synthetic_metrics(CopyOracle(task.vocab_size, wrong_last=True), task, [1, 4], samples=10)
     # Last of n answer tokens wrong: exact match 0, token accuracy (n - 1) / n.
-    assert bad == [{"length": 1, "exact_match": 0.0, "token_accuracy": 0.0},
-                   {"length": 4, "exact_match": 0.0, "token_accuracy": 0.75}]  # fmt: skip
+    assert bad == [
+        {"length": 1, "exact_match": 0.0, "token_accuracy": 0.0},
+        {"length": 4, "exact_match": 0.0, "token_accuracy": 0.75},
+    ]
 
 
 class Unigram(nn.Module):
@@ -157,7 +161,7 @@ def test_lm_run_and_randomized_positions(tmp_path):
             "train_length": 8,
             "eval_factors": [1, 2, 4],
             "val_fraction": 0.2,
-        },  # fmt: skip
+        },
         train={"steps": 12, "randomized_positions": True},
     )
     rec, _ = train_run(cfg, tmp_path)
@@ -174,10 +178,20 @@ def test_sigkill_then_resume_gives_same_metrics(tmp_path):
     ckpt = checkpoint_path(tmp_path / "killed", cfg.run_id)
     env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1] / "src")}
     proc = subprocess.Popen(
-        [sys.executable, "-m", "posenc.cli", "train", "--config", str(tmp_path / "run.yaml"), "--out",
-         str(tmp_path / "killed")],
-        env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-    )  # fmt: skip
+        [
+            sys.executable,
+            "-m",
+            "posenc.cli",
+            "train",
+            "--config",
+            str(tmp_path / "run.yaml"),
+            "--out",
+            str(tmp_path / "killed"),
+        ],
+        env=env,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
     deadline = time.time() + 60
     while not ckpt.exists() and time.time() < deadline and proc.poll() is None:
         time.sleep(0.05)
@@ -276,7 +290,11 @@ def test_load_config_yaml_and_study_plan(tmp_path):
     assert cfg.task.name == "reverse" and cfg.model.encoding == "none" and cfg.train.steps == 1000
     configs, _ = plan_study("quick", encodings=["sinusoidal", "none+randpos"], tasks=["copy"], seeds=[0, 1], steps=7)
     assert [(c.encoding_label, c.train.seed, c.train.steps) for c in configs] == [
-        ("sinusoidal", 0, 7), ("sinusoidal", 1, 7), ("none+randpos", 0, 7), ("none+randpos", 1, 7)]  # fmt: skip
+        ("sinusoidal", 0, 7),
+        ("sinusoidal", 1, 7),
+        ("none+randpos", 0, 7),
+        ("none+randpos", 1, 7),
+    ]
     assert len({c.run_id for c in configs}) == 4
     with pytest.raises(ValueError, match="unknown preset"):
         plan_study("huge")
@@ -321,8 +339,18 @@ def test_padding_after_an_example_does_not_change_it(encoding):
 
 def _rec(task, enc, seed, accs, L=2):
     metrics = [{"length": n, "exact_match": a, "token_accuracy": a} for n, a in accs.items()]
-    return {"run_id": f"{task}{enc}{seed}", "task": task, "encoding": enc, "seed": seed, "train_length": L,
-            "config": {}, "git_commit": "x", "torch_version": "x", "wall_time_s": 1.0, "metrics": metrics}  # fmt: skip
+    return {
+        "run_id": f"{task}{enc}{seed}",
+        "task": task,
+        "encoding": enc,
+        "seed": seed,
+        "train_length": L,
+        "config": {},
+        "git_commit": "x",
+        "torch_version": "x",
+        "wall_time_s": 1.0,
+        "metrics": metrics,
+    }
 
 
 def test_tables_and_mean_ranks_by_hand():
@@ -344,8 +372,12 @@ def test_tables_and_mean_ranks_by_hand():
     # a 0.9, b 0.2, c 0.2 -> 1, 2.5, 2.5 (so the same as the means here).
     assert [r[2] for r in ranked.rows] == ["1.75", "2.00", "2.25"] and ranked.columns[2] == "per-seed rank (1 seed)"
     # two seeds that disagree: a wins seed 0, b wins seed 1 -> per-seed ranks 1 and 2 each
-    two = [_rec("copy", "a", 0, {1: 1.0, 4: 0.9}), _rec("copy", "a", 1, {1: 1.0, 4: 0.1}),
-           _rec("copy", "b", 0, {1: 1.0, 4: 0.5}), _rec("copy", "b", 1, {1: 1.0, 4: 0.5})]  # fmt: skip
+    two = [
+        _rec("copy", "a", 0, {1: 1.0, 4: 0.9}),
+        _rec("copy", "a", 1, {1: 1.0, 4: 0.1}),
+        _rec("copy", "b", 0, {1: 1.0, 4: 0.5}),
+        _rec("copy", "b", 1, {1: 1.0, 4: 0.5}),
+    ]
     assert [r[1:3] for r in mean_ranks(two).rows] == [["1.50", "1.50 ± 0.71"]] * 2
     em = tables(recs)[0]
     assert em.title.endswith("on 1..2 (mean ± std over 1–2 seeds; a value without ± is 1 seed)")

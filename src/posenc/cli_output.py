@@ -173,8 +173,9 @@ def study_hooks(progress, configs: list, runs: int, label: str, parallel: bool) 
             bars[i] = progress.add_task("  steps", total=cfg.train.steps, info=describe(cfg))
         else:
             progress.update(runs_bar, info=describe(cfg))
-            progress.reset(bars.setdefault(0, progress.add_task("steps", total=1, info="")), total=cfg.train.steps,
-                           info="")  # fmt: skip
+            progress.reset(
+                bars.setdefault(0, progress.add_task("steps", total=1, info="")), total=cfg.train.steps, info=""
+            )
 
     def end(i, rec, skipped):
         finished[0] += 1

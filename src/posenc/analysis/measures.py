@@ -166,9 +166,12 @@ def uniqueness(probe: Probe, horizon: int = 256, *, rtol: float = 1e-5) -> Uniqu
     flat = int(dist.argmin())
     i, j = divmod(flat, horizon)
     return Uniqueness(
-        horizon=horizon, min_distance=float(dist[i, j]), pair=(min(i, j), max(i, j)), period=period,
+        horizon=horizon,
+        min_distance=float(dist[i, j]),
+        pair=(min(i, j), max(i, j)),
+        period=period,
         scale=_median_step(sig),
-    )  # fmt: skip
+    )
 
 
 # -- relative-ness --------------------------------------------------------------------------

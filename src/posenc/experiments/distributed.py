@@ -197,8 +197,10 @@ def oversubscription(threads: int | None) -> str | None:
     per = threads or default_threads(cores)
     if local * per <= cores:
         return None
-    return (f"{local} processes x {per} threads > {cores} cores on this machine: they will compete; "
-            f"pass --threads {max(1, cores // local)} (or set train.threads)")  # fmt: skip
+    return (
+        f"{local} processes x {per} threads > {cores} cores on this machine: they will compete; "
+        f"pass --threads {max(1, cores // local)} (or set train.threads)"
+    )
 
 
 def _env_int(name: str) -> int:

@@ -72,9 +72,10 @@ def _nll(model: nn.Module, inputs: torch.Tensor, targets: torch.Tensor, score_la
     """Summed NLL of the last ``score_last`` targets of each row; ``inputs/targets [n, E]``."""
     logits = model(inputs)[:, -score_last:].float()  # [n, score_last, vocab]
     return float(
-        nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]), targets[:, -score_last:].reshape(-1),
-                                    reduction="sum")
-    )  # fmt: skip
+        nn.functional.cross_entropy(
+            logits.reshape(-1, logits.shape[-1]), targets[:, -score_last:].reshape(-1), reduction="sum"
+        )
+    )
 
 
 @torch.no_grad()

@@ -114,7 +114,7 @@ _SMOKE_TASKS = {
             "eval_factors": [1, 2, 4],
             "eval_tokens": 256,
             "sliding_stride": 8,
-        },  # fmt: skip
+        },
         "model": {"dim": 16, "num_layers": 1, "num_heads": 2},
         "train": {"steps": 10, "batch_size": 8, "lr": 3e-3, "warmup": 2},
     },
@@ -171,8 +171,9 @@ def finetune_settings(preset: str, *, factor: int | None = None, steps: int | No
     return dataclasses.replace(base, factor=base.factor if factor is None else factor, steps=steps or base.steps)
 
 
-def plan_base(preset: str = "quick", *, tasks: list[str] | None = None, seeds: list[int] | None = None,
-              threads: int | None = None) -> list[RunConfig]:  # fmt: skip
+def plan_base(
+    preset: str = "quick", *, tasks: list[str] | None = None, seeds: list[int] | None = None, threads: int | None = None
+) -> list[RunConfig]:
     """The RoPE base runs of a preset: one per task and seed."""
     if preset not in PRESETS:
         raise ValueError(f"unknown preset {preset!r}; available: {sorted(PRESETS)}")
@@ -199,8 +200,9 @@ def plan_base(preset: str = "quick", *, tasks: list[str] | None = None, seeds: l
 # -- evaluation --------------------------------------------------------------------------------
 
 
-def _evaluate(model: torch.nn.Module, config: RunConfig, lengths: list[int], cache: dict,
-              max_factor: int) -> list[dict[str, Any]]:  # fmt: skip
+def _evaluate(
+    model: torch.nn.Module, config: RunConfig, lengths: list[int], cache: dict, max_factor: int
+) -> list[dict[str, Any]]:
     t = config.task
     if t.is_lm:
         factors = sorted({1, max_factor, *(n // t.train_length for n in lengths)})
@@ -216,8 +218,7 @@ def _load_weights(model: Transformer, checkpoint: Path) -> Transformer:
 
 
 def _tag(metrics: list[dict[str, Any]], factor: int | None) -> list[dict[str, Any]]:
-    return [{"length": m["length"], "factor": factor, **{k: v for k, v in m.items() if k != "length"}}
-            for m in metrics]  # fmt: skip
+    return [{"length": m["length"], "factor": factor, **{k: v for k, v in m.items() if k != "length"}} for m in metrics]
 
 
 def load_base(checkpoint: str | Path) -> tuple[RunConfig, Transformer]:
@@ -225,8 +226,9 @@ def load_base(checkpoint: str | Path) -> tuple[RunConfig, Transformer]:
     state = load_checkpoint(Path(checkpoint))
     config = config_from_dict(state["config"])
     if state["step"] < config.train.steps:
-        raise ValueError(f"checkpoint {str(checkpoint)!r} is of an unfinished run (step {state['step']} of "
-                         f"{config.train.steps})")  # fmt: skip
+        raise ValueError(
+            f"checkpoint {str(checkpoint)!r} is of an unfinished run (step {state['step']} of {config.train.steps})"
+        )
     base_rope(config)
     s = setup(config)
     model = build_model(config, s.vocab_size, s.max_len)
@@ -282,16 +284,24 @@ def extend_one(
             tuned = swap_rule(model, config, rule, f)[1]
             _load_weights(tuned, checkpoint_path(out_dir / "finetune", ft_cfg.run_id))
             metrics = _tag(_evaluate(tuned, config, lengths, cache, top), f)
-            records.append({**common, "rule": rule, "stage": "fine-tuned", "finetune_length": f * L,
-                            "metrics": metrics})  # fmt: skip
+            records.append(
+                {**common, "rule": rule, "stage": "fine-tuned", "finetune_length": f * L, "metrics": metrics}
+            )
     for name in baselines:
         stage(f"baseline {name}")
         records.append(baseline_record(config, name, out_dir, factors=factors, cache=cache, on_step=on_step))
     return records
 
 
-def baseline_record(config: RunConfig, encoding: str, out_dir: str | Path, *, factors: tuple[int, ...],
-                    cache: dict | None = None, on_step: StepCallback | None = None) -> dict[str, Any]:  # fmt: skip
+def baseline_record(
+    config: RunConfig,
+    encoding: str,
+    out_dir: str | Path,
+    *,
+    factors: tuple[int, ...],
+    cache: dict | None = None,
+    on_step: StepCallback | None = None,
+) -> dict[str, Any]:
     """Train ``encoding`` with the base run's config (harness, ``<out>/base``) and score
     it at ``L`` and every ``s * L``: the reference row of a training-free encoding."""
     cache = {} if cache is None else cache
@@ -299,11 +309,21 @@ def baseline_record(config: RunConfig, encoding: str, out_dir: str | Path, *, fa
     b_cfg = replace(config, model={"encoding": encoding, "encoding_params": {}})
     train_run(b_cfg, Path(out_dir) / "base", on_step=on_step, corpus_cache=cache)
     s = setup(b_cfg, cache)
-    b_model = _load_weights(build_model(b_cfg, s.vocab_size, max(s.max_len, top * C + 1)),
-                            checkpoint_path(Path(out_dir) / "base", b_cfg.run_id))  # fmt: skip
+    b_model = _load_weights(
+        build_model(b_cfg, s.vocab_size, max(s.max_len, top * C + 1)),
+        checkpoint_path(Path(out_dir) / "base", b_cfg.run_id),
+    )
     metrics = _tag(_evaluate(b_model, b_cfg, sorted({L, *(f * L for f in factors)}), cache, top), None)
-    return {"task": config.task.label, "seed": config.train.seed, "train_length": L, "context": C, "rule": encoding,
-            "stage": "baseline", "finetune_length": None, "metrics": metrics}  # fmt: skip
+    return {
+        "task": config.task.label,
+        "seed": config.train.seed,
+        "train_length": L,
+        "context": C,
+        "rule": encoding,
+        "stage": "baseline",
+        "finetune_length": None,
+        "metrics": metrics,
+    }
 
 
 def finetune_config(config: RunConfig, rule: str, finetune: Finetune, checkpoint: str | Path) -> RunConfig:
@@ -329,7 +349,7 @@ def finetune_config(config: RunConfig, rule: str, finetune: Finetune, checkpoint
             "warmup": finetune.warmup,
             "checkpoint_every": finetune.steps,
             "init_from": str(checkpoint),
-        },  # fmt: skip
+        },
     )
 
 
@@ -389,8 +409,9 @@ def run_extension(
     (default ``<out>/base``) is where base runs are trained, so pointing it at a study
     folder reuses its finished runs when the configs are equal.
     """
-    rules, factors, present, missing = check_request(preset, rules=rules, factors=factors, baselines=baselines,
-                                                     checkpoints=checkpoints, tasks=tasks, seeds=seeds)  # fmt: skip
+    rules, factors, present, missing = check_request(
+        preset, rules=rules, factors=factors, baselines=baselines, checkpoints=checkpoints, tasks=tasks, seeds=seeds
+    )
     finetune = PRESETS[preset][2] if finetune is None else finetune
     out_dir = Path(out_dir)
     base_dir = Path(base_dir) if base_dir is not None else out_dir / "base"
@@ -422,14 +443,30 @@ def run_extension(
         # One base run's records are kept in <out>/records/, keyed by everything that
         # determines them, so running the command again (or with more seeds) reuses them.
         # Baselines are kept apart, so adding one later reuses the rules' records.
-        key = json.dumps([state["run_id"], list(rules), list(factors), [],
-                          None if finetune is None else dataclasses.asdict(finetune)])  # fmt: skip
+        key = json.dumps(
+            [
+                state["run_id"],
+                list(rules),
+                list(factors),
+                [],
+                None if finetune is None else dataclasses.asdict(finetune),
+            ]
+        )
         saved = _saved(out_dir, state["run_id"], key)
         if saved.is_file():
             records += json.loads(saved.read_text(encoding="utf-8"))
         else:
-            new = extend_one(c, out_dir, rules=rules, factors=factors, finetune=finetune, cache=cache, on_stage=stage,
-                             on_step=on_step, threads=threads)  # fmt: skip
+            new = extend_one(
+                c,
+                out_dir,
+                rules=rules,
+                factors=factors,
+                finetune=finetune,
+                cache=cache,
+                on_stage=stage,
+                on_step=on_step,
+                threads=threads,
+            )
             atomic_write_bytes(saved, json.dumps(new).encode())
             records += new
         for name in present:

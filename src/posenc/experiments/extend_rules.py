@@ -81,8 +81,15 @@ def _rope(head_dim: int, params: dict[str, Any]):
     return create("rope", head_dim=head_dim, **params)
 
 
-def rule_parameters(rule: str, factor: int, context: int, *, rotary_dim: int, rope_theta: float = 10000.0,
-                    extra: dict[str, Any] | None = None) -> dict[str, Any]:  # fmt: skip
+def rule_parameters(
+    rule: str,
+    factor: int,
+    context: int,
+    *,
+    rotary_dim: int,
+    rope_theta: float = 10000.0,
+    extra: dict[str, Any] | None = None,
+) -> dict[str, Any]:
     """The Hugging Face ``rope_parameters`` of ``rule`` stretching ``context`` by ``factor``.
 
     ``posenc.rope_frequencies(head_dim, rule_parameters(...), max_position_embeddings=context,
@@ -103,8 +110,7 @@ def rule_config(config: RunConfig, rule: str, factor: int) -> RunConfig:
     trained context, dynamic NTK's threshold)."""
     flat, hf, rotary_dim = base_rope(config)
     theta = hf.pop("rope_theta", 10000.0)
-    params = rule_parameters(rule, factor, trained_context(config), rotary_dim=rotary_dim, rope_theta=theta,
-                             extra=hf)  # fmt: skip
+    params = rule_parameters(rule, factor, trained_context(config), rotary_dim=rotary_dim, rope_theta=theta, extra=hf)
     encoding_params = {**flat, "rope_parameters": params, "max_len": trained_context(config)}
     return replace(config, model={"encoding_params": encoding_params})
 

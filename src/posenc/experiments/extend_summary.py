@@ -59,8 +59,11 @@ def extension_tables(data: dict[str, Any]) -> list[TableData]:
     for task in task_names(data):
         recs = [r for r in data["records"] if r["task"] == task]
         lm = "ppl" in recs[0]["metrics"][0]
-        keys = (("ppl", "perplexity, non-overlapping"), ("ppl_sliding", "perplexity, sliding window")) if lm else (
-            ("token_accuracy", "per-token accuracy"), ("exact_match", "exact match"))  # fmt: skip
+        keys = (
+            (("ppl", "perplexity, non-overlapping"), ("ppl_sliding", "perplexity, sliding window"))
+            if lm
+            else (("token_accuracy", "per-token accuracy"), ("exact_match", "exact match"))
+        )
         L = recs[0]["train_length"]
         lengths = sorted({m["length"] for r in recs for m in r["metrics"]})
         ft_len = {r["rule"]: r["finetune_length"] for r in recs if r["stage"] == "fine-tuned"}
@@ -73,8 +76,9 @@ def extension_tables(data: dict[str, Any]) -> list[TableData]:
                 cells = [Cell.of([v[n] for v in by_seed.values() if n in v]) for n in lengths]
                 rows.append([_label(rule, stage, ft_len.get(rule)), *(c.fmt(3 if not lm else 2) for c in cells)])
             cols = ["rule / stage", *(f"{n} ({n // L}L)" for n in lengths)]
-            out.append(TableData(f"{task}: {name}, trained at L={L} ({spread}); zero-shot factor = length/L", cols,
-                                 rows))  # fmt: skip
+            out.append(
+                TableData(f"{task}: {name}, trained at L={L} ({spread}); zero-shot factor = length/L", cols, rows)
+            )
     return out
 
 
@@ -103,11 +107,23 @@ def orderings(data: dict[str, Any], task: str) -> list[dict[str, Any]]:
             va = [s[a][k][a_len or n] for k in seeds]
             vb = [s[b][k][b_len or n] for k in seeds]
             holds = sum(_better(lm, x, y, or_equal=or_equal) for x, y in zip(va, vb, strict=True))
-            claims.append({"claim": name, "length": n, "holds": holds, "seeds": len(seeds),
-                           "a": statistics.fmean(va), "b": statistics.fmean(vb)})  # fmt: skip
+            claims.append(
+                {
+                    "claim": name,
+                    "length": n,
+                    "holds": holds,
+                    "seeds": len(seeds),
+                    "a": statistics.fmean(va),
+                    "b": statistics.fmean(vb),
+                }
+            )
 
-    compare("1. direct extrapolation fails (none zero-shot at E worse than at L)", ("none", "zero-shot"),
-            ("none", "zero-shot"), b_len=L)  # fmt: skip
+    compare(
+        "1. direct extrapolation fails (none zero-shot at E worse than at L)",
+        ("none", "zero-shot"),
+        ("none", "zero-shot"),
+        b_len=L,
+    )
     # claim 1 holds when a (at E) is *worse* than b (at L): flip the count
     for c in claims:
         c["holds"] = c["seeds"] - c["holds"]
@@ -126,12 +142,23 @@ def orderings(data: dict[str, Any], task: str) -> list[dict[str, Any]]:
                 gap = s[none][k][n] - s[base][k][L]
                 rec.append((s[none][k][n] - s[lin][k][n]) / gap if gap else float("nan"))
             ok = [r for r in rec if r == r]
-            claims.append({"claim": "4. PI fine-tuned recovers most of the in-range metric (recovery > 0.5)",
-                           "length": n, "holds": sum(r > 0.5 for r in ok), "seeds": len(seeds),
-                           "a": statistics.fmean(ok) if ok else float("nan"), "b": None,
-                           "recovery": rec})  # fmt: skip
-    compare("5. YaRN fine-tuned at least as good as PI fine-tuned", ("yarn", "fine-tuned"),
-            ("linear", "fine-tuned"), or_equal=True)  # fmt: skip
+            claims.append(
+                {
+                    "claim": "4. PI fine-tuned recovers most of the in-range metric (recovery > 0.5)",
+                    "length": n,
+                    "holds": sum(r > 0.5 for r in ok),
+                    "seeds": len(seeds),
+                    "a": statistics.fmean(ok) if ok else float("nan"),
+                    "b": None,
+                    "recovery": rec,
+                }
+            )
+    compare(
+        "5. YaRN fine-tuned at least as good as PI fine-tuned",
+        ("yarn", "fine-tuned"),
+        ("linear", "fine-tuned"),
+        or_equal=True,
+    )
     return claims
 
 
@@ -158,15 +185,32 @@ def ordering_tables(data: dict[str, Any]) -> list[TableData]:
                 else:
                     cells.append(f"{c['holds']}/{c['seeds']} ({c['a']:.3g} vs {c['b']:.3g})")
             rows.append([name, *cells])
-        out.append(TableData(f"{task}: published orderings by {key}, seeds where each holds (means)",
-                             ["claim", *map(str, lengths)], rows))  # fmt: skip
+        out.append(
+            TableData(
+                f"{task}: published orderings by {key}, seeds where each holds (means)",
+                ["claim", *map(str, lengths)],
+                rows,
+            )
+        )
     return out
 
 
 def validate_extension(data: Any) -> dict[str, Any]:
     """Check an ``extension.json`` dict against the schema; ``ValueError`` naming what is wrong."""
-    keys = {"format", "kind", "command", "git_commit", "torch_version", "rules", "factors", "baselines",
-            "baselines_missing", "finetune", "base_runs", "records"}  # fmt: skip
+    keys = {
+        "format",
+        "kind",
+        "command",
+        "git_commit",
+        "torch_version",
+        "rules",
+        "factors",
+        "baselines",
+        "baselines_missing",
+        "finetune",
+        "base_runs",
+        "records",
+    }
     if not isinstance(data, dict) or set(data) != keys:
         got = sorted(data) if isinstance(data, dict) else type(data).__name__
         raise ValueError(f"extension data must have keys {sorted(keys)}, got {got}")

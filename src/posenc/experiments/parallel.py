@@ -84,8 +84,10 @@ def plan_jobs(
     per = threads or default_threads(cores)
     note = None
     if jobs * per > cores:
-        note = (f"{jobs} processes x {per} threads > {cores} cores: they will compete "
-                f"(--jobs {max(1, cores // per)} or --threads {max(1, cores // jobs)} would not)")  # fmt: skip
+        note = (
+            f"{jobs} processes x {per} threads > {cores} cores: they will compete "
+            f"(--jobs {max(1, cores // per)} or --threads {max(1, cores // jobs)} would not)"
+        )
     return jobs, threads, note
 
 
@@ -274,6 +276,8 @@ def run_study_sharded(
     by_id = {r["run_id"]: r for r in read_results(run_dir)}
     missing = [rid for rid in ids if rid not in by_id]
     if missing:
-        raise DistributedError(f"runs {missing} are not in {str(run_dir / RESULTS_FILE)!r} after every rank finished; "
-                               "is the run folder on a filesystem every rank shares?")  # fmt: skip
+        raise DistributedError(
+            f"runs {missing} are not in {str(run_dir / RESULTS_FILE)!r} after every rank finished; "
+            "is the run folder on a filesystem every rank shares?"
+        )
     return [by_id[rid] for rid in ids]

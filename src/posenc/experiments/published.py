@@ -115,8 +115,9 @@ def randpos_table(records: list[dict[str, Any]], key: str = "token_accuracy") ->
     cols = ["task", "encoding", "seeds"]
     for w in ("1..L", "(L, 2L]", "(2L, 8L]"):
         cols += [f"{w} plain", f"{w} +randpos", f"{w} gain"]
-    return TableData(f"Ruoss et al. 2023: randomized positions, {key} (gain = +randpos − plain, paired by seed)",
-                     cols, rows)  # fmt: skip
+    return TableData(
+        f"Ruoss et al. 2023: randomized positions, {key} (gain = +randpos − plain, paired by seed)", cols, rows
+    )
 
 
 def _ppl_or_ratio(record: dict[str, Any], length: int) -> float:

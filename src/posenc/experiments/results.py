@@ -26,8 +26,18 @@ from pathlib import Path
 from typing import Any
 
 RESULTS_FILE = "results.jsonl"
-KEYS = ("run_id", "task", "encoding", "seed", "train_length", "config", "git_commit", "torch_version", "wall_time_s",
-        "metrics")  # fmt: skip
+KEYS = (
+    "run_id",
+    "task",
+    "encoding",
+    "seed",
+    "train_length",
+    "config",
+    "git_commit",
+    "torch_version",
+    "wall_time_s",
+    "metrics",
+)
 SYNTHETIC_METRICS = ("length", "exact_match", "token_accuracy")
 LM_METRICS = ("length", "ppl", "ppl_sliding")
 
@@ -61,8 +71,18 @@ def validate_record(record: Any, where: str = "record") -> dict[str, Any]:
     unknown = sorted(set(record) - set(KEYS))
     if unknown:
         raise ValueError(f"{where} has unknown keys {unknown}, expected {sorted(KEYS)}")
-    types = {"run_id": str, "task": str, "encoding": str, "seed": int, "train_length": int, "config": dict,
-             "git_commit": str, "torch_version": str, "wall_time_s": float, "metrics": list}  # fmt: skip
+    types = {
+        "run_id": str,
+        "task": str,
+        "encoding": str,
+        "seed": int,
+        "train_length": int,
+        "config": dict,
+        "git_commit": str,
+        "torch_version": str,
+        "wall_time_s": float,
+        "metrics": list,
+    }
     for key, typ in types.items():
         value = record[key]
         ok = isinstance(value, (int, float)) if typ is float else isinstance(value, typ)
@@ -75,8 +95,10 @@ def validate_record(record: Any, where: str = "record") -> dict[str, Any]:
             tuple(sorted(SYNTHETIC_METRICS)),
             tuple(sorted(LM_METRICS)),
         ):
-            raise ValueError(f"{where}: every metrics entry needs an int 'length' and the keys {SYNTHETIC_METRICS} or "
-                             f"{LM_METRICS}, got {m!r}")  # fmt: skip
+            raise ValueError(
+                f"{where}: every metrics entry needs an int 'length' and the keys {SYNTHETIC_METRICS} or "
+                f"{LM_METRICS}, got {m!r}"
+            )
         if not isinstance(m["length"], int) or m["length"] <= 0:
             raise ValueError(f"{where}: metric length must be a positive int, got {m['length']!r}")
         for k, v in m.items():

@@ -94,8 +94,9 @@ def parse_encoding(label: str) -> tuple[str, bool]:
         raise ValueError(f"encoding must be a non-empty name, got {label!r}")
     name, rand = (label[: -len(RANDPOS)], True) if label.endswith(RANDPOS) else (label, False)
     if name not in available():
-        raise ValueError(f"unknown encoding {name!r}; available: {available()} (append {RANDPOS!r} for randomized "
-                         "positions)")  # fmt: skip
+        raise ValueError(
+            f"unknown encoding {name!r}; available: {available()} (append {RANDPOS!r} for randomized positions)"
+        )
     return name, rand
 
 
@@ -170,8 +171,15 @@ def _build_error(cfg: RunConfig) -> str | None:
     """Why the encoding of ``cfg`` cannot be built at the run's model sizes, or ``None``."""
     m = cfg.model
     try:
-        create_for_model(m.encoding, dict(m.encoding_params), dim=m.dim, num_heads=m.num_heads,
-                         head_dim=m.dim // m.num_heads, max_len=None, causal=True)  # fmt: skip
+        create_for_model(
+            m.encoding,
+            dict(m.encoding_params),
+            dim=m.dim,
+            num_heads=m.num_heads,
+            head_dim=m.dim // m.num_heads,
+            max_len=None,
+            causal=True,
+        )
     except (ValueError, TypeError) as err:
         return str(err)
     return None

@@ -197,8 +197,13 @@ def mean_ranks(records: list[dict[str, Any]], factor: int = 2, key: str = "token
         ]
         for enc, r in sorted(ranks.items(), key=lambda kv: statistics.fmean(kv[1]))
     ]
-    cols = ["encoding", "mean rank", f"per-seed rank ({len(per_seed)} seed{'s' * (len(per_seed) != 1)})", "tasks",
-            *(f"{t} {key} (L, {factor}L]" for t in per_task)]  # fmt: skip
+    cols = [
+        "encoding",
+        "mean rank",
+        f"per-seed rank ({len(per_seed)} seed{'s' * (len(per_seed) != 1)})",
+        "tasks",
+        *(f"{t} {key} (L, {factor}L]" for t in per_task),
+    ]
     return TableData(f"mean rank by {key} on lengths (L, {factor}L], over synthetic tasks (1 = best)", cols, rows)
 
 
@@ -249,14 +254,29 @@ def _metric_table(task: str, task_runs: list[dict[str, Any]], metric: str) -> Ta
     for (enc, tl), runs in sorted(groups.items()):
         row_cells: list[Cell | None] = []
         for n in lengths:
-            vals = [float(m[metric]) for r in runs for m in r["metrics"]
-                    if m["length"] == n and isinstance(m.get(metric), (int, float))]  # fmt: skip
+            vals = [
+                float(m[metric])
+                for r in runs
+                for m in r["metrics"]
+                if m["length"] == n and isinstance(m.get(metric), (int, float))
+            ]
             vals = [v for v in vals if math.isfinite(v)]
             row_cells.append(Cell.of(vals) if vals else None)
         cells.append(row_cells)
-        rows.append([enc, str(tl), *("–" if c is None else f"{c.mean:.3g}" + (f" ± {c.std:.2g}" if c.n > 1 else "")
-                                     for c in row_cells)])  # fmt: skip
+        rows.append(
+            [
+                enc,
+                str(tl),
+                *("–" if c is None else f"{c.mean:.3g}" + (f" ± {c.std:.2g}" if c.n > 1 else "") for c in row_cells),
+            ]
+        )
     better = "lower" if metric.startswith("ppl") else "higher"
-    return TableData(f"{task}: {metric} ({better} is better), mean ± std over seeds",
-                     ["encoding", "train length", *map(str, lengths)], rows, task=task, metric=metric,
-                     lengths=lengths, cells=cells)  # fmt: skip
+    return TableData(
+        f"{task}: {metric} ({better} is better), mean ± std over seeds",
+        ["encoding", "train length", *map(str, lengths)],
+        rows,
+        task=task,
+        metric=metric,
+        lengths=lengths,
+        cells=cells,
+    )

@@ -91,8 +91,9 @@ def setup(config: RunConfig, corpus_cache: dict | None = None) -> Setup:
         stride = t.sliding_stride or _default_stride(L)
         longest = max(lengths)
         max_pos = config.train.max_position or longest
-        return Setup(config, None, corpus, corpus.vocab_size, lengths, max(longest, max_pos), max_pos, eval_tokens,
-                     stride)  # fmt: skip
+        return Setup(
+            config, None, corpus, corpus.vocab_size, lengths, max(longest, max_pos), max_pos, eval_tokens, stride
+        )
     task = SyntheticTask(t.name, t.num_symbols)
     length_dependent = get_encoding(config.model.encoding).length_dependent
     lengths = sorted(set(range(1, L + 1)) | {f * L for f in t.factors})
@@ -102,8 +103,9 @@ def setup(config: RunConfig, corpus_cache: dict | None = None) -> Setup:
         raise ValueError(
             f"max_position={max_pos} is smaller than the longest training sequence ({task.sequence_length(L) - 1})"
         )
-    return Setup(config, task, None, task.vocab_size, lengths, max(longest, max_pos), max_pos,
-                 length_dependent=length_dependent)  # fmt: skip
+    return Setup(
+        config, task, None, task.vocab_size, lengths, max(longest, max_pos), max_pos, length_dependent=length_dependent
+    )
 
 
 def build_model(config: RunConfig, vocab_size: int, max_len: int) -> Transformer:
@@ -259,8 +261,9 @@ def evaluate_model(model: nn.Module, run_setup: Setup) -> list[dict[str, Any]]:
     lengths = run_setup.eval_lengths
     if run_setup.corpus is not None:
         return lm_metrics(model, run_setup.corpus, lengths, eval_tokens=run_setup.eval_tokens, stride=run_setup.stride)
-    return synthetic_metrics(model, run_setup.task, lengths, samples=run_setup.config.task.eval_samples,
-                             seed=run_setup.config.train.seed)  # fmt: skip
+    return synthetic_metrics(
+        model, run_setup.task, lengths, samples=run_setup.config.task.eval_samples, seed=run_setup.config.train.seed
+    )
 
 
 def _without_threads(d: dict[str, Any]) -> dict[str, Any]:
@@ -342,8 +345,9 @@ def train_run(
         try:
             model.load_state_dict(start_state)
         except RuntimeError as err:
-            raise ValueError(f"init_from checkpoint {tc.init_from!r} does not fit this model: "
-                             f"{str(err).splitlines()[0]}") from None  # fmt: skip
+            raise ValueError(
+                f"init_from checkpoint {tc.init_from!r} does not fit this model: {str(err).splitlines()[0]}"
+            ) from None
     model.to(context.device)
     opt = torch.optim.AdamW(model.parameters(), lr=tc.lr, weight_decay=tc.weight_decay, betas=(0.9, 0.98))
     generator = torch.Generator().manual_seed(derive_seed(tc.seed, DATA_STREAM))  # the same stream on every rank
@@ -372,8 +376,9 @@ def train_run(
         mask = None if mask is None else mask[rows].to(context.device)
         positions = (positions[rows] if positions.dim() == 2 else positions).to(context.device)  # [B/N, s] | [s]
         logits = wrapped(inputs, positions)  # [B/N, s, vocab]
-        token_loss = nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]), targets.reshape(-1),
-                                                 reduction="none")  # fmt: skip
+        token_loss = nn.functional.cross_entropy(
+            logits.reshape(-1, logits.shape[-1]), targets.reshape(-1), reduction="none"
+        )
         share = (token_loss.sum() if mask is None else (token_loss * mask.reshape(-1)).sum()) / count  # this slice's
         loss = share.detach().clone()
         with context.collective(f"step {step + 1}"):

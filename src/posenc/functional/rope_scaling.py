@@ -201,7 +201,7 @@ SCALING_RULES: dict[str, ScalingRule] = {
             keys={"factor": check_factor},
             whole_head=True,
             aliases=("p-rope",),
-        ),  # fmt: skip
+        ),
     )
 }
 

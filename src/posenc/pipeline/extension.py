@@ -78,12 +78,17 @@ def extension_report_section(extension: str | Path | dict[str, Any]) -> dict[str
         ...              extra_sections=[extension_report_section("runs/extend/extension.json")])
     """
     data = validate_extension(extension) if isinstance(extension, dict) else read_extension(extension)
-    tables = [{"caption": t.title, "columns": t.columns, "rows": t.rows}
-              for t in extension_tables(data) + ordering_tables(data)]  # fmt: skip
+    tables = [
+        {"caption": t.title, "columns": t.columns, "rows": t.rows}
+        for t in extension_tables(data) + ordering_tables(data)
+    ]
     ft = data["finetune"]
-    text = (f"RoPE models trained at L, scored at {', '.join(f'{f}L' for f in data['factors'])} with each scaling "
-            f"rule zero-shot (factor = length / L) and after {ft['steps']} fine-tuning steps at {ft['factor']}L "
-            if ft else "RoPE models trained at L, scored zero-shot with each scaling rule ")  # fmt: skip
+    text = (
+        f"RoPE models trained at L, scored at {', '.join(f'{f}L' for f in data['factors'])} with each scaling "
+        f"rule zero-shot (factor = length / L) and after {ft['steps']} fine-tuning steps at {ft['factor']}L "
+        if ft
+        else "RoPE models trained at L, scored zero-shot with each scaling rule "
+    )
     text += f"({len({r['seed'] for r in data['records']})} seeds). Command: {data['command'] or 'posenc extend'}"
     if data["baselines_missing"]:
         text += f". Baselines not registered when run: {', '.join(data['baselines_missing'])}"

@@ -22,8 +22,17 @@ from posenc.viz.figures import GLOBAL_KINDS, FigureUnavailable, TrainedAttention
 if TYPE_CHECKING:  # pragma: no cover
     from matplotlib.figure import Figure
 
-__all__ = ["GLOBAL_KINDS", "KINDS", "FigureUnavailable", "checkpoint_attention", "plot", "pretrained", "save",
-           "train_attention", "trained_attention"]  # fmt: skip
+__all__ = [
+    "GLOBAL_KINDS",
+    "KINDS",
+    "FigureUnavailable",
+    "checkpoint_attention",
+    "plot",
+    "pretrained",
+    "save",
+    "train_attention",
+    "trained_attention",
+]
 
 
 def train_attention(encoding: str, *, steps: int = 300, half: int = 16, seed: int = 0) -> TrainedAttention:

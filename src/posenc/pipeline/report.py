@@ -107,5 +107,13 @@ def write_report(
         else:
             say("measuring a pretrained model's positions")
             section = pretrained_section(model_dir, config)
-    return render_report(path, cards=cards, config=config, study=study, attention=attention, pretrained=section,
-                         extra_sections=extra_sections, progress=progress)  # fmt: skip
+    return render_report(
+        path,
+        cards=cards,
+        config=config,
+        study=study,
+        attention=attention,
+        pretrained=section,
+        extra_sections=extra_sections,
+        progress=progress,
+    )

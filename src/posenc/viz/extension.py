@@ -57,8 +57,9 @@ def figure_task(curves: ExtensionCurves):
         raise ValueError(f"no zero-shot records of task {task!r}")
     cols = min(3, len(rules))
     rows = math.ceil(len(rules) / cols)
-    fig, axes = plt.subplots(rows, cols, figsize=(3.6 * cols + 1.6, 3.0 * rows), sharex=True, sharey=True,
-                             squeeze=False)  # fmt: skip
+    fig, axes = plt.subplots(
+        rows, cols, figsize=(3.6 * cols + 1.6, 3.0 * rows), sharex=True, sharey=True, squeeze=False
+    )
     cmap = plt.get_cmap("tab10")
     for i, ax in enumerate(axes.flat):
         if i >= len(rules):
@@ -83,11 +84,20 @@ def figure_task(curves: ExtensionCurves):
     for ax in axes[:, 0]:
         ax.set_ylabel(METRIC_LABELS.get(metric, metric), fontsize=8)
     seeds = curves.seeds
-    fig.suptitle(f"{task}: RoPE trained at L={L}, extended by each rule ({seeds} seed{'s' if seeds > 1 else ''}; "
-                 "zero-shot factor = length/L)", fontsize=10)  # fmt: skip
+    fig.suptitle(
+        f"{task}: RoPE trained at L={L}, extended by each rule ({seeds} seed{'s' if seeds > 1 else ''}; "
+        "zero-shot factor = length/L)",
+        fontsize=10,
+    )
     handles, labels = axes.flat[0].get_legend_handles_labels()
-    fig.legend(handles, [lb if not lb.startswith("fine-tuned") else "fine-tuned" for lb in labels], fontsize=8,
-               loc="upper left", bbox_to_anchor=(0.87, 0.9), frameon=False)  # fmt: skip
+    fig.legend(
+        handles,
+        [lb if not lb.startswith("fine-tuned") else "fine-tuned" for lb in labels],
+        fontsize=8,
+        loc="upper left",
+        bbox_to_anchor=(0.87, 0.9),
+        frameon=False,
+    )
     fig.tight_layout(rect=(0, 0, 0.87, 0.95))
     return fig
 

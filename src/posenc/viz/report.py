@@ -151,8 +151,9 @@ def _study_section(study: StudyResults) -> dict[str, Any]:
             xs = [n for n, c in zip(t.lengths, cells, strict=True) if c is not None]
             ys = [c.mean for c in cells if c is not None]
             err = [c.std for c in cells if c is not None]
-            fig.add_trace(go.Scatter(x=xs, y=ys, error_y={"array": err}, mode="lines+markers",
-                                     name=f"{row[0]} (L={row[1]})"))  # fmt: skip
+            fig.add_trace(
+                go.Scatter(x=xs, y=ys, error_y={"array": err}, mode="lines+markers", name=f"{row[0]} (L={row[1]})")
+            )
         for tl in sorted(trained):
             fig.add_vline(x=tl, line_dash="dash", line_color="gray")
         fig.update_layout(
