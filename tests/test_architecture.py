@@ -165,3 +165,23 @@ def test_no_private_names_across_modules():
 @pytest.mark.parametrize("module", sorted(MODULES))
 def test_files_under_500_lines(module):
     assert len(MODULES[module].read_text(encoding="utf-8").splitlines()) <= 500
+
+
+@pytest.mark.parametrize(
+    "page,section", [("architecture.md", "## RoPE scaling rules"), ("rotary.md", "## Adding a scaling rule")]
+)
+def test_the_documented_new_scaling_rule_runs(page, section, monkeypatch):
+    """The docs' "a new rule is one function plus one table entry" example, executed."""
+    import re
+
+    import posenc
+    from posenc.functional import rope_scaling
+
+    monkeypatch.setattr(rope_scaling, "SCALING_RULES", dict(rope_scaling.SCALING_RULES))
+    text = (SRC.parent / "docs" / page).read_text(encoding="utf-8")
+    code = re.search(re.escape(section) + r".*?```python\n(.*?)```", text, re.S).group(1)
+    exec(compile(code, f"docs/{page}", "exec"), {})
+    inv_freq, factor = posenc.rope_frequencies(64, {"rope_type": "power", "factor": 4.0, "power": 0.5})
+    plain, _ = posenc.rope_frequencies(64, {"rope_type": "default"})
+    assert factor == 1.0
+    assert inv_freq.tolist() == pytest.approx((plain / 2.0).tolist(), rel=1e-12)  # 4 ** 0.5
