@@ -115,9 +115,9 @@ def peers(case: Case, q: torch.Tensor, k: torch.Tensor, notes: list[str]) -> dic
     except Exception as err:  # noqa: BLE001
         notes.append(f"transformers unavailable: {err}")
     try:
-        from rotary_embedding_torch import RotaryEmbedding as RET
+        from rotary_embedding_torch import RotaryEmbedding
 
-        ret = RET(dim=case.d)
+        ret = RotaryEmbedding(dim=case.d)
         out["rotary-embedding-torch"] = (
             "interleaved",
             lambda q, k: (

@@ -1,4 +1,4 @@
-"""Tier 1: expected vectors of the absolute family, derived by hand from each formula."""
+"""Expected vectors of the absolute family, derived by hand from each formula."""
 
 import math
 
@@ -6,7 +6,7 @@ import pytest
 import torch
 
 import posenc
-from posenc import functional as F
+from posenc.functional import sine_periods
 
 
 def pos(*values):
@@ -69,7 +69,7 @@ def test_sine_formula_and_exact_period():
     torch.testing.assert_close(got, expected)
     # The flaw: the whole vector repeats with the longest period (8 here), at any offset.
     torch.testing.assert_close(pe.table(torch.arange(10**6, 10**6 + 8)), pe.table(torch.arange(10**6 + 8, 10**6 + 16)))
-    assert F.sine_periods(3, 5, 3).tolist() == [5.0, 15.0, 45.0]
+    assert sine_periods(3, 5, 3).tolist() == [5.0, 15.0, 45.0]
 
 
 def test_sinusoidal_formula_at_small_size():

@@ -11,7 +11,7 @@ import torch
 from torch import nn
 
 import posenc
-from posenc.functional import relative as R
+from posenc.functional import relative
 from posenc.functional.relative import materialize_score_mod
 
 BIAS_CONFIGS = {
@@ -50,12 +50,12 @@ def make(key: str) -> posenc.PositionalEncoding:
 # -- hand-derived values -------------------------------------------------------------
 def test_alibi_slopes_paper_rule():
     # powers of two: 2^(-8i/n)
-    torch.testing.assert_close(R.alibi_slopes(2), torch.tensor([2**-4, 2**-8]))
-    torch.testing.assert_close(R.alibi_slopes(4), torch.tensor([2**-2, 2**-4, 2**-6, 2**-8]))
+    torch.testing.assert_close(relative.alibi_slopes(2), torch.tensor([2**-4, 2**-8]))
+    torch.testing.assert_close(relative.alibi_slopes(4), torch.tensor([2**-2, 2**-4, 2**-6, 2**-8]))
     # 3 heads: slopes of 2, then the odd-indexed slopes of 4: 2^-2
-    torch.testing.assert_close(R.alibi_slopes(3), torch.tensor([2**-4, 2**-8, 2**-2]))
+    torch.testing.assert_close(relative.alibi_slopes(3), torch.tensor([2**-4, 2**-8, 2**-2]))
     # 6 heads: slopes of 4, then from the 8-head slopes 2^-1, 2^-3
-    torch.testing.assert_close(R.alibi_slopes(6), torch.tensor([2**-2, 2**-4, 2**-6, 2**-8, 2**-1, 2**-3]))
+    torch.testing.assert_close(relative.alibi_slopes(6), torch.tensor([2**-2, 2**-4, 2**-6, 2**-8, 2**-1, 2**-3]))
 
 
 def test_alibi_bias_matrix():
@@ -83,7 +83,7 @@ def test_t5_bidirectional_buckets_by_hand():
     # num_buckets=8: 4 per direction, keys after the query offset by 4; max_exact=2
     pe = posenc.create("t5", num_heads=1, num_buckets=8, max_distance=8, causal=False)
     rel = torch.tensor([-9, -4, -3, -2, -1, 0, 1, 2, 3, 4, 9])
-    got = R.t5_bucket(rel, bidirectional=True, num_buckets=8, max_distance=8)
+    got = relative.t5_bucket(rel, bidirectional=True, num_buckets=8, max_distance=8)
     assert got.tolist() == [3, 3, 2, 2, 1, 0, 5, 6, 6, 7, 7]
     assert pe.buckets(torch.tensor([5]), torch.tensor([4, 6]))[0].tolist() == [1, 5]
 
@@ -230,7 +230,7 @@ def test_t5_buckets_equal_transformers(num_buckets, max_distance, causal):
     from transformers.models.t5 import modeling_t5 as t5  # a dev dependency: missing is a failure
 
     # every setting here is one posenc accepts (rejected ones are tested in bad input)
-    assert max_distance > R.t5_max_exact(num_buckets, not causal), (num_buckets, max_distance, causal)
+    assert max_distance > relative.t5_max_exact(num_buckets, not causal), (num_buckets, max_distance, causal)
     rel = torch.arange(-4096, 4097)
     ref = t5.T5Attention._relative_position_bucket(
         rel, bidirectional=not causal, num_buckets=num_buckets, max_distance=max_distance
@@ -248,7 +248,7 @@ def test_alibi_slopes_equal_bloom():
 
     for h in range(1, 129):
         alibi = bloom.build_alibi_tensor(torch.ones(1, 2, dtype=torch.long), h, torch.float32)  # [h, 1, 2]
-        torch.testing.assert_close(R.alibi_slopes(h), alibi[:, 0, 1], rtol=1.3e-6, atol=0.0)
+        torch.testing.assert_close(relative.alibi_slopes(h), alibi[:, 0, 1], rtol=1.3e-6, atol=0.0)
 
 
 # -- gradients -----------------------------------------------------------------------

@@ -24,7 +24,7 @@ import pytest
 import torch
 import torch.multiprocessing as mp
 
-from posenc.experiments import distributed as pd
+from posenc.experiments import distributed
 from posenc.experiments.config import config_from_dict
 from posenc.experiments.parallel import run_study_sharded, shard
 from posenc.experiments.results import read_results
@@ -84,7 +84,7 @@ def _worker(rank: int, world: int, port: int, out: str) -> None:
         POSENC_DIST_TIMEOUT=str(DEAD_PEER_TIMEOUT),
     )
     torch.set_num_threads(1)
-    ctx = pd.init("gloo")
+    ctx = distributed.init("gloo")
     losses: list[float] = []
     train_run(_cfg(), Path(out) / "ddp", on_step=lambda s, n, loss: losses.append(loss), context=ctx)
     (Path(out) / f"losses{rank}.json").write_text(json.dumps(losses))
@@ -101,11 +101,11 @@ def _worker(rank: int, world: int, port: int, out: str) -> None:
     start = time.time()
     try:
         train_run(_cfg(train={"steps": 50}), Path(out) / "dead", on_step=hang_at_3, context=ctx)
-    except pd.DistributedError as err:
+    except distributed.DistributedError as err:
         (Path(out) / "dead_error.txt").write_text(f"{time.time() - start:.1f}\n{err}")
     # A group whose peer hung cannot be torn down: gloo's destructor may call
     # std::terminate (SIGABRT) at interpreter exit. Leave at once, as `posenc` does.
-    pd.exit_now(0)
+    distributed.exit_now(0)
 
 
 def _spawn(out: Path) -> None:
@@ -176,8 +176,8 @@ def test_sharded_study_writes_the_single_process_results(spawned, tmp_path):
 def test_oversubscription_note(monkeypatch):
     cores = os.cpu_count() or 1
     monkeypatch.setenv("LOCAL_WORLD_SIZE", str(cores))
-    assert pd.oversubscription(1) is None
-    note = pd.oversubscription(2)
+    assert distributed.oversubscription(1) is None
+    note = distributed.oversubscription(2)
     assert note is not None and f"{cores} processes x 2 threads > {cores} cores" in note and "--threads 1" in note
 
 
@@ -189,25 +189,27 @@ def test_lonely_rank_cannot_form_a_group_within_the_timeout(monkeypatch):
     monkeypatch.setenv("MASTER_ADDR", "127.0.0.1")
     monkeypatch.setenv("MASTER_PORT", str(port))
     start = time.time()
-    with pytest.raises(pd.DistributedError, match=r"rank 1/2: could not form the gloo process group within 2 s"):
-        pd.init("gloo", timeout_s=2)
+    with pytest.raises(
+        distributed.DistributedError, match=r"rank 1/2: could not form the gloo process group within 2 s"
+    ):
+        distributed.init("gloo", timeout_s=2)
     assert time.time() - start < 10
 
 
 def test_batch_not_divisible_and_bad_settings():
-    ctx = pd.DistContext(rank=1, world_size=3, local_rank=1, backend="gloo", device=torch.device("cpu"))
+    ctx = distributed.DistContext(rank=1, world_size=3, local_rank=1, backend="gloo", device=torch.device("cpu"))
     assert ctx.rows(12) == slice(4, 8)
     with pytest.raises(ValueError, match=r"batch_size=8 \(the global batch\) is not divisible by the world size 3"):
         ctx.rows(8)
     assert shard(7, 1, 3) == [1, 4]
     with pytest.raises(ValueError, match="backend must be one of"):
-        pd.choose_backend("mpi")
-    os.environ[pd.ENV_TIMEOUT] = "soon"
+        distributed.choose_backend("mpi")
+    os.environ[distributed.ENV_TIMEOUT] = "soon"
     try:
         with pytest.raises(ValueError, match="POSENC_DIST_TIMEOUT must be a number of seconds, got 'soon'"):
-            pd.collective_timeout()
+            distributed.collective_timeout()
     finally:
-        del os.environ[pd.ENV_TIMEOUT]
+        del os.environ[distributed.ENV_TIMEOUT]
 
 
 # -- a killed rank ---------------------------------------------------------------------------
@@ -240,7 +242,7 @@ def _children_with_rank(parent: int, rank: int) -> list[int]:
 
 
 def _torchrun(cfg_path: Path, out: Path, timeout_s: int) -> subprocess.Popen:
-    env = {**os.environ, "PYTHONPATH": str(SRC), "OMP_NUM_THREADS": "1", pd.ENV_TIMEOUT: str(timeout_s)}
+    env = {**os.environ, "PYTHONPATH": str(SRC), "OMP_NUM_THREADS": "1", distributed.ENV_TIMEOUT: str(timeout_s)}
     cmd = [
         sys.executable,
         "-m",

@@ -6,12 +6,11 @@ from __future__ import annotations
 
 import pytest
 import torch
+import transformers
 
 import posenc
 from posenc.functional.rope import interleaved_to_half_permutation
-
-transformers = pytest.importorskip("transformers")
-from posenc.interop import hf  # noqa: E402
+from posenc.interop import hf
 
 transformers.logging.set_verbosity_error()
 

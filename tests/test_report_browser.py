@@ -12,8 +12,7 @@ import pytest
 from _chromium import Browser, blank_fraction, find_chromium, in_ci  # noqa: I001
 
 import posenc
-from posenc import analysis as A
-from posenc import registry
+from posenc import analysis, registry
 from posenc.encodings.absolute import Sinusoidal
 from posenc.pipeline.report import write_report
 
@@ -71,7 +70,7 @@ def report(tmp_path_factory) -> pathlib.Path:
         wanted = ("none", "binary", "learned", "sine", "rope", "xpos", "alibi", "t5", "kerple", "fire")
         assert set(wanted) <= set(posenc.available()), sorted(set(wanted) - set(posenc.available()))
         names = [*wanted, EVIL]
-        cfg = A.CardConfig(horizon=64, train_length=32, beyond_horizon=96, relative_length=16)
+        cfg = analysis.CardConfig(horizon=64, train_length=32, beyond_horizon=96, relative_length=16)
         return write_report(
             tmp / "report.html",
             study_dir=_study(tmp),

@@ -7,6 +7,9 @@ import math
 
 import pytest
 import torch
+import transformers
+from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
+from transformers.models.gpt_neox.modeling_gpt_neox import GPTNeoXRotaryEmbedding
 
 import posenc
 from posenc.functional.rope_scaling import SCALING_RULES, rope_types
@@ -14,10 +17,6 @@ from posenc.functional.rope_scaling import SCALING_RULES, rope_types
 ROPE_TYPES = rope_types()  # what rope_frequencies accepts
 # every rule of the table with a frequency function of its own
 ROPE_FREQUENCY_FUNCTIONS = {name: rule.frequencies for name, rule in SCALING_RULES.items() if rule.frequencies}
-
-transformers = pytest.importorskip("transformers")
-from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS  # noqa: E402
-from transformers.models.gpt_neox.modeling_gpt_neox import GPTNeoXRotaryEmbedding  # noqa: E402
 
 transformers.logging.set_verbosity_error()
 

@@ -156,7 +156,6 @@ def test_text_bad_input(tmp_path):
 
 
 def test_builtin_corpora_load():
-    pytest.importorskip("yaml")
     text = load_text("stdlib", max_chars=50_000)
     assert len(text) == 50_000 and "def " in text
     try:

@@ -72,7 +72,7 @@ def train(
 ) -> None:
     """Train one model from a YAML config; resumes from its checkpoint, skips if finished.
     Under torchrun: data-parallel (DDP) over the ranks, global batch split (docs/distributed.md)."""
-    from posenc.experiments import distributed as pd
+    from posenc.experiments import distributed
     from posenc.experiments.config import load_config
     from posenc.experiments.train import checkpoint_path, train_run
 
@@ -80,10 +80,10 @@ def train(
     try:
         cfg = load_config(config)
         if backend is not None:
-            pd.choose_backend(backend)  # a bad name is an error even without torchrun
-        if pd.launched():
-            ctx = pd.init(backend)
-            note = pd.oversubscription(cfg.train.threads) if ctx.device.type == "cpu" else None
+            distributed.choose_backend(backend)  # a bad name is an error even without torchrun
+        if distributed.launched():
+            ctx = distributed.init(backend)
+            note = distributed.oversubscription(cfg.train.threads) if ctx.device.type == "cpu" else None
             if note and ctx.is_main:
                 console.print(f"[yellow]note:[/yellow] {note}")
         show = ctx is None or ctx.is_main
@@ -93,11 +93,11 @@ def train(
             def on_step(step: int, total: int, loss: float) -> None:
                 progress.update(bar, completed=step, info=f"loss {loss:.3f}")
 
-            record, skipped = train_run(cfg, out, on_step=on_step, context=ctx or pd.SINGLE_PROCESS)
-    except (ValueError, TypeError, FloatingPointError, pd.DistributedError, KeyboardInterrupt) as err:
+            record, skipped = train_run(cfg, out, on_step=on_step, context=ctx or distributed.SINGLE_PROCESS)
+    except (ValueError, TypeError, FloatingPointError, distributed.DistributedError, KeyboardInterrupt) as err:
         raise harness_exit(err, ctx, "run the same command again to resume from the checkpoint") from None
     finally:
-        pd.shutdown()
+        distributed.shutdown()
     if ctx is not None and not ctx.is_main:
         return
     if skipped:
@@ -145,7 +145,7 @@ def study(
     side by side; under torchrun they are sharded across ranks (docs/distributed.md)."""
     from pathlib import Path
 
-    from posenc.experiments import distributed as pd
+    from posenc.experiments import distributed
     from posenc.experiments.parallel import StudyWorkerError, plan_jobs, run_study_parallel, run_study_sharded, shard
     from posenc.experiments.results import read_results
     from posenc.experiments.study import plan_study, run_study
@@ -163,7 +163,7 @@ def study(
         configs, missing = plan_study(preset, **plan, threads=threads)
         done = set() if summarize_only else {r["run_id"] for r in read_results(run_dir)}
         pending = sum(c.run_id not in done for c in configs)
-        jobs, run_threads, jobs_note = plan_jobs(jobs, threads, pending, launched=pd.launched())
+        jobs, run_threads, jobs_note = plan_jobs(jobs, threads, pending, launched=distributed.launched())
         if run_threads != threads:
             configs, _ = plan_study(preset, **plan, threads=run_threads)
     except (ValueError, TypeError) as err:
@@ -186,9 +186,9 @@ def study(
         console.print(f"[yellow]note:[/yellow] {jobs_note}")
     ctx = None
     try:
-        if pd.launched():  # under torchrun: plan entry i is trained by rank i % world size
-            ctx = pd.init("gloo")
-            note = pd.oversubscription(threads)
+        if distributed.launched():  # under torchrun: plan entry i is trained by rank i % world size
+            ctx = distributed.init("gloo")
+            note = distributed.oversubscription(threads)
             if note and ctx.is_main:
                 console.print(f"[yellow]note:[/yellow] {note}")
         mine = len(configs) if ctx is None else len(shard(len(configs), ctx.rank, ctx.world_size))
@@ -209,10 +209,17 @@ def study(
             return
         print_tables(records)
         outputs = write_study_outputs(run_dir, report=not no_report)
-    except (ValueError, TypeError, FloatingPointError, pd.DistributedError, StudyWorkerError, KeyboardInterrupt) as err:
+    except (
+        ValueError,
+        TypeError,
+        FloatingPointError,
+        distributed.DistributedError,
+        StudyWorkerError,
+        KeyboardInterrupt,
+    ) as err:
         raise harness_exit(err, ctx, "run the same command again to resume (finished runs are kept)") from None
     finally:
-        pd.shutdown()
+        distributed.shutdown()
     print_outputs(run_dir, outputs)
 
 
@@ -248,12 +255,12 @@ def analyze(
                 status.update(f"measuring {n}")
                 cards.append(analysis.report_card(n, cfg))
             if pretrained:
-                from posenc.analysis import pretrained as P
+                from posenc.analysis.pretrained import learned_probe, load_positions, minilm_dir
 
                 status.update(f"measuring {pretrained}")
-                path = P.minilm_dir() if pretrained == "minilm" else pretrained
-                info = P.load_positions(path)
-                probe = P.learned_probe(info, name="all-MiniLM-L6-v2" if pretrained == "minilm" else None)
+                path = minilm_dir() if pretrained == "minilm" else pretrained
+                info = load_positions(path)
+                probe = learned_probe(info, name="all-MiniLM-L6-v2" if pretrained == "minilm" else None)
                 cards.append(analysis.card_for_probe(probe, cfg, token_norm=info.token_norm))
     except (ValueError, TypeError, FileNotFoundError) as err:
         raise fail(err) from None
@@ -274,8 +281,8 @@ def plot(
         ...,
         "--kind",
         "-k",
-        help="heatmap, similarity, magnitude, distance, bias, buckets, "
-        "rotation, wavelengths, decay, scaling, attention, pretrained",
+        help="heatmap, similarity, magnitude, distance, bias, buckets, rotation, wavelengths, decay, scaling, "
+        "attention, pretrained",
     ),
     output: str = typer.Option(..., "--output", "-o", help="the .png or .svg file to write"),
     dim: int = typer.Option(None, help="model width"),
@@ -291,19 +298,7 @@ def plot(
 
     options = {"dim": dim, "num_heads": heads, "horizon": horizon, "steps": steps, "length": length}
     try:
-        if kind == "pretrained":
-            model_dir = None if name.lower() in ("minilm", "all-minilm-l6-v2") else name
-            make, args = figures.pretrained, (model_dir,)
-        elif kind in figures.GLOBAL_KINDS:
-            make = figures.GLOBAL_KINDS[kind]
-            args = () if kind == "scaling" else (None if name == "all" else [name],)
-        elif kind == "attention" and name.endswith(".pt"):
-            make, args = figures.checkpoint_attention, (name,)  # a model from `posenc train`/`study`
-        elif kind in figures.KINDS:
-            make, args = figures.KINDS[kind], (name,)
-        else:
-            kinds = sorted([*figures.KINDS, *figures.GLOBAL_KINDS, "pretrained"])
-            raise ValueError(f"unknown kind {kind!r}; kinds: {kinds}")
+        make, args = figures.figure_maker(name, kind)
         accepted = inspect.signature(make).parameters
         kwargs = {}
         for key, value in options.items():
@@ -316,7 +311,7 @@ def plot(
             fig = make(*args, **kwargs)
             path = figures.save(fig, output)
     except figures.FigureUnavailable as err:
-        console.print(f"[yellow]skipped:[/yellow] {err}")
+        console.print(f"[yellow]skipped:[/yellow] {escape(str(err))}")
         raise typer.Exit(3) from None
     except (ValueError, TypeError, FileNotFoundError) as err:
         raise fail(err) from None

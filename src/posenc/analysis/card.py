@@ -6,7 +6,7 @@ import dataclasses
 import math
 from typing import Any
 
-from posenc.analysis import measures as M
+from posenc.analysis import measures
 from posenc.analysis.probe import Probe, build, supported_length
 from posenc.functional.checks import positive_int
 from posenc.registry import available, get
@@ -45,15 +45,15 @@ class ReportCard:
     causal: bool  # the measurements' probe was built causal (``order*`` test both)
     params: dict[str, Any]
     config: CardConfig
-    magnitude: M.Magnitude
-    length: M.LengthDependence
-    continuity: M.Continuity
-    uniqueness: M.Uniqueness
-    relativeness: M.Relativeness
-    profile: M.DistanceProfile
-    beyond: M.Beyond
-    order: M.OrderBlindness
-    order_causal: M.OrderBlindness
+    magnitude: measures.Magnitude
+    length: measures.LengthDependence
+    continuity: measures.Continuity
+    uniqueness: measures.Uniqueness
+    relativeness: measures.Relativeness
+    profile: measures.DistanceProfile
+    beyond: measures.Beyond
+    order: measures.OrderBlindness
+    order_causal: measures.OrderBlindness
 
     def row(self) -> dict[str, Any]:
         """One row of the report-card table (plain Python values)."""
@@ -135,15 +135,15 @@ def card_for_probe(
         causal=probe.causal,
         params=probe.pe.params.asdict(),
         config=cfg,
-        magnitude=M.magnitude(probe, horizon, token_norm=token_norm),
-        length=M.length_dependence(probe, tuple(n for n in (16, 32, 64, horizon) if n <= horizon)),
-        continuity=M.continuity(probe, horizon),
-        uniqueness=M.uniqueness(probe, horizon),
-        relativeness=M.relativeness(probe, min(cfg.relative_length, horizon)),
-        profile=M.distance_profile(probe, horizon),
-        beyond=M.beyond(probe, train_length, beyond_horizon),
-        order=M.order_blindness(probe_bidir),
-        order_causal=M.order_blindness(probe_causal),
+        magnitude=measures.magnitude(probe, horizon, token_norm=token_norm),
+        length=measures.length_dependence(probe, tuple(n for n in (16, 32, 64, horizon) if n <= horizon)),
+        continuity=measures.continuity(probe, horizon),
+        uniqueness=measures.uniqueness(probe, horizon),
+        relativeness=measures.relativeness(probe, min(cfg.relative_length, horizon)),
+        profile=measures.distance_profile(probe, horizon),
+        beyond=measures.beyond(probe, train_length, beyond_horizon),
+        order=measures.order_blindness(probe_bidir),
+        order_causal=measures.order_blindness(probe_causal),
     )
 
 
