@@ -1,10 +1,10 @@
 #!/usr/bin/env bash
-# Every GPU check in one command, for a machine with a CUDA GPU (80-100 s on an H200):
+# Every GPU check in one command, for a machine with a CUDA GPU:
 #   1. the CUDA tests: the Triton rotary kernel compiled and against the formula, every
 #      registered encoding's Transformer on the GPU against CPU (logits and gradients), and
 #      FlexAttention's compiled backward against SDPA (tests/test_rope_triton.py,
 #      tests/test_gpu.py; pytest-xdist spreads the compiles over the cores when installed);
-#   2. benchmarks/rope_gpu.py: the kernel against the float64 formula at DESIGN.md's shapes,
+#   2. benchmarks/rope_gpu.py: the kernel against the float64 formula at its CASES shapes,
 #      timed against the copy yardstick, torch.compile, posenc's default and transformers.
 # Uses the python that has torch with CUDA (PYTHON, default python3) and posenc from src/.
 # `bash benchmarks/gpu_check.sh --tests-only` skips step 2. Logs go to $OUT (default

@@ -1,6 +1,8 @@
 """RoPE on a CUDA GPU: the Triton kernel checked against the reference, then timed.
 
-For each case (DESIGN.md shapes), in one run on the same tensors:
+For each case of ``CASES`` (``(b, h_q, h_kv, s, d)``: a prefill with grouped key heads at
+head sizes 64, 128 and 256, a longer one without grouping, a one-token decode), in one run
+on the same tensors:
 
 * check: posenc's Triton kernel (``apply_rotary(..., compiled="triton")``), out of place
   and in place, both layouts, against the float64 formula. The kernel computes in

@@ -194,7 +194,7 @@ def test_one_encoding_instance_is_shared_by_every_layer():
     assert sum(p is pe.weight for p in model.parameters()) == 1
 
 
-# -- tier 4: bad input -------------------------------------------------------------------
+# -- bad input ----------------------------------------------------------------------------
 
 
 def test_attention_bad_construction():

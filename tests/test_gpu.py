@@ -92,8 +92,8 @@ def test_flex_head_dim_below_16_is_refused_clearly():
 
 
 def test_fire_flex_training_on_cuda_is_refused_clearly():
-    """Inductor's FlexAttention backward refuses FIRE's score_mod (torch 2.11, H200): a clear
-    error up front instead; inference under no_grad still runs on flex."""
+    """Inductor's FlexAttention backward on CUDA refuses FIRE's score_mod: a clear error
+    up front instead; inference under no_grad still runs on flex."""
     sdpa = posenc.Transformer(_config("fire")).cuda().eval()
     fx = posenc.Transformer(_config("fire", backend="flex")).cuda().eval()
     fx.load_state_dict(sdpa.state_dict())

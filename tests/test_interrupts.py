@@ -1,4 +1,4 @@
-"""Interrupted work (issue 10): SIGKILL a training process at several points, resume,
+"""Interrupted work: SIGKILL a training process at several points, resume,
 and get the same final metrics as an uninterrupted run; a damaged results file or
 checkpoint is a clear error and nothing else is lost."""
 

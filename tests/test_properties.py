@@ -1,4 +1,4 @@
-"""Tier 2 properties of the absolute family, driven by hypothesis."""
+"""Properties of the absolute family, driven by hypothesis."""
 
 import torch
 from hypothesis import given, settings

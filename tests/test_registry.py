@@ -1,4 +1,4 @@
-"""The registry and parameter validation (tier 4: bad input names the argument)."""
+"""The registry and parameter validation (bad input names the argument)."""
 
 import dataclasses
 

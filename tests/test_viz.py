@@ -1,6 +1,6 @@
 """Figures: every kind draws with labelled axes and a title, writes PNG and SVG, and
 explains itself when it cannot draw. Toy rotary/bias encodings (registered only inside
-a test) exercise the rotary and bias figures before those families are merged."""
+a test) exercise the rotary and bias figures apart from the registered encodings."""
 
 from __future__ import annotations
 

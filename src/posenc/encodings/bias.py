@@ -330,10 +330,10 @@ class FIRE(BiasEncoding):
     def score_mod(self, q_positions, k_positions, *, q=None, k=None) -> relative.ScoreMod:
         """As ``BiasEncoding.score_mod``; training on CUDA is refused up front (see below)."""
         if q_positions.is_cuda and torch.is_grad_enabled() and any(p.requires_grad for p in self.parameters()):
-            # Seen with torch 2.11 on an H200 (tests/test_gpu.py): Inductor's FlexAttention
-            # backward refuses a score_mod that indexes one trainable tensor more than once,
-            # which the unrolled MLP does (w2[h, u] for every u). Cloning one tensor per unit
-            # avoids that but breaks dynamo's dynamic-shape recompiles on CPU (torch 2.13).
+            # Inductor's FlexAttention backward on CUDA (tests/test_gpu.py) refuses a score_mod
+            # that indexes one trainable tensor more than once, which the unrolled MLP does
+            # (w2[h, u] for every u). Cloning one tensor per unit avoids that but breaks
+            # dynamo's dynamic-shape recompiles on CPU (torch 2.13).
             raise NotImplementedError(
                 "fire cannot be trained on backend='flex' on CUDA: FlexAttention's compiled backward refuses "
                 "its score_mod (the MLP weights are indexed once per hidden unit); train with backend='sdpa', "

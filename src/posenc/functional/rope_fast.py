@@ -32,8 +32,8 @@ Paths (all compute the same function; ``compiled="auto"`` picks):
   it cannot prove that a loop reading a pair and writing it is safe in place.
 * triton (``compiled="triton"``; CUDA tensors, no autograd): one kernel launch for q and
   k, in place or out of place, both layouts (``rope_triton``). Opt-in: at the memory
-  limit under CUDA graphs on an H200, but its launch from Python costs more than the
-  compiled graph's at common sizes (docs/performance.md).
+  limit under CUDA graphs, but its launch from Python costs more than the compiled
+  graph's at common sizes (docs/performance.md).
 * native, in place (half layout, float32/bfloat16, CPU, no autograd, ``"auto"``): a C
   loop over pairs, one read and one write of every element (``rope_native``); inductor
   would need a buffer and a copy back.

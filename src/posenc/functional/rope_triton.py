@@ -20,9 +20,9 @@ Shapes:
     cos, sin  [s, r/2] or [b|1, 1, s, r/2]   as ``apply_rotary`` shapes them
 
 Where it runs: ``apply_rotary(..., compiled="triton")`` on CUDA tensors without autograd.
-Checked and timed on an H200 (docs/performance.md, ``benchmarks/gpu_check.sh``): at the
-memory limit when replayed from a CUDA graph, but launched from Python its CPU dispatch
-costs more than the GPU work at common sizes, so ``compiled="auto"`` does not choose it.
+Timings in docs/performance.md (``benchmarks/gpu_check.sh``): at the memory limit when
+replayed from a CUDA graph, but launched from Python its CPU dispatch costs more than
+the GPU work at common sizes, so ``compiled="auto"`` does not choose it.
 Without a GPU, Triton's interpreter (``TRITON_INTERPRET=1`` set before the first call)
 runs the same kernel on CPU tensors: that is how the test suite checks it against the
 reference formula on a machine without a GPU. Forward only: under autograd ``apply_rotary`` uses

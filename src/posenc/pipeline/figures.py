@@ -7,6 +7,7 @@ with ``posenc.analysis.attention`` and drawn by ``posenc.viz.figures``.
 from __future__ import annotations
 
 import pathlib
+from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
 import torch
@@ -16,6 +17,7 @@ from posenc.analysis.attention import attention_weights
 from posenc.analysis.pretrained import load_positions, minilm_dir
 from posenc.experiments.tiny import copy_batch, train_tiny
 from posenc.experiments.train import load_trained
+from posenc.functional.checks import did_you_mean
 from posenc.viz import figures
 from posenc.viz.figures import GLOBAL_KINDS, FigureUnavailable, TrainedAttention, save
 
@@ -26,7 +28,9 @@ __all__ = [
     "GLOBAL_KINDS",
     "KINDS",
     "FigureUnavailable",
+    "ALL_KINDS",
     "checkpoint_attention",
+    "figure_maker",
     "plot",
     "pretrained",
     "save",
@@ -39,7 +43,7 @@ def train_attention(encoding: str, *, steps: int = 300, half: int = 16, seed: in
     """Train a tiny causal LM ``steps`` steps on the copy task and measure its attention
     maps on one fresh copy sequence of ``2 * half`` tokens."""
     if encoding not in posenc.available():
-        raise FigureUnavailable(f"encoding {encoding!r} is not registered (yet)")
+        raise FigureUnavailable(f"encoding {encoding!r} is not registered")
     model, loss = train_tiny(encoding, steps=steps, half=half, seed=seed)
     seq = copy_batch(1, half, model.config.vocab_size, torch.Generator().manual_seed(seed + 1))[:, :-1]
     weights = attention_weights(model, seq)[:, 0]  # [layers, h, s, s]
@@ -82,11 +86,26 @@ def pretrained(model_dir: str | None = None, *, name: str | None = None, horizon
 KINDS = {**figures.KINDS, "attention": trained_attention}
 
 
+#: Every kind of ``posenc plot``: per encoding, global, and a pretrained model's table.
+ALL_KINDS = sorted([*KINDS, *GLOBAL_KINDS, "pretrained"])
+
+
+def figure_maker(name: str, kind: str) -> tuple[Callable[..., Figure], tuple]:
+    """``(function, positional args)`` that draws figure ``kind`` of ``name``: an
+    encoding name, ``all`` (global kinds), a checkpoint ``*.pt`` (attention) or a model
+    directory / ``minilm`` (pretrained). Unknown kinds list the kinds, with a suggestion."""
+    if kind == "pretrained":
+        return pretrained, (None if name.lower() in ("minilm", "all-minilm-l6-v2") else name,)
+    if kind in GLOBAL_KINDS:
+        return GLOBAL_KINDS[kind], () if kind == "scaling" else (None if name == "all" else [name],)
+    if kind == "attention" and name.endswith(".pt"):
+        return checkpoint_attention, (name,)
+    if kind in KINDS:
+        return KINDS[kind], (name,)
+    raise ValueError(f"unknown kind {kind!r}; kinds: {ALL_KINDS}.{did_you_mean(kind, ALL_KINDS)}")
+
+
 def plot(name: str, kind: str, **kwargs: Any) -> Figure:
-    """The figure ``kind`` of encoding ``name`` (``posenc.viz.figures.plot``'s kinds, and
-    ``attention``: of a tiny model trained here, or of a checkpoint path ``*.pt``)."""
-    if kind == "attention":
-        return checkpoint_attention(name, **kwargs) if name.endswith(".pt") else trained_attention(name, **kwargs)
-    if kind not in KINDS and kind not in GLOBAL_KINDS:
-        raise ValueError(f"unknown kind {kind!r}; kinds: {sorted([*KINDS, *GLOBAL_KINDS])}")
-    return figures.plot(name, kind, **kwargs)
+    """The figure ``kind`` of ``name`` (see ``figure_maker``)."""
+    make, args = figure_maker(name, kind)
+    return make(*args, **kwargs)

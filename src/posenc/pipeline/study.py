@@ -37,7 +37,7 @@ def write_study_outputs(
 ) -> dict[str, Any]:
     """Markdown tables (``results.md``), plots (``plots/*.png``) and, when
     ``posenc.viz.report`` exists, ``report.html``. Returns the paths written.
-    ``ValueError`` when the run folder has no results (yet)."""
+    ``ValueError`` when the run folder has no results."""
     run_dir = Path(run_dir)
     records = read_results(run_dir) if records is None else records
     if not records:

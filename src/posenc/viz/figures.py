@@ -22,6 +22,7 @@ import posenc
 from posenc import analysis
 from posenc.analysis.pretrained import PretrainedPositions
 from posenc.functional import rope_scaling
+from posenc.functional.checks import did_you_mean
 
 if TYPE_CHECKING:  # pragma: no cover
     from matplotlib.figure import Figure
@@ -37,16 +38,34 @@ def _figure(w: float = 6.4, h: float = 4.8) -> Figure:
     return Figure(figsize=(w, h), dpi=100, layout="constrained")
 
 
-def _probe(name: str, *, kinds: tuple[str, ...] | None = None, **kw: Any) -> analysis.Probe:
+#: The per-encoding figures drawn only for some position signals (``Probe.kind``); the
+#: others (heatmap, similarity) apply to every encoding.
+FIGURE_SIGNALS = {
+    "bias": ("bias",),
+    "buckets": ("bias",),
+    "rotation": ("rotation",),
+    "wavelengths": ("rotation",),
+    "decay": ("rotation",),
+}
+
+
+def kinds_for_signal(signal: str) -> list[str]:
+    """The per-encoding figure kinds that apply to an encoding whose position signal is
+    ``signal`` (a ``Probe.kind``)."""
+    return [kind for kind in KINDS if signal in FIGURE_SIGNALS.get(kind, (signal,))]
+
+
+def _probe(name: str, *, figure: str | None = None, **kw: Any) -> analysis.Probe:
     if name not in posenc.available():
-        raise FigureUnavailable(
-            f"encoding {name!r} is not registered (yet); registered: {', '.join(posenc.available())}"
-        )
+        raise FigureUnavailable(f"encoding {name!r} is not registered; registered: {', '.join(posenc.available())}")
     probe = analysis.build(name, **kw)
-    if kinds is not None and probe.kind not in kinds:
+    signals = FIGURE_SIGNALS.get(figure)
+    if signals is not None and probe.kind not in signals:
         raise FigureUnavailable(
-            f"this figure needs an encoding whose position signal is {' or '.join(kinds)}; "
-            f"{name!r} ({probe.family}) carries it as {probe.kind!r}"
+            f"the {figure} figure needs an encoding whose position signal is {' or '.join(signals)}; "
+            f"{name!r} ({probe.family}) carries it as {probe.kind!r}. "
+            f"Kinds that apply to {name!r}: {', '.join(kinds_for_signal(probe.kind))} "
+            "(and the global kinds magnitude, distance, and attention)"
         )
     return probe
 
@@ -176,7 +195,7 @@ def distance(names: list[str] | None = None, *, max_distance: int = 256, dim: in
 # -- relative and bias encodings ----------------------------------------------------------------
 def bias_matrix(name: str, *, length: int = 64, num_heads: int = 4, dim: int = 64, causal: bool = False) -> Figure:
     """The bias matrices ``bias(m, n)`` of (up to four) heads of a bias encoding."""
-    probe = _probe(name, kinds=("bias",), dim=dim, num_heads=num_heads, causal=causal)
+    probe = _probe(name, figure="bias", dim=dim, num_heads=num_heads, causal=causal)
     bias = analysis.bias_matrix(probe, length).numpy()  # [h, s, s]
     heads = min(4, bias.shape[0])
     fig = _figure(3.4 * heads + 0.8, 3.6)
@@ -196,7 +215,7 @@ def bias_matrix(name: str, *, length: int = 64, num_heads: int = 4, dim: int = 6
 def buckets(name: str = "t5", *, length: int = 256, num_heads: int = 4, dim: int = 64, causal: bool = False) -> Figure:
     """Which relative distances share a parameter: the bucket map of T5-style biases,
     recovered from ``bias()`` alone (distances whose bias agrees in every head)."""
-    probe = _probe(name, kinds=("bias",), dim=dim, num_heads=num_heads, causal=causal)
+    probe = _probe(name, figure="buckets", dim=dim, num_heads=num_heads, causal=causal)
     bias = analysis.bias_matrix(probe, length)  # [h, s, s]
     ids = bucket_ids(bias)  # [s, s], -1 where masked
     n_buckets = int(ids.max()) + 1
@@ -256,7 +275,7 @@ def bucket_ids(bias: torch.Tensor, rtol: float = 1e-5) -> torch.Tensor:
 def rotation(name: str = "rope", *, head_dim: int = 64, positions: int = 24) -> Figure:
     """RoPE rotation diagram: a 2-D plane of the query rotates by ``pos * theta_i``;
     the fastest, a middle and the slowest plane for positions ``0..positions-1``."""
-    probe = _probe(name, kinds=("rotation",), dim=head_dim, num_heads=1)
+    probe = _probe(name, figure="rotation", dim=head_dim, num_heads=1)
     pairs = [p for p in analysis.rotation_pairs(probe) if p[1] >= 0]
     if not pairs:
         raise FigureUnavailable(f"{name!r} rotates no plane")
@@ -296,7 +315,7 @@ def rotation(name: str = "rope", *, head_dim: int = 64, positions: int = 24) -> 
 def wavelengths(name: str = "rope", *, head_dim: int = 64, context: int = 2048) -> Figure:
     """Wavelength ``2π / θ_i`` of each rotation plane against the trained context:
     planes above the line never complete a turn within the context."""
-    probe = _probe(name, kinds=("rotation",), dim=head_dim, num_heads=1)
+    probe = _probe(name, figure="wavelengths", dim=head_dim, num_heads=1)
     pairs = [p for p in analysis.rotation_pairs(probe) if p[1] >= 0 and p[2] > 0]
     if not pairs:
         raise FigureUnavailable(f"{name!r} rotates no plane")
@@ -350,7 +369,7 @@ def scaling(*, head_dim: int = 128, base: float = 10000.0, factor: float = 8.0, 
 
 def decay(name: str = "rope", *, head_dim: int = 64, max_distance: int = 512) -> Figure:
     """RoFormer's long-term-decay bound against the mean of random q·k (Barbero et al.)."""
-    probe = _probe(name, kinds=("rotation",), dim=head_dim, num_heads=1)
+    probe = _probe(name, figure="decay", dim=head_dim, num_heads=1)
     prof = analysis.distance_profile(probe, max_distance, draws=256)
     fig = _figure(7.0, 4.5)
     ax = fig.add_subplot()
@@ -428,7 +447,8 @@ def plot(name: str, kind: str, **kwargs: Any) -> Figure:
             return scaling(**kwargs)
         return GLOBAL_KINDS[kind]([name] if name not in ("all", "") else None, **kwargs)
     if kind not in KINDS:
-        raise ValueError(f"unknown kind {kind!r}; kinds: {sorted([*KINDS, *GLOBAL_KINDS])}")
+        kinds = sorted([*KINDS, *GLOBAL_KINDS])
+        raise ValueError(f"unknown kind {kind!r}; kinds: {kinds}.{did_you_mean(kind, kinds)}")
     return KINDS[kind](name, **kwargs)
 
 
