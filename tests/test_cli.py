@@ -139,3 +139,32 @@ def test_bad_lists_and_a_config_given_as_checkpoint_are_clear_errors(tmp_path):
         result = runner.invoke(app, args, env={"COLUMNS": "300"})
         assert result.exit_code == 2, result.output
         assert message in result.output and "invalid literal" not in result.output and "delete" not in result.output
+
+
+def test_typos_get_a_suggestion_and_yaml_errors_a_line(tmp_path):
+    bad_yaml = tmp_path / "bad.yaml"
+    bad_yaml.write_text("task: {name: copy\nmodel: [\n", encoding="utf-8")
+    typo = tmp_path / "typo.yaml"
+    typo.write_text("task: {name: copyy}\n", encoding="utf-8")
+    cases = [
+        (["train", "--config", str(bad_yaml)], "is not valid YAML at line 2, column 6"),
+        (["train", "--config", str(typo)], "unknown task 'copyy'"),
+        (["study", "--tasks", "revers", "--out", str(tmp_path / "s")], "Did you mean 'reverse'?"),
+        (["plot", "sinusoidal", "-k", "heatmapp", "-o", str(tmp_path / "x.png")], "Did you mean 'heatmap'?"),
+    ]
+    for args, message in cases:
+        result = runner.invoke(app, args, env={"COLUMNS": "300"})
+        assert result.exit_code == 2, result.output
+        assert message in result.output, result.output
+    typo_result = runner.invoke(app, ["train", "--config", str(typo)], env={"COLUMNS": "300"})
+    assert "Did you mean 'copy'?" in typo_result.output
+
+
+def test_a_figure_of_another_family_names_the_kinds_that_apply(tmp_path):
+    result = runner.invoke(
+        app, ["plot", "sinusoidal", "-k", "buckets", "-o", str(tmp_path / "x.png")], env={"COLUMNS": "300"}
+    )
+    assert result.exit_code == 3, result.output
+    assert "Kinds that apply to 'sinusoidal': heatmap, similarity" in result.output
+    rope = runner.invoke(app, ["plot", "alibi", "-k", "decay", "-o", str(tmp_path / "x.png")], env={"COLUMNS": "300"})
+    assert "Kinds that apply to 'alibi': heatmap, similarity, bias, buckets" in rope.output

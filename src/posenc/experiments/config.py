@@ -25,7 +25,7 @@ import yaml
 
 from posenc.data.synthetic import SYNTHETIC_TASKS
 from posenc.data.text import CORPORA
-from posenc.functional.checks import positive_float, positive_int
+from posenc.functional.checks import did_you_mean, positive_float, positive_int
 from posenc.registry import get as get_encoding
 
 TASKS: tuple[str, ...] = SYNTHETIC_TASKS + CORPORA
@@ -68,7 +68,9 @@ class TaskConfig:
 
     def __post_init__(self) -> None:
         if self.name not in TASKS:
-            raise ValueError(f"unknown task {self.name!r}; available: {list(TASKS)}")
+            raise ValueError(
+                f"unknown task {self.name!r}; available: {list(TASKS)}.{did_you_mean(self.name, list(TASKS))}"
+            )
         positive_int("train_length", self.train_length)
         positive_int("num_symbols", self.num_symbols)
         positive_int("eval_samples", self.eval_samples)
@@ -282,7 +284,10 @@ def load_config(path: str | Path) -> RunConfig:
     try:
         data = yaml.safe_load(p.read_text(encoding="utf-8"))
     except yaml.YAMLError as err:
-        raise ValueError(f"config file {str(p)!r} is not valid YAML: {err}".splitlines()[0]) from None
+        mark = getattr(err, "problem_mark", None)
+        where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark is not None else ""
+        problem = getattr(err, "problem", None) or str(err).splitlines()[0]
+        raise ValueError(f"config file {str(p)!r} is not valid YAML{where}: {problem}") from None
     return config_from_dict(data)
 
 

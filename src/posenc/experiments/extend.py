@@ -184,7 +184,8 @@ def plan_base(
     configs = []
     for task in task_names:
         if task not in TASKS or task == "text":
-            raise ValueError(f"unknown task {task!r}; available: {[t for t in TASKS if t != 'text']}")
+            names = [t for t in TASKS if t != "text"]
+            raise ValueError(f"unknown task {task!r}; available: {names}.{did_you_mean(task, names)}")
         base = per_task.get(task) or per_task["copy" if task in SYNTHETIC_TASKS else "shakespeare"]
         for seed in seeds if seeds is not None else default_seeds:
             d = {k: dict(v) for k, v in base.items()}

@@ -19,6 +19,7 @@ from typing import Any
 from posenc.data.synthetic import SYNTHETIC_TASKS
 from posenc.experiments.config import QUICK_ENCODINGS, RANDPOS, TASKS, RunConfig, config_from_dict
 from posenc.experiments.train import StepCallback, train_run
+from posenc.functional.checks import did_you_mean
 from posenc.registry import available, create_for_model
 
 # Per-task settings of each preset (model, training length, steps...). See docs/results.md
@@ -133,7 +134,7 @@ def plan_study(
         raise ValueError("no tasks to study")
     for t in task_names:
         if t not in TASKS:
-            raise ValueError(f"unknown task {t!r}; available: {list(TASKS)}")
+            raise ValueError(f"unknown task {t!r}; available: {list(TASKS)}.{did_you_mean(t, list(TASKS))}")
     seed_list = list(seeds) if seeds is not None else list(p.seeds)
     if not seed_list:
         raise ValueError("no seeds to study")
