@@ -17,7 +17,7 @@ never a silent fallback):
   ``score_mod()`` raises and names ``backend="sdpa"``.
 
 On a CUDA GPU, forward and backward compile to Triton kernels (checked against SDPA,
-gradients included, by ``tests/test_gpu.py`` on an H200 with PyTorch 2.11); the kernel
+gradients included, by ``tests/test_gpu.py`` where a GPU is present); the kernel
 needs ``head_dim >= 16``, and a smaller one raises a clear error. FIRE's score_mod cannot
 be differentiated there (its MLP weights are indexed once per hidden unit): training
 FIRE on flex on CUDA raises, use ``backend="sdpa"``.
