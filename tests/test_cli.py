@@ -168,3 +168,15 @@ def test_a_figure_of_another_family_names_the_kinds_that_apply(tmp_path):
     assert "Kinds that apply to 'sinusoidal': heatmap, similarity" in result.output
     rope = runner.invoke(app, ["plot", "alibi", "-k", "decay", "-o", str(tmp_path / "x.png")], env={"COLUMNS": "300"})
     assert "Kinds that apply to 'alibi': heatmap, similarity, bias, buckets" in rope.output
+
+
+@pytest.mark.parametrize("columns", [80, 240])
+def test_analyze_fits_the_terminal_and_explains_its_columns(columns):
+    result = runner.invoke(app, ["analyze", "rope", "alibi", "sinusoidal", "binary"], env={"COLUMNS": str(columns)})
+    assert result.exit_code == 0, result.output
+    lines = result.output.splitlines()
+    assert max(len(line) for line in lines) <= columns
+    table_lines = [line for line in lines if line.startswith(("│", "┃"))]
+    for name in ("rope", "alibi", "sinusoidal", "binary", "rotation", "new ("):
+        assert any(name in line for line in table_lines), name  # whole cells, never wrapped letter by letter
+    assert "rel. dev.: how far scores of fixed content depend on anything but m - n" in " ".join(lines)

@@ -6,7 +6,6 @@ import os
 
 import typer
 from rich.markup import escape
-from rich.table import Table
 
 import posenc
 from posenc.analysis.contract import CHECKS, check_encoding
@@ -18,6 +17,7 @@ from posenc.cli_output import (
     fail,
     harness_exit,
     int_list,
+    print_card,
     print_check,
     print_encoding,
     print_outputs,
@@ -265,12 +265,9 @@ def analyze(
                 cards.append(analysis.card_for_probe(probe, cfg, token_norm=info.token_norm))
     except (ValueError, TypeError, FileNotFoundError) as err:
         raise fail(err) from None
-    table = Table(title=f"posenc report card (dim={dim}, {heads} heads, horizon {horizon}, L={train_length})")
-    for col in cards[0].row():
-        table.add_column(col, overflow="fold")
-    for card in cards:
-        table.add_row(*(analysis.format_value(v) for v in card.row().values()))
-    console.print(table)
+    title = f"posenc report card (dim={dim}, {heads} heads, horizon {horizon}, L={train_length})"
+    rows = [{k: analysis.format_value(v) for k, v in card.row().items()} for card in cards]
+    print_card(title, rows, analysis.CARD_COLUMNS)
 
 
 @app.command("plot")

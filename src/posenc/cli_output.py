@@ -125,6 +125,35 @@ def print_encoding(cls) -> None:
     console.print(table)
 
 
+def print_card(title: str, rows: list[dict[str, str]], legend: dict[str, str]) -> None:
+    """The report card: one row per encoding when the terminal is wide enough for every
+    column, else one column per encoding (in blocks that fit), then what each column means."""
+    columns = list(rows[0])
+    widths = {c: max(len(c), *(len(r[c]) for r in rows)) for c in columns}
+    if sum(widths.values()) + 3 * len(columns) + 1 <= console.width:
+        table = Table(title=title)
+        for column in columns:
+            table.add_column(escape(column), no_wrap=True)
+        for row in rows:
+            table.add_row(*(escape(row[c]) for c in columns))
+        console.print(table)
+    else:  # transposed: measurements down, encodings across
+        label = max(len(c) for c in columns[1:])
+        cell = max(max(len(v) for v in r.values()) for r in rows)
+        per_block = max(1, (console.width - label - 4) // (cell + 3))
+        for start in range(0, len(rows), per_block):
+            block = rows[start : start + per_block]
+            table = Table(title=title if start == 0 else None)
+            table.add_column("measure", no_wrap=True)
+            for row in block:
+                table.add_column(escape(row[columns[0]]), no_wrap=True)
+            for column in columns[1:]:
+                table.add_row(escape(column), *(escape(row[column]) for row in block))
+            console.print(table)
+    for column in columns[1:]:
+        console.print(f"[bold]{escape(column)}[/bold]: {escape(legend[column])}", highlight=False)
+
+
 def print_check(name: str, results: list) -> bool:
     """The contract's pass/fail table; True when every check passed."""
     table = Table(title=f"posenc check {escape(name)}")

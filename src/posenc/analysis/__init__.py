@@ -5,7 +5,15 @@
 >>> card.uniqueness.min_distance, card.continuity.ratio
 """
 
-from posenc.analysis.card import CardConfig, ReportCard, card_for_probe, format_value, report_card, report_cards
+from posenc.analysis.card import (
+    CARD_COLUMNS,
+    CardConfig,
+    ReportCard,
+    card_for_probe,
+    format_value,
+    report_card,
+    report_cards,
+)
 from posenc.analysis.measures import (
     Beyond,
     Continuity,
@@ -29,6 +37,7 @@ from posenc.analysis.measures import (
 from posenc.analysis.probe import Probe, bias_matrix, build, rotation_pairs, scores, signature
 
 __all__ = [
+    "CARD_COLUMNS",
     "Beyond",
     "CardConfig",
     "Continuity",

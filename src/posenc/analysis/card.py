@@ -153,6 +153,24 @@ def report_cards(names: list[str] | None = None, config: CardConfig | None = Non
     return [report_card(n, config) for n in names]
 
 
+#: What each column of ``ReportCard.row()`` measures (the CLI prints it under the table).
+CARD_COLUMNS = {
+    "encoding": "the registered name",
+    "family": "none, additive, relative, bias, contextual or rotary",
+    "signal": "what carries the position: vector PE(p), rotation (a fixed query rotated to p), bias (query p, key 0)",
+    "mask": "the form measured: causal or bidirectional (each encoding's own default)",
+    "|PE|/|tok|": "largest |PE(p)| within the horizon over the norm of a unit-variance token (vector signals)",
+    "len. change": "largest change of a position's signal when only the sequence length changes",
+    "max/med step": "largest |signal(p+1) - signal(p)| over the median step (1: every step alike)",
+    "min dist": "distance between the two closest positions' signals within the horizon",
+    "period": "the period if the signal repeats within the horizon",
+    "rel. dev.": "how far scores of fixed content depend on anything but m - n (0: relative)",
+    "past L": "positions beyond the trained length L: new signals (how far, in median steps), saturation or error",
+    "blind": "attention outputs unchanged (up to the permutation) when tokens are permuted, no mask",
+    "blind causal": "the same with a causal mask",
+}
+
+
 def format_value(value: Any) -> str:
     """A table cell: floats to 3 significant digits, inf/None/bools spelled out."""
     if value is None:
