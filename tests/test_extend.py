@@ -23,7 +23,7 @@ from posenc.experiments.extend import (
     trained_context,
     validate_extension,
 )
-from posenc.experiments.extend_summary import orderings
+from posenc.experiments.extend_summary import ordering_tables, orderings
 from posenc.experiments.train import build_model, checkpoint_path, load_checkpoint, setup, train_run
 from posenc.pipeline.extension import extension_report_section
 
@@ -257,4 +257,36 @@ def test_orderings_by_hand():
     # recovery = (none(20) - linear_ft(20)) / (none(20) - base(10)): (40-5.5)/35, (40-30)/35
     assert got["4."]["recovery"] == pytest.approx([34.5 / 35, 10 / 35])
     assert got["4."]["holds"] == 1
-    assert got["5."]["holds"] == 1  # 5.0 <= 5.5 yes, 31 <= 30 no
+    assert got["5."]["holds"] == 1  # 5.0 < 5.5 yes, 31 < 30 no
+    assert [got[k]["ties"] for k in ("1.", "2.", "3.", "5.")] == [0, 0, 0, 0]
+
+
+def test_a_tie_is_not_agreement():
+    """Direct extrapolation that does not fail (the same metric at 2L as at L) and YaRN
+    equal to PI are ties: counted apart, never as the claim holding."""
+
+    def rec(rule, stage, seed, at_l, at_2l):
+        return {
+            "task": "t",
+            "rule": rule,
+            "stage": stage,
+            "seed": seed,
+            "train_length": 10,
+            "context": 10,
+            "finetune_length": 20 if stage == "fine-tuned" else None,
+            "metrics": [
+                {"length": 10, "factor": 1, "ppl": at_l, "ppl_sliding": at_l},
+                {"length": 20, "factor": 2, "ppl": at_2l, "ppl_sliding": at_2l},
+            ],
+        }
+
+    records = [
+        rec("none", "zero-shot", 0, 5.0, 5.0),
+        rec("linear", "fine-tuned", 0, 5.0, 6.0),
+        rec("yarn", "fine-tuned", 0, 5.0, 6.0),
+    ]
+    got = {c["claim"][:2]: c for c in orderings({"records": records}, "t")}
+    assert (got["1."]["holds"], got["1."]["ties"]) == (0, 1)
+    assert (got["5."]["holds"], got["5."]["ties"]) == (0, 1)
+    (table,) = ordering_tables({"records": records})
+    assert "0/1, 1 tied" in " ".join(" ".join(row) for row in table.rows)
