@@ -445,3 +445,28 @@ def test_resume_from_checkpoint_saved_before_a_config_field_existed(tmp_path):
     torch.save(state, ckpt)
     rec, skipped = train_run(cfg, tmp_path)
     assert not skipped and rec["metrics"] == train_run(cfg, tmp_path / "clean")[0]["metrics"]
+
+
+def test_a_study_with_runs_that_did_not_learn_warns(tmp_path):
+    """Runs below the in-distribution bar are named in results.md and by the CLI."""
+    from posenc.experiments.summary import LEARNED_BAR, not_learned
+    from posenc.pipeline.study import write_study_outputs
+
+    def record(encoding, at_l):
+        return {
+            "run_id": f"copy__{encoding}",
+            "task": "copy",
+            "encoding": encoding,
+            "seed": 0,
+            "train_length": 2,
+            "metrics": [
+                {"length": n, "exact_match": at_l if n <= 2 else 0.1, "token_accuracy": at_l} for n in (1, 2, 4)
+            ],
+        }
+
+    records = [record("rope", 1.0), record("nope-ish", LEARNED_BAR - 0.05)]
+    assert [r["encoding"] for r in not_learned(records)] == ["nope-ish"]
+    out = write_study_outputs(tmp_path, records, report=False)
+    text = out["markdown"].read_text(encoding="utf-8")
+    assert "1 run(s) did not learn in distribution" in text and "nope-ish on copy (seed 0)" in text
+    assert "rope on copy" not in text.split("**Warning:**")[1].split("\n")[0]

@@ -24,6 +24,7 @@ from posenc.cli_output import (
     print_tables,
     progress_bars,
     study_hooks,
+    warn_not_learned,
 )
 from posenc.functional.rope_scaling import extension_rules
 
@@ -175,6 +176,7 @@ def study(
         except (ValueError, TypeError) as err:
             raise fail(err) from None
         print_tables(read_results(run_dir))
+        warn_not_learned(read_results(run_dir))
         print_outputs(run_dir, outputs)
         return
     if missing:
@@ -209,6 +211,7 @@ def study(
             console.print(f"rank {ctx.rank}/{ctx.world_size}: {len(records)} runs done; rank 0 writes the outputs")
             return
         print_tables(records)
+        warn_not_learned(records)
         outputs = write_study_outputs(run_dir, report=not no_report)
     except (
         ValueError,

@@ -12,7 +12,7 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from rich.table import Table
 
 from posenc.experiments.distributed import DistributedError, exit_now
-from posenc.experiments.summary import tables, to_rich
+from posenc.experiments.summary import not_learned, not_learned_note, tables, to_rich
 
 console = Console()
 
@@ -173,6 +173,12 @@ def print_check(name: str, results: list) -> bool:
 def print_tables(records: list) -> None:
     for t in tables(records):
         console.print(to_rich(t))
+
+
+def warn_not_learned(records: list) -> None:
+    unlearned = not_learned(records)
+    if unlearned:
+        console.print(f"[yellow]warning:[/yellow] {escape(not_learned_note(unlearned))}")
 
 
 def print_outputs(run_dir, outputs) -> None:

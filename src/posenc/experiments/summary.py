@@ -49,6 +49,27 @@ def in_distribution(record: dict[str, Any], key: str = "exact_match") -> float:
     return statistics.fmean(vals)
 
 
+#: In-distribution exact match below which a synthetic run did not learn its task.
+LEARNED_BAR = 0.9
+
+
+def not_learned(records: list[dict[str, Any]], bar: float = LEARNED_BAR) -> list[dict[str, Any]]:
+    """The synthetic runs whose exact match over lengths ``1..L`` is below ``bar``: their
+    scores past ``L`` say nothing about generalization. Language-modelling runs have no
+    such bar and are never listed."""
+    return [r for r in records if "exact_match" in r["metrics"][0] and in_distribution(r) < bar]
+
+
+def not_learned_note(unlearned: list[dict[str, Any]]) -> str:
+    """One sentence naming the runs that did not learn in distribution."""
+    runs = ", ".join(f"{r['encoding']} on {r['task']} (seed {r['seed']})" for r in unlearned)
+    return (
+        f"{len(unlearned)} run(s) did not learn in distribution (exact match over lengths 1..L below "
+        f"{LEARNED_BAR}): {runs}. Their scores past L, and ranks that include them, say nothing about "
+        "generalization."
+    )
+
+
 def ratio(record: dict[str, Any], length: int, key: str = "ppl") -> float:
     """``ppl(length) / ppl(train_length)`` (Press et al. 2022, Table 2's quantity)."""
     by_len = {m["length"]: m[key] for m in record["metrics"]}

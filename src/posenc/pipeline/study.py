@@ -10,7 +10,7 @@ from typing import Any
 
 from posenc.experiments.published import published_tables
 from posenc.experiments.results import read_results
-from posenc.experiments.summary import group, is_lm, tables, to_markdown
+from posenc.experiments.summary import group, is_lm, not_learned, not_learned_note, tables, to_markdown
 from posenc.pipeline.report import write_report
 from posenc.viz.study import plot_task, safe_filename
 
@@ -43,7 +43,11 @@ def write_study_outputs(
     if not records:
         raise ValueError(f"no results in {str(run_dir)!r} to summarize")
     plots = plot_study(records, run_dir / "plots")
-    md = ["# Study results", "", f"Run folder: `{run_dir}`; {len(records)} runs.", "", to_markdown(tables(records))]
+    md = ["# Study results", "", f"Run folder: `{run_dir}`; {len(records)} runs.", ""]
+    unlearned = not_learned(records)
+    if unlearned:
+        md += [f"**Warning:** {not_learned_note(unlearned)}", ""]
+    md.append(to_markdown(tables(records)))
     compared = published_tables(records)
     if compared:
         md += ["## Beside the published findings", "", to_markdown(compared)]
