@@ -19,6 +19,7 @@ from posenc.cli_output import (
     int_list,
     print_card,
     print_check,
+    print_compare,
     print_encoding,
     print_outputs,
     print_tables,
@@ -225,6 +226,35 @@ def study(
     finally:
         distributed.shutdown()
     print_outputs(run_dir, outputs)
+
+
+@app.command("compare")
+def compare(
+    name: str = typer.Argument(..., help="the encoding to rank (a plugin or a built-in; NAME+randpos too)"),
+    preset: str = typer.Option("full", "--preset", help="full (the committed baselines; see docs/plugins.md), smoke"),
+    tasks: str = typer.Option(None, "--tasks", help="comma-separated (default: the preset's)"),
+    seeds: str = typer.Option(None, "--seeds", help="comma-separated ints (default: the preset's)"),
+    baselines: str = typer.Option(None, "--baselines", help="results.jsonl (default docs/data/full_results.jsonl)"),
+    out: str = typer.Option(None, "--out", help="run folder (default runs/compare-NAME)"),
+    threads: int = typer.Option(None, "--threads", help="torch threads per run (default min(2, cores // jobs))"),
+    jobs: int = typer.Option(None, "--jobs", help="runs trained side by side (default: one per core, at most 8)"),
+    no_report: bool = typer.Option(False, "--no-report", help="skip the leaderboard's report.html"),
+) -> None:
+    """Rank NAME among baseline records without retraining them: train only NAME's runs of
+    the preset (the baselines' configs but the encoding, checked), write compare.md."""
+    from posenc.experiments.parallel import StudyWorkerError
+    from posenc.pipeline.compare import run_compare
+
+    try:
+        request = dict(tasks=csv(tasks), seeds=int_list("--seeds", seeds), baselines=baselines, out=out)
+        with progress_bars() as progress:
+            outputs = run_compare(
+                name, preset, **request, threads=threads, jobs=jobs, report=not no_report, say=console.print,
+                hooks=lambda configs, label, parallel: study_hooks(progress, configs, len(configs), label, parallel),
+            )  # fmt: skip
+    except (ValueError, TypeError, FileNotFoundError, FloatingPointError, StudyWorkerError, KeyboardInterrupt) as err:
+        raise harness_exit(err, None, "run the same command again to resume (finished runs are kept)") from None
+    print_compare(outputs)
 
 
 # -- evidence: analyze, plot, report, check ------------------------------------------------------

@@ -181,6 +181,17 @@ def warn_not_learned(records: list) -> None:
         console.print(f"[yellow]warning:[/yellow] {escape(not_learned_note(unlearned))}")
 
 
+def print_compare(outputs: dict) -> None:
+    """The tables and files of ``posenc compare`` (``pipeline.compare.run_compare``)."""
+    for t in outputs["tables"]:
+        console.print(to_rich(t))
+    warn_not_learned(outputs["records"])
+    console.print(f"leaderboard: {outputs['markdown']}")
+    console.print(f"merged records, tables and plots: {outputs['leaderboard']}")
+    if outputs["report"] is not None:
+        console.print(f"report: {outputs['report']}")
+
+
 def print_outputs(run_dir, outputs) -> None:
     console.print(f"results: {run_dir / 'results.jsonl'}")
     console.print(f"tables: {outputs['markdown']}")

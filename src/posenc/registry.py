@@ -115,6 +115,14 @@ def load_plugins(specs: list[str] | None = None) -> dict[str, list[str]]:
     return loaded
 
 
+def plugin_specs() -> list[str]:
+    """The plugins imported so far that another process must be told about: the ``.py``
+    paths and module names of ``POSENC_PLUGINS`` and ``load_plugins`` (entry points are
+    found by every process on its own). ``posenc study --jobs`` passes them to its worker
+    processes, which call ``load_plugins`` with them."""
+    return [spec for spec in LOADED_PLUGINS if " (entry point " not in spec]
+
+
 def _with_plugins() -> dict[str, type[PositionalEncoding]]:
     if _plugins_pending:
         load_plugins()

@@ -15,6 +15,10 @@ re-run skips finished runs, so an interrupted parallel study resumes like a sequ
 one. The workers report start / step / end / error on a queue; the caller's hooks get
 the run's index in the plan, so a progress display can show one bar per active run.
 At the end ``results.jsonl`` is put back in plan order (runs are appended as they finish).
+Plugins reach the workers: a spawned worker reads ``POSENC_PLUGINS`` and the entry points
+itself and is handed the parent's other plugins (``registry.plugin_specs()``: ``--plugin``,
+``load_plugins``), which it loads before its first run. Under torchrun every rank runs
+the same command line, so its ``--plugin`` options and ``POSENC_PLUGINS`` reach every rank.
 
 Under torchrun, plan entry ``i`` is trained by rank ``i % world_size`` as a plain
 single-process ``train_run`` (which appends its line to ``results.jsonl`` under the file
@@ -43,6 +47,7 @@ from posenc.experiments.config import RunConfig, config_from_dict, default_threa
 from posenc.experiments.distributed import DistContext, DistributedError, study_timeout
 from posenc.experiments.results import RESULTS_FILE, order_results, read_results
 from posenc.experiments.train import StepCallback, train_run
+from posenc.registry import load_plugins, plugin_specs
 
 #: Seconds between two progress messages of one worker (the last step is always sent).
 STEP_REPORT_S = 0.25
@@ -95,12 +100,18 @@ class StudyWorkerError(RuntimeError):
     """A worker process died without reporting (killed, out of memory)."""
 
 
-def _worker(tasks, messages, configs: list[dict[str, Any]], run_dir: str, parent: int) -> None:
-    """Loop of one worker process: train the runs whose plan indices arrive on ``tasks``
-    (``None`` ends the loop) and report on ``messages``. If the parent process ``parent``
+def _worker(tasks, messages, configs: list[dict[str, Any]], run_dir: str, parent: int, plugins: list[str] = ()) -> None:
+    """Loop of one worker process: load the parent's ``plugins`` (``--plugin`` files and
+    modules are not in the environment), train the runs whose plan indices arrive on
+    ``tasks`` (``None`` ends the loop) and report on ``messages``. If the parent process ``parent``
     dies (SIGKILL, or a SIGTERM that skips its clean-up), the worker exits at its next step
     rather than train the rest of the study unseen; its run resumes from the checkpoint."""
     cache: dict = {}  # corpora, shared by this worker's runs
+    try:
+        load_plugins(list(plugins))
+    except Exception as err:  # reported like a run's error: the parent stops the study
+        messages.put(("error", -1, pickle.dumps(RuntimeError(f"{type(err).__name__}: {err}"))))
+        return
     while os.getppid() == parent and (i := tasks.get()) is not None:
         last = [0.0]
 
@@ -178,7 +189,7 @@ def _train_pending(configs, pending, run_dir, jobs, records, on_run_start, on_ru
     workers = [
         ctx.Process(
             target=_worker,
-            args=(tasks, messages, dicts, str(run_dir), os.getpid()),
+            args=(tasks, messages, dicts, str(run_dir), os.getpid(), plugin_specs()),
             daemon=True,
             name=f"posenc-study-{k}",
         )

@@ -1,0 +1,231 @@
+"""A leaderboard without retraining the baselines: rank one encoding (a plugin or a
+built-in) among finished records, e.g. the full preset's committed
+``docs/data/full_results.jsonl``.
+
+``plan_compare`` plans only the encoding's runs of a preset (``plan_study`` with
+``encodings=[name]``) and checks that every baseline record of the same task and seed
+was trained with exactly the same config but the encoding: the ``task``, ``model`` and
+``train`` sections must be equal except ``model.encoding``, ``model.encoding_params``,
+``train.randomized_positions`` (what makes an encoding variant) and ``train.threads``
+(speed only, left out of the run id too). A difference is a ``ValueError`` naming the
+run and the differing keys, never a silent unfair comparison; so are baseline records
+trained with another preset (another config for the same task and seed) and a task or
+seed of the plan that no baseline covers. ``merge`` joins the baselines and the new
+records; ``leaderboard_tables`` ranks the encoding (``standings``) and adds the study's
+own tables (``summary.tables``, with Kazemnejad et al.'s mean ranks).
+
+The commands: ``posenc compare NAME`` (``posenc.pipeline.compare`` trains and writes);
+docs/plugins.md walks through one with the DAPE example plugin.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import statistics
+from pathlib import Path
+from typing import Any
+
+from posenc.experiments.config import RunConfig
+from posenc.experiments.results import RESULTS_FILE, validate_record
+from posenc.experiments.study import plan_study
+from posenc.experiments.summary import Cell, TableData, group, in_distribution, is_lm, ratio, tables
+
+#: Config keys that make an encoding variant (they may differ from the baselines').
+ENCODING_KEYS = (("model", "encoding"), ("model", "encoding_params"), ("train", "randomized_positions"))
+#: Config keys that change speed, not what is computed (left out of the run id too).
+SPEED_KEYS = (("train", "threads"),)
+#: The committed records of the full preset (docs/results.md), relative to the repository.
+DEFAULT_BASELINES = "docs/data/full_results.jsonl"
+
+
+@dataclasses.dataclass
+class Comparison:
+    """One encoding's runs to train and the baseline records it is ranked among."""
+
+    name: str  # the encoding label (``NAME`` or ``NAME+randpos``)
+    preset: str
+    configs: list[RunConfig]
+    baselines: list[dict[str, Any]]
+    source: str  # where the baseline records came from
+    outside: int = 0  # baseline records of tasks or seeds outside the plan (not shown)
+    replaced: int = 0  # baseline records of ``name`` itself (its runs are trained here)
+
+
+def default_baselines() -> Path:
+    """``docs/data/full_results.jsonl`` of the current directory, else of the posenc
+    checkout this module comes from; ``FileNotFoundError`` when neither exists."""
+    for root in (Path.cwd(), Path(__file__).resolve().parents[3]):
+        if (root / DEFAULT_BASELINES).is_file():
+            return root / DEFAULT_BASELINES
+    raise FileNotFoundError(
+        f"no baseline records at {DEFAULT_BASELINES!r} (it ships with the posenc repository); "
+        "pass --baselines FILE (a results.jsonl of `posenc study`)"
+    )
+
+
+def read_baselines(path: str | Path) -> list[dict[str, Any]]:
+    """The records of a ``results.jsonl`` file, or of a run folder holding one; each
+    checked by ``validate_record``. Missing or empty is a ``FileNotFoundError``/``ValueError``."""
+    path = Path(path)
+    if path.is_dir():
+        path = path / RESULTS_FILE
+    if not path.is_file():
+        raise FileNotFoundError(f"no baseline records at {str(path)!r} (a results.jsonl of `posenc study`)")
+    records = []
+    for i, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
+        if not line.strip():
+            continue
+        try:
+            rec = json.loads(line)
+        except json.JSONDecodeError as err:
+            raise ValueError(f"baseline file {str(path)!r} line {i} is corrupt: {err.msg}") from None
+        records.append(validate_record(rec, f"baseline file {str(path)!r} line {i}"))
+    if not records:
+        raise ValueError(f"baseline file {str(path)!r} holds no records")
+    return records
+
+
+def comparable(config: dict[str, Any]) -> dict[str, Any]:
+    """``config`` (a ``RunConfig.to_dict()``) without ``ENCODING_KEYS`` and ``SPEED_KEYS``."""
+    out = {section: dict(values) for section, values in config.items()}
+    for section, key in ENCODING_KEYS + SPEED_KEYS:
+        out.get(section, {}).pop(key, None)
+    return out
+
+
+def config_diff(ours: dict[str, Any], theirs: dict[str, Any]) -> list[tuple[str, Any, Any]]:
+    """``(section.key, ours, theirs)`` for every key of the two comparable configs whose
+    values differ (a key missing on one side is ``<missing>``)."""
+    a, b = comparable(ours), comparable(theirs)
+    diffs = []
+    for section in sorted(set(a) | set(b)):
+        sa, sb = a.get(section, {}), b.get(section, {})
+        for key in sorted(set(sa) | set(sb)):
+            va, vb = sa.get(key, "<missing>"), sb.get(key, "<missing>")
+            if va != vb:
+                diffs.append((f"{section}.{key}", va, vb))
+    return diffs
+
+
+def plan_compare(
+    name: str,
+    preset: str = "full",
+    *,
+    baselines: str | Path | None = None,
+    tasks: list[str] | None = None,
+    seeds: list[int] | None = None,
+    threads: int | None = None,
+) -> Comparison:
+    """The runs of ``name`` in ``preset`` (restricted to ``tasks``/``seeds``) and the
+    baseline records of the same tasks and seeds, checked to share their configs."""
+    configs, _ = plan_study(preset, encodings=[name], tasks=tasks, seeds=seeds, threads=threads)
+    label = configs[0].encoding_label
+    source = Path(baselines) if baselines is not None else default_baselines()
+    records = read_baselines(source)
+    ours = {(c.task.label, c.train.seed): c.to_dict() for c in configs}
+    kept, outside, replaced, unfair = [], 0, 0, []
+    for rec in records:
+        key = (rec["task"], rec["seed"])
+        if key not in ours:
+            outside += 1
+        elif rec["encoding"] == label:
+            replaced += 1
+        elif diff := config_diff(ours[key], rec["config"]):
+            unfair.append((rec, diff))
+        else:
+            kept.append(rec)
+    if unfair:
+        raise ValueError(_unfair_message(name, preset, source, unfair))
+    covered = {(r["task"], r["seed"]) for r in kept}
+    uncovered = [f"{task} seed {seed}" for task, seed in ours if (task, seed) not in covered]
+    if uncovered:
+        have = sorted({(r["task"], r["seed"]) for r in records})
+        raise ValueError(
+            f"no baseline records in {str(source)!r} for {', '.join(uncovered)}: choose --tasks/--seeds they cover "
+            f"({', '.join(f'{t} seed {s}' for t, s in have[:12])}{', ...' if len(have) > 12 else ''})"
+        )
+    return Comparison(label, preset, configs, kept, str(source), outside, replaced)
+
+
+def _unfair_message(name: str, preset: str, source: Path, unfair: list) -> str:
+    keys = sorted({k for _, diff in unfair for k, _, _ in diff})
+    shown = []
+    for rec, diff in unfair[:3]:
+        parts = "; ".join(f"{k} {theirs!r} (baseline) vs {mine!r} ({name})" for k, mine, theirs in diff[:6])
+        shown.append(f"{rec['run_id']}: {parts}")
+    more = f" (and {len(unfair) - 3} more)" if len(unfair) > 3 else ""
+    return (
+        f"{len(unfair)} baseline records in {str(source)!r} were trained with another config than the "
+        f"{preset!r} preset gives {name!r} for the same task and seed (differing keys: {', '.join(keys)}), "
+        f"so the comparison would not be fair: {' | '.join(shown)}{more}. Use the preset the baselines were "
+        "trained with (--preset), or baselines of this preset"
+    )
+
+
+def merge(comparison: Comparison, records: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """The baselines and the records of ``comparison``'s runs (``ValueError`` when one of
+    its runs has no record)."""
+    by_id = {r["run_id"]: r for r in records}
+    missing = [c.run_id for c in comparison.configs if c.run_id not in by_id]
+    if missing:
+        raise ValueError(f"no record of the runs {missing} of {comparison.name!r}")
+    return comparison.baselines + [by_id[c.run_id] for c in comparison.configs]
+
+
+def _window(record: dict[str, Any], key: str, factor: int = 2) -> float | None:
+    L = record["train_length"]
+    vals = [m[key] for m in record["metrics"] if L < m["length"] <= factor * L]
+    return statistics.fmean(vals) if vals else None
+
+
+def _criteria(lm: bool, L: int, lengths: set[int]) -> list[tuple[str, Any, bool]]:
+    """``(label, record -> value or None, higher is better)`` of a task's standings."""
+    if lm:
+        out = [(f"ppl at L={L}", lambda r: {m["length"]: m["ppl"] for m in r["metrics"]}[r["train_length"]], False)]
+        return out + [
+            (f"ppl({f}L) / ppl(L)", lambda r, f=f: ratio(r, f * r["train_length"]), False)
+            for f in (2, 8)
+            if f * L in lengths
+        ]
+    return [
+        (f"exact match 1..{L}", in_distribution, True),
+        (f"token accuracy ({L}, {2 * L}]", lambda r: _window(r, "token_accuracy"), True),
+    ]
+
+
+def standings(name: str, records: list[dict[str, Any]]) -> TableData:
+    """Where ``name`` places on every task: for synthetic tasks exact match in
+    distribution and token accuracy on ``(L, 2L]`` (the mean-rank quantity), for corpora
+    perplexity at L and its growth at 2L and 8L; each as ``name``'s mean over seeds, its
+    rank among the encodings (1 = best) and the best encoding."""
+    rows = []
+    for task, by_enc in group(records).items():
+        if name not in by_enc:
+            continue
+        first = by_enc[name][0]
+        lengths = {m["length"] for m in first["metrics"]}
+        for label, value, higher in _criteria(is_lm([first]), first["train_length"], lengths):
+            means = {}
+            for enc, recs in by_enc.items():
+                vals = [v for r in recs if (v := value(r)) is not None]
+                if vals:
+                    means[enc] = Cell.of(vals)
+            if name not in means:
+                continue
+            order = sorted(means, key=lambda e: -means[e].mean if higher else means[e].mean)
+            mine = means[name].mean
+            rank = 1 + sum((m.mean > mine) if higher else (m.mean < mine) for m in means.values())
+            best = order[0]
+            rows.append([task, label, means[name].fmt(3), f"{rank} of {len(means)}", f"{best} {means[best].fmt(3)}"])
+    return TableData(
+        f"{name} against the baselines (mean ± std over seeds; rank 1 = best, ties share the better rank)",
+        ["task", "criterion", name, "rank", "best"],
+        rows,
+    )
+
+
+def leaderboard_tables(name: str, records: list[dict[str, Any]]) -> list[TableData]:
+    """``standings`` first, then the study's tables of the merged records (per task and
+    metric, and the mean rank over synthetic tasks), as in docs/results.md."""
+    return [standings(name, records), *tables(records)]
