@@ -81,39 +81,12 @@ def _posenc(*args: str, **env: str):
     )
 
 
-PLUGIN = """
-import dataclasses
-from typing import ClassVar
-
-import posenc
-
-
-@dataclasses.dataclass(frozen=True)
-class TenthParams(posenc.Params):
-    dim: int
-
-    def validate(self):
-        if not isinstance(self.dim, int) or self.dim < 1:
-            raise ValueError(f"dim must be a positive int, got {self.dim!r}")
-
-
-@posenc.register
-class Tenth(posenc.AdditiveEncoding):
-    name = "tenth"
-    family = "additive"
-    reference = "a test plugin [with brackets]"
-    formula = "PE(p, i) = p / 10"
-    Params: ClassVar[type[posenc.Params]] = TenthParams
-
-    def table(self, positions):
-        return (positions.double()[..., None] / 10).expand(*positions.shape, self.params.dim).float()
-"""
-
-
 @pytest.mark.slow
 def test_plugin_option_and_variable_reach_every_command(tmp_path):
+    from test_plugins import PLUGIN  # the same test plugin as the registry's tests
+
     plugin = tmp_path / "tenth.py"
-    plugin.write_text(PLUGIN, encoding="utf-8")
+    plugin.write_text(PLUGIN.replace("NAME", "tenth").replace("a test plugin", "a test plugin [with brackets]"))
     listed = _posenc("--plugin", str(plugin), "list")
     assert listed.returncode == 0 and "tenth" in listed.stdout, listed.stderr
     shown = _posenc("show", "tenth", POSENC_PLUGINS=str(plugin))

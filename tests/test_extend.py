@@ -223,32 +223,34 @@ def test_cli_bad_input_is_one_line(tmp_path):
     assert check_rules(["pi", "dynamic_ntk", "none"]) == ("linear", "dynamic", "none")
 
 
+def _ordering_record(rule, stage, seed, at_l, at_2l):
+    """An extension record of task "t" at L = 10: perplexity ``at_l`` at L, ``at_2l`` at 2L."""
+    return {
+        "task": "t",
+        "seed": seed,
+        "rule": rule,
+        "stage": stage,
+        "train_length": 10,
+        "context": 10,
+        "finetune_length": 20 if stage == "fine-tuned" else None,
+        "metrics": [
+            {"length": 10, "factor": 1, "ppl": at_l, "ppl_sliding": at_l},
+            {"length": 20, "factor": 2, "ppl": at_2l, "ppl_sliding": at_2l},
+        ],
+    }
+
+
 def test_orderings_by_hand():
     """Two seeds, L = 10, one longer length 20; perplexities chosen by hand."""
-
-    def rec(rule, stage, seed, at_l, at_2l):
-        return {
-            "task": "t",
-            "seed": seed,
-            "rule": rule,
-            "stage": stage,
-            "train_length": 10,
-            "context": 10,
-            "finetune_length": 20 if stage == "fine-tuned" else None,
-            "metrics": [
-                {"length": 10, "factor": 1, "ppl": at_l, "ppl_sliding": at_l},
-                {"length": 20, "factor": 2, "ppl": at_2l, "ppl_sliding": at_2l},
-            ],
-        }
 
     records = []
     for seed, (none2, lin2, ntk2, linft, yarnft) in enumerate([(40, 8, 6, 5.5, 5.0), (40, 8, 9, 30.0, 31.0)]):
         records += [
-            rec("none", "zero-shot", seed, 5.0, none2),
-            rec("linear", "zero-shot", seed, 5.0, lin2),
-            rec("ntk", "zero-shot", seed, 5.0, ntk2),
-            rec("linear", "fine-tuned", seed, 5.0, linft),
-            rec("yarn", "fine-tuned", seed, 5.0, yarnft),
+            _ordering_record("none", "zero-shot", seed, 5.0, none2),
+            _ordering_record("linear", "zero-shot", seed, 5.0, lin2),
+            _ordering_record("ntk", "zero-shot", seed, 5.0, ntk2),
+            _ordering_record("linear", "fine-tuned", seed, 5.0, linft),
+            _ordering_record("yarn", "fine-tuned", seed, 5.0, yarnft),
         ]
     got = {c["claim"][:2]: c for c in orderings({"records": records}, "t")}
     assert (got["1."]["holds"], got["1."]["seeds"]) == (2, 2)
@@ -265,25 +267,10 @@ def test_a_tie_is_not_agreement():
     """Direct extrapolation that does not fail (the same metric at 2L as at L) and YaRN
     equal to PI are ties: counted apart, never as the claim holding."""
 
-    def rec(rule, stage, seed, at_l, at_2l):
-        return {
-            "task": "t",
-            "rule": rule,
-            "stage": stage,
-            "seed": seed,
-            "train_length": 10,
-            "context": 10,
-            "finetune_length": 20 if stage == "fine-tuned" else None,
-            "metrics": [
-                {"length": 10, "factor": 1, "ppl": at_l, "ppl_sliding": at_l},
-                {"length": 20, "factor": 2, "ppl": at_2l, "ppl_sliding": at_2l},
-            ],
-        }
-
     records = [
-        rec("none", "zero-shot", 0, 5.0, 5.0),
-        rec("linear", "fine-tuned", 0, 5.0, 6.0),
-        rec("yarn", "fine-tuned", 0, 5.0, 6.0),
+        _ordering_record("none", "zero-shot", 0, 5.0, 5.0),
+        _ordering_record("linear", "fine-tuned", 0, 5.0, 6.0),
+        _ordering_record("yarn", "fine-tuned", 0, 5.0, 6.0),
     ]
     got = {c["claim"][:2]: c for c in orderings({"records": records}, "t")}
     assert (got["1."]["holds"], got["1."]["ties"]) == (0, 1)

@@ -26,6 +26,10 @@ PLUGIN = textwrap.dedent(
     class HalfParams(posenc.Params):
         dim: int
 
+        def validate(self):
+            if not isinstance(self.dim, int) or self.dim < 1:
+                raise ValueError(f"dim must be a positive int, got {self.dim!r}")
+
 
     @posenc.register
     class HalfPositions(posenc.AdditiveEncoding):
