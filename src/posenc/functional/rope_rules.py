@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import warnings
 from collections.abc import Callable
 from numbers import Real
 from typing import Any
@@ -74,6 +75,25 @@ class RopeConfig:
         return dict(self.parameters).get(key, default)
 
 
+class RopeParameterWarning(UserWarning):
+    """A ``rope_parameters`` value that transformers accepts with a logged warning, and
+    that a lenient parse (``parse_rope_parameters(..., lenient=True)``, the Hugging Face
+    bridge) therefore accepts too, computing what transformers computes."""
+
+
+def tolerated(p: Parameters | None, message: str, value: Any) -> Any:
+    """A failed check that transformers only logs: a ``ValueError`` with ``message`` in a
+    strict parse (or outside one, ``p`` ``None``); in a lenient parse a
+    :class:`RopeParameterWarning` and ``value``, the value transformers goes on with.
+
+    A check calls it after its hard checks (those transformers also refuses), so going on
+    never skips one."""
+    if p is None or not p.lenient:
+        raise ValueError(message)
+    warnings.warn(f"{message}; accepted as transformers accepts it", RopeParameterWarning, stacklevel=2)
+    return value
+
+
 # -- how one key is checked: (key, value, parameters so far) -> the validated value ----------
 def check_number(key: str, value: object, p: Parameters | None = None) -> float:
     if isinstance(value, bool) or not isinstance(value, Real):
@@ -99,9 +119,14 @@ def check_non_negative(key: str, value: object, p: Parameters | None = None) -> 
 
 
 def check_factor(key: str, value: object, p: Parameters | None = None) -> float:
+    """A number >= 1. transformers logs a factor < 1 and computes with it: a lenient parse
+    accepts one in (0, 1) with a warning (not 0 or below: infinite or negative frequencies)."""
     v = check_number(key, value)
     if v < 1.0:
-        raise ValueError(f"rope_parameters[{key!r}] must be >= 1 (a factor < 1 shrinks the context), got {value!r}")
+        message = f"rope_parameters[{key!r}] must be >= 1 (a factor < 1 shrinks the context), got {value!r}"
+        if v <= 0.0:
+            raise ValueError(message)
+        return tolerated(p, message, v)
     return v
 
 
@@ -135,19 +160,24 @@ KeyCheck = Callable[[str, Any, "Parameters"], Any]
 @dataclasses.dataclass
 class Parameters:
     """What a rule's checks see: the sizes, and ``values``, the rule's keys checked so far
-    (a check between keys may add derived values, e.g. yarn's ``factor``)."""
+    (a check between keys may add derived values, e.g. yarn's ``factor``); ``lenient``: a
+    parse that accepts what transformers accepts (see :func:`tolerated`)."""
 
     rope_type: str
     head_dim: int
     rotary_dim: int
     max_position_embeddings: int | None
     values: dict[str, Any]
+    lenient: bool = False
 
 
 # -- checks between keys ---------------------------------------------------------------------
 def factor_from_lengths(p: Parameters) -> float:
     """The factor ``max_position_embeddings / original_max_position_embeddings``, as Hugging
-    Face derives an absent one (DeepSeek-V3, Phi-3 configs)."""
+    Face derives an absent one (DeepSeek-V3, Phi-3 configs). transformers also takes a
+    derived factor < 1 (a Phi-3 config with ``max_position_embeddings`` below
+    ``original_max_position_embeddings``; LongRoPE's attention factor is then 1): a
+    lenient parse does too, with a warning."""
     if p.max_position_embeddings is None:
         raise ValueError(
             f"rope_type {p.rope_type!r} without 'factor' derives it as max_position_embeddings / "
@@ -156,9 +186,11 @@ def factor_from_lengths(p: Parameters) -> float:
     orig = p.values["original_max_position_embeddings"]
     derived = p.max_position_embeddings / orig
     if derived < 1.0:
-        raise ValueError(
+        return tolerated(
+            p,
             f"derived factor max_position_embeddings / original_max_position_embeddings = "
-            f"{p.max_position_embeddings} / {orig} is < 1"
+            f"{p.max_position_embeddings} / {orig} is < 1",
+            derived,
         )
     return derived
 
@@ -175,13 +207,25 @@ def check_dynamic(p: Parameters) -> None:
 def check_yarn(p: Parameters) -> None:
     fast, slow = p.values.get("beta_fast", 32.0), p.values.get("beta_slow", 1.0)
     if fast < slow:
-        raise ValueError(f"rope_parameters['beta_fast'] ({fast}) must be >= beta_slow ({slow})")
+        tolerated(p, f"rope_parameters['beta_fast'] ({fast}) must be >= beta_slow ({slow})", None)
+    # transformers warns (and uses the explicit factor) when factor is not the ratio of the
+    # lengths, unless that ratio is 1 (original_max_position_embeddings filled in from
+    # max_position_embeddings); a lenient parse says so too
+    if p.lenient and p.max_position_embeddings is not None:
+        implicit = p.max_position_embeddings / p.values["original_max_position_embeddings"]
+        if implicit not in (p.values["factor"], 1.0):
+            warnings.warn(
+                f"rope_parameters['factor'] = {p.values['factor']} is not max_position_embeddings / "
+                f"original_max_position_embeddings = {implicit}; using the explicit factor, as transformers does",
+                RopeParameterWarning,
+                stacklevel=2,
+            )
 
 
 def check_llama3(p: Parameters) -> None:
     low, high = p.values["low_freq_factor"], p.values["high_freq_factor"]
     if high <= low:
-        raise ValueError(f"rope_parameters['high_freq_factor'] ({high}) must be > low_freq_factor ({low})")
+        tolerated(p, f"rope_parameters['high_freq_factor'] ({high}) must be > low_freq_factor ({low})", None)
 
 
 #: ``(cfg, seq_len, device) -> (inv_freq [r/2] float64, attention_factor)``

@@ -15,23 +15,29 @@ rope_type=...)``, ``posenc extend`` and the scaling plot read the table.
 Shapes: ``inv_freq`` is ``[r/2]`` float64, ``r`` the rotary dimension
 (``int(head_dim * partial_rotary_factor)``; ``head_dim`` for ``proportional``).
 Unlike Hugging Face, bad input raises (naming the key) instead of logging a warning.
+The Hugging Face bridge (``posenc.interop.hf``) parses with ``lenient=True`` instead: what
+transformers accepts with a logged warning is accepted with a ``RopeParameterWarning``
+(keys the rope_type does not use are dropped; ``tolerated`` checks warn) and computed as
+transformers computes it.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import warnings
 from collections.abc import Callable, Mapping
 from typing import Any
 
 import torch
 
-from posenc.functional.checks import did_you_mean, positive_int
+from posenc.functional.checks import did_you_mean, nonnegative_int, positive_int
 from posenc.functional.rope_rules import (
     DEFAULT_THETA,
     FrequencyFunction,
     KeyCheck,
     Parameters,
     RopeConfig,
+    RopeParameterWarning,
     check_dynamic,
     check_factor,
     check_factor_list,
@@ -65,7 +71,10 @@ class ScalingRule:
         name: the ``rope_type`` (Hugging Face's name).
         frequencies: ``(cfg, seq_len, device) -> (inv_freq [r/2] float64, attention_factor)``.
         keys: the keys it takes beyond ``COMMON_KEYS``, each with its check
-            ``(key, value, parameters) -> validated value``, checked in this order.
+            ``(key, value, parameters) -> validated value``, checked in this order. A
+            lenient parse drops (with a warning) every other key, as transformers ignores
+            (and logs) the keys its validator does not list for the rope_type; a check
+            whose failure transformers only logs calls ``rope_rules.tolerated``.
         required: those of ``keys`` that must be given.
         derived: values of absent keys computed from the others, ``(parameters) -> value``
             (yarn and longrope derive ``factor`` from the two lengths, as Hugging Face).
@@ -266,6 +275,7 @@ def parse_rope_parameters(
     *,
     max_position_embeddings: int | None = None,
     rotary_dim: int | None = None,
+    lenient: bool = False,
 ) -> RopeConfig:
     """Validate a Hugging Face style ``rope_parameters`` dict into a :class:`RopeConfig`.
 
@@ -279,10 +289,17 @@ def parse_rope_parameters(
             numerator of the factor ``yarn``/``longrope`` derive when ``factor`` is absent.
         rotary_dim: rotate exactly this many dimensions (instead of
             ``int(head_dim * partial_rotary_factor)``); not allowed with ``proportional``.
+        lenient: accept what transformers accepts with a logged warning (the Hugging Face
+            bridge): keys the rope_type does not use (unknown ones too) are dropped,
+            ``rope_type`` wins over a different legacy ``type``, and the checks that call
+            ``rope_rules.tolerated`` (factor in (0, 1), a derived factor < 1,
+            ``beta_fast < beta_slow``, ``high_freq_factor <= low_freq_factor``) pass; each
+            with a :class:`RopeParameterWarning`. Everything else stays an error.
 
     Raises:
         TypeError/ValueError naming the key: unknown keys or rope_types, keys the
-        rope_type does not use, missing required keys, wrong types, bad values.
+        rope_type does not use, missing required keys, wrong types, bad values (in a
+        lenient parse only what transformers refuses or cannot compute).
     """
     head_dim = positive_int("head_dim", head_dim)
     if rope_parameters is None:
@@ -294,12 +311,18 @@ def parse_rope_parameters(
     raw = {k: v for k, v in rope_parameters.items() if v is not None}
     known = all_keys()
     for key in raw:
-        if not isinstance(key, str) or key not in known:
+        if not lenient and (not isinstance(key, str) or key not in known):
             raise ValueError(
                 f"rope_parameters has unknown key {key!r}; valid keys: {list(known)}.{did_you_mean(str(key), known)}"
             )
     if "type" in raw and "rope_type" in raw and raw["type"] != raw["rope_type"]:
-        raise ValueError(f"rope_parameters has rope_type={raw['rope_type']!r} and type={raw['type']!r}; keep one")
+        message = f"rope_parameters has rope_type={raw['rope_type']!r} and type={raw['type']!r}; keep one"
+        if not lenient:
+            raise ValueError(message)
+        warnings.warn(
+            f"{message}; using rope_type, as transformers does (it ignores type)", RopeParameterWarning, stacklevel=2
+        )
+        del raw["type"]
     rope_type = raw.pop("rope_type", raw.pop("type", "default"))
     raw.pop("type", None)
     if not isinstance(rope_type, str):
@@ -312,6 +335,16 @@ def parse_rope_parameters(
         )
     rule = SCALING_RULES[rope_type]
     allowed = set(COMMON_KEYS) | set(rule.keys)
+    unused = [key for key in raw if key not in allowed]
+    if lenient and unused:
+        warnings.warn(
+            f"rope_parameters keys {unused} are not used by rope_type {rope_type!r} (it takes "
+            f"{sorted(allowed - {'type'})}); ignored, as transformers ignores them "
+            "('Unrecognized keys in `rope_parameters`')",
+            RopeParameterWarning,
+            stacklevel=2,
+        )
+        raw = {k: v for k, v in raw.items() if k not in unused}
     for key in raw:
         if key not in allowed:
             hint = ""
@@ -354,7 +387,7 @@ def parse_rope_parameters(
                 "must be even and >= 2"
             )
 
-    p = Parameters(rope_type, head_dim, r, max_position_embeddings, {})
+    p = Parameters(rope_type, head_dim, r, max_position_embeddings, {}, lenient=lenient)
     for key, check in rule.keys.items():
         if key in raw:
             p.values[key] = check(key, raw[key], p)
@@ -380,12 +413,23 @@ def parse_rope_parameters(
     return cfg
 
 
-def frequencies(cfg: RopeConfig, seq_len: int | None = None, device=None) -> tuple[torch.Tensor, float]:
-    """``(inv_freq [r/2] float64, attention_factor)`` of a validated config at ``seq_len``."""
+def frequencies(
+    cfg: RopeConfig, seq_len: int | None = None, device=None, *, lenient: bool = False
+) -> tuple[torch.Tensor, float]:
+    """``(inv_freq [r/2] float64, attention_factor)`` of a validated config at ``seq_len``
+    (an int > 0, or ``None``: no length, the frequencies up to the rule's threshold).
+
+    ``lenient`` (the Hugging Face bridge) also takes ``seq_len = 0`` as transformers does:
+    its length-dependent rules read 0 as no length (``longrope``: ``if seq_len and seq_len >
+    original_max_position_embeddings``; ``dynamic``: ``max(seq_len,
+    max_position_embeddings)``), so 0 gives the frequencies of ``None``."""
     if seq_len is not None:
         if isinstance(seq_len, torch.Tensor):
             seq_len = int(seq_len)
-        seq_len = positive_int("seq_len", seq_len)
+        if lenient:
+            seq_len = nonnegative_int("seq_len", seq_len) or None
+        else:
+            seq_len = positive_int("seq_len", seq_len)
     return SCALING_RULES[cfg.rope_type].frequencies(cfg, seq_len, device)
 
 

@@ -2,6 +2,8 @@
 
 * :func:`rope_from_config`: a posenc ``RoPE`` from a transformers config (its
   ``rope_parameters``, ``head_dim`` and ``max_position_embeddings``).
+* :func:`frequencies_from_config`: ``(inv_freq, attention_factor)`` of a config at a
+  length, as transformers' ``ROPE_INIT_FUNCTIONS[rope_type](config, device, seq_len)``.
 * :func:`patch_rope`: replace every ``*RotaryEmbedding`` of a transformers model
   (Llama, Qwen2, GPT-NeoX, ... any model whose attention consumes ``(cos, sin)`` from a
   ``rotary_emb`` module) by :class:`PosencRotaryEmbedding`, so the model's attention
@@ -11,6 +13,17 @@
 
 transformers is imported only by the caller; nothing here downloads anything.
 
+Every config transformers runs is taken, parsed as transformers parses it
+(``parse_rope_parameters(..., lenient=True)``, rules from the table of
+``functional/rope_scaling.py``): where transformers logs a warning and goes on (a key the
+rope_type does not use, e.g. ``original_max_position_embeddings`` in a ``linear`` dict; a
+factor below 1, e.g. LongRoPE's derived factor of a Phi-3 config whose
+``max_position_embeddings`` is below ``original_max_position_embeddings``; ``beta_fast <
+beta_slow``; ``high_freq_factor <= low_freq_factor``), the bridge issues a
+``RopeParameterWarning`` (``warnings.warn``, so it can be filtered or turned into an
+error) and computes what transformers computes. ``posenc.rope_frequencies`` and
+``posenc.create("rope", ...)`` stay strict.
+
 Caveat: a patched transformers model still caches keys *after* rotation (its own
 cache), so with ``dynamic`` scaling its incremental decoding differs from a full forward
 once the length passes ``max_position_embeddings`` (a known transformers behaviour).
@@ -19,15 +32,27 @@ posenc's own ``Attention`` caches keys before rotation and has no such drift.
 
 from __future__ import annotations
 
+import dataclasses
 from typing import Any
 
 import torch
 from torch import nn
 
-from posenc.encodings.rotary import RoPE
+from posenc.encodings.rotary import RoPE, RoPEParams
 from posenc.functional.rope import expand_cos_sin, permute_qk_weight
+from posenc.functional.rope_rules import RopeConfig, RopeParameterWarning
+from posenc.functional.rope_scaling import frequencies, parse_rope_parameters
 
-__all__ = ["PosencRotaryEmbedding", "patch_rope", "permute_qk_weight", "rope_from_config", "rope_parameters_of"]
+__all__ = [
+    "PosencRotaryEmbedding",
+    "RopeParameterWarning",
+    "TransformersRoPE",
+    "frequencies_from_config",
+    "patch_rope",
+    "permute_qk_weight",
+    "rope_from_config",
+    "rope_parameters_of",
+]
 
 
 def rope_parameters_of(config: Any) -> tuple[int, dict, int | None]:
@@ -45,10 +70,54 @@ def rope_parameters_of(config: Any) -> tuple[int, dict, int | None]:
     return head_dim, dict(params), getattr(config, "max_position_embeddings", None)
 
 
-def rope_from_config(config: Any, *, layout: str = "half") -> RoPE:
-    """A posenc ``RoPE`` equal to the rotary embedding transformers builds from ``config``."""
+@dataclasses.dataclass(frozen=True)
+class TransformersRoPEParams(RoPEParams):
+    """``RoPEParams`` whose ``rope_parameters`` are parsed as transformers parses them
+    (``parse_rope_parameters(..., lenient=True)``), once: the warnings come once."""
+
+    def config(self) -> RopeConfig:
+        cfg = self.__dict__.get("_cfg")
+        if cfg is None:
+            cfg = parse_rope_parameters(
+                self.head_dim,
+                self.hf_parameters(),
+                max_position_embeddings=self.max_len,
+                rotary_dim=self.rotary_dim,
+                lenient=True,
+            )
+            object.__setattr__(self, "_cfg", cfg)
+        return cfg
+
+
+class TransformersRoPE(RoPE):
+    """A posenc ``RoPE`` (same rotation, tables and cache behaviour) built from a
+    transformers config's ``rope_parameters`` with transformers' leniency (see the module
+    docstring); made by :func:`rope_from_config`. Not registered: ``posenc.create("rope")``
+    stays strict."""
+
+    Params = TransformersRoPEParams
+
+
+def rope_from_config(config: Any, *, layout: str = "half") -> TransformersRoPE:
+    """A posenc ``RoPE`` equal to the rotary embedding transformers builds from ``config``.
+
+    Warns (``RopeParameterWarning``) where transformers warns, and computes what it
+    computes; raises where transformers cannot build the rotary embedding (unknown
+    rope_type, missing keys, factor lists of the wrong length, ...)."""
     head_dim, params, max_len = rope_parameters_of(config)
-    return RoPE(head_dim=head_dim, layout=layout, max_len=max_len, rope_parameters=params)
+    return TransformersRoPE(head_dim=head_dim, layout=layout, max_len=max_len, rope_parameters=params)
+
+
+def frequencies_from_config(
+    config: Any, seq_len: int | None = None, device: torch.device | str | None = None
+) -> tuple[torch.Tensor, float]:
+    """``(inv_freq [r/2] float64, attention_factor)`` of ``config`` at total length
+    ``seq_len``: transformers' ``ROPE_INIT_FUNCTIONS[rope_type](config, device,
+    seq_len=seq_len)`` (the model's default rule for ``default``), in float64. ``seq_len``
+    ``None`` or 0 is no length, as in transformers (``dynamic``: ``max_position_embeddings``;
+    ``longrope``: the short factors)."""
+    pe = rope_from_config(config)
+    return frequencies(pe.cfg, seq_len, device, lenient=True)
 
 
 class PosencRotaryEmbedding(nn.Module):
