@@ -173,6 +173,7 @@ class Transformer(nn.Module):
         padding_mask: torch.Tensor | None = None,
         segment_ids: torch.Tensor | None = None,
         return_hidden: bool = False,
+        check_tokens: bool = True,
     ) -> torch.Tensor:
         """Logits ``[b, s, vocab_size]`` (or final hidden states ``[b, s, dim]``).
 
@@ -182,10 +183,13 @@ class Transformer(nn.Module):
             cache: a ``KVCache`` from ``new_cache()``, updated in place.
             padding_mask: ``[b, s]`` bool, True for real tokens.
             segment_ids: ``[b, s]`` document ids of packed sequences.
+            check_tokens: check that every id is in ``[0, vocab_size)`` (reads the
+                values: a host sync, and no graph can be traced through it); the fast
+                training step passes False for batches its task built.
         """
         if not isinstance(tokens, torch.Tensor) or tokens.dtype.is_floating_point or tokens.dim() != 2:
             raise TypeError("tokens must be an integer tensor [b, s]")
-        if tokens.numel() and (int(tokens.min()) < 0 or int(tokens.max()) >= self.config.vocab_size):
+        if check_tokens and tokens.numel() and (int(tokens.min()) < 0 or int(tokens.max()) >= self.config.vocab_size):
             raise ValueError(
                 f"tokens must be in [0, {self.config.vocab_size}), got range [{int(tokens.min())}, {int(tokens.max())}]"
             )

@@ -39,6 +39,14 @@ from posenc.data.text import CharCorpus, load_text
 from posenc.experiments.config import RunConfig, TrainConfig, config_from_dict, default_threads, derive_seed
 from posenc.experiments.distributed import SINGLE_PROCESS, DistContext
 from posenc.experiments.evaluate import lm_metrics, synthetic_metrics
+from posenc.experiments.fast_step import (
+    FastStep,
+    ReferenceStep,
+    Step,
+    make_optimizer,
+    resolve_mode,
+    set_implementation,
+)
 from posenc.experiments.results import append_result, atomic_write_bytes, find_result, git_commit
 from posenc.model import Transformer, TransformerConfig
 from posenc.registry import get as get_encoding
@@ -317,6 +325,7 @@ def train_run(
     on_step: StepCallback | None = None,
     corpus_cache: dict | None = None,
     context: DistContext = SINGLE_PROCESS,
+    step_mode: str | None = None,
 ) -> tuple[dict[str, Any], bool]:
     """Train, evaluate and record one run; returns ``(record, skipped)`` (on every rank;
     only rank 0 writes files).
@@ -325,7 +334,8 @@ def train_run(
     steps, loss)`` is called after every optimizer step with the mean loss of the whole
     (global) batch (progress bars; tests raise from it to simulate a crash). ``context``:
     this process's place in a torchrun job (``distributed.init()``); the default is one
-    process.
+    process. ``step_mode``: ``"fast"``, ``"reference"`` or ``"auto"`` (default: the
+    environment variable ``POSENC_TRAIN_STEP``, else ``"auto"``); see ``fast_step``.
     """
     if not isinstance(config, RunConfig):
         raise TypeError(f"config must be a RunConfig, got {type(config).__name__}")
@@ -349,18 +359,26 @@ def train_run(
                 f"init_from checkpoint {tc.init_from!r} does not fit this model: {str(err).splitlines()[0]}"
             ) from None
     model.to(context.device)
-    opt = torch.optim.AdamW(model.parameters(), lr=tc.lr, weight_decay=tc.weight_decay, betas=(0.9, 0.98))
+    varying = tc.randomized_positions or (run_setup.corpus is None and run_setup.length_dependent)
+    mode = resolve_mode(step_mode, steps=tc.steps, varying_positions=varying)
+    opt = make_optimizer(model, mode, lr=tc.lr, weight_decay=tc.weight_decay)
     generator = torch.Generator().manual_seed(derive_seed(tc.seed, DATA_STREAM))  # the same stream on every rank
     step, elapsed = 0, 0.0
     ckpt = checkpoint_path(run_dir, config.run_id)
     if start_kind == "resume":
         model.load_state_dict(start_state["model"])
         opt.load_state_dict(start_state["optimizer"])
+        set_implementation(opt, mode)
         generator.set_state(start_state["rng"]["data"])
         torch.set_rng_state(start_state["rng"]["torch"])
         step, elapsed = int(start_state["step"]), float(start_state["elapsed"])
         context.log(f"resuming {config.run_id} from {ckpt} at step {step}")
     wrapped = context.wrap(model)  # DDP over several ranks, the model itself in one process
+    if mode == "fast":
+        bucket = None if run_setup.task is None else run_setup.task.sequence_length(config.task.train_length) - 1
+        train_step: Step = FastStep(model, opt, tc.grad_clip, bucket=bucket, context=context)
+    else:
+        train_step = ReferenceStep(model, wrapped, opt, tc.grad_clip, context)
 
     def snapshot() -> dict[str, Any]:
         return checkpoint_state(config, step, model, opt, generator, elapsed + (time.perf_counter() - start))
@@ -375,20 +393,10 @@ def train_run(
         inputs, targets = inputs[rows].to(context.device), targets[rows].to(context.device)  # [B/N, s]
         mask = None if mask is None else mask[rows].to(context.device)
         positions = (positions[rows] if positions.dim() == 2 else positions).to(context.device)  # [B/N, s] | [s]
-        logits = wrapped(inputs, positions)  # [B/N, s, vocab]
-        token_loss = nn.functional.cross_entropy(
-            logits.reshape(-1, logits.shape[-1]), targets.reshape(-1), reduction="none"
-        )
-        share = (token_loss.sum() if mask is None else (token_loss * mask.reshape(-1)).sum()) / count  # this slice's
-        loss = share.detach().clone()
-        with context.collective(f"step {step + 1}"):
-            context.all_reduce_sum(loss)  # the sum of the shares: the mean loss of the global batch
-            opt.zero_grad(set_to_none=True)
-            (share * context.world_size).backward()  # DDP averages over ranks -> d(global loss)
-        if not torch.isfinite(loss):
-            raise FloatingPointError(f"run {config.run_id}: loss is {float(loss)} at step {step} (try a lower lr)")
-        nn.utils.clip_grad_norm_(model.parameters(), tc.grad_clip)
-        opt.step()
+        try:
+            loss = train_step(inputs, targets, mask, positions, count)  # the global batch's mean loss
+        except FloatingPointError as err:
+            raise FloatingPointError(f"run {config.run_id}: {err} at step {step} (try a lower lr)") from None
         step += 1
         if context.is_main and (step % tc.checkpoint_every == 0 or step == tc.steps):
             save_checkpoint(ckpt, snapshot())
