@@ -73,6 +73,7 @@ class DAPE(posenc.PositionalEncoding):
     formula = "logits = S + B + MLP([S; B]) over heads, S = q k^T / sqrt(d), B = KERPLE (or ALiBi) bias"
     flaw = "O(s^2 * mlp_width) extra work and memory per layer; no fused-kernel (flex) form"
     translation_invariant = True
+    CHUNK_ELEMENTS = 2**24  # the most hidden-layer floats f holds at once (64 MB in float32)
     Params: ClassVar[type[posenc.Params]] = DAPEParams
 
     def __init__(self, **params) -> None:
@@ -107,10 +108,20 @@ class DAPE(posenc.PositionalEncoding):
         scores = q @ k.transpose(-1, -2) / math.sqrt(q.shape[-1])  # S [b, h, s_q, s_k]
         static = self.static.bias(q_positions, k_positions)  # B [h, s_q, s_k] or [b, h, s_q, s_k]
         static = static.to(scores.dtype).expand_as(scores)
-        weight = self.mlp[0].weight
-        features = torch.cat([scores, static], dim=1).permute(0, 2, 3, 1)  # [b, s_q, s_k, 2h]
-        mixed = self.mlp(features.to(weight.dtype)).permute(0, 3, 1, 2).to(scores.dtype)  # f [b, h, s_q, s_k]
+        # f over chunks of query rows: the hidden layer holds b x rows x s_k x mlp_width floats,
+        # bounded by CHUNK_ELEMENTS (evaluating 1024 tokens at once would otherwise take GBs).
+        b, _, s_q, s_k = scores.shape
+        rows = max(1, self.CHUNK_ELEMENTS // (b * s_k * self.params.mlp_width))
+        mixed = torch.cat(
+            [self._mix(scores[:, :, i : i + rows], static[:, :, i : i + rows]) for i in range(0, s_q, rows)], dim=2
+        )
         return static + mixed
+
+    def _mix(self, scores: torch.Tensor, static: torch.Tensor) -> torch.Tensor:
+        """``f(S, B)`` ``[b, h, rows, s_k]``: the MLP over the heads of each entry."""
+        features = torch.cat([scores, static], dim=1).permute(0, 2, 3, 1)  # [b, rows, s_k, 2h]
+        weight = self.mlp[0].weight
+        return self.mlp(features.to(weight.dtype)).permute(0, 3, 1, 2).to(scores.dtype)
 
     def score_mod(self, q_positions, k_positions, *, q=None, k=None):
         raise NotImplementedError(

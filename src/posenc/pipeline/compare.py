@@ -63,7 +63,7 @@ def run_compare(
     if run_threads != threads:
         comparison = plan_compare(name, preset, **request, threads=run_threads)
     say(
-        f"compare {comparison.name!r} ({preset} preset): {len(comparison.configs)} runs into {run_dir} "
+        f"compare {comparison.name!r} ({preset} preset): {len(comparison.configs)} run(s) into {run_dir} "
         f"({pending} to train), ranked among {len(comparison.baselines)} baseline records of "
         f"{len({r['encoding'] for r in comparison.baselines})} encodings from {comparison.source}"
     )
