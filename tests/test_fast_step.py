@@ -141,3 +141,41 @@ def test_avx2(tmp_path: Path) -> None:
     assert capability == "AVX2"
     for name, (ref, fast) in json.loads(payload).items():
         torch.testing.assert_close(torch.tensor(fast), torch.tensor(ref), rtol=RTOL, atol=0, msg=name)
+
+
+def _ddp_worker(rank: int, world: int, port: int, out: str) -> None:
+    """One rank of a 2-process gloo job training with the fast step."""
+    from posenc.experiments import distributed
+
+    os.environ.update(
+        RANK=str(rank), WORLD_SIZE=str(world), LOCAL_RANK=str(rank), MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port)
+    )
+    torch.set_num_threads(1)
+    ctx = distributed.init("gloo")
+    losses: list[float] = []
+    record = lambda s, n, loss: losses.append(loss)  # noqa: E731
+    train_run(_config("alibi"), Path(out) / "ddp", on_step=record, context=ctx, step_mode="fast")
+    (Path(out) / f"losses{rank}.json").write_text(json.dumps(losses))
+    distributed.shutdown()
+
+
+def test_fast_step_under_ddp(tmp_path: Path) -> None:
+    """Two ranks with the fast step (gradients summed over ranks by one all-reduce) train
+    like one process with the fast step."""
+    import socket
+
+    import torch.multiprocessing as mp
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    procs = [mp.get_context("spawn").Process(target=_ddp_worker, args=(r, 2, port, str(tmp_path))) for r in range(2)]
+    for p in procs:
+        p.start()
+    for p in procs:
+        p.join(timeout=600)
+        assert p.exitcode == 0
+    single = _losses(_config("alibi"), tmp_path / "one", "fast")
+    for rank in range(2):
+        ddp = json.loads((tmp_path / f"losses{rank}.json").read_text())
+        torch.testing.assert_close(torch.tensor(ddp), torch.tensor(single), rtol=RTOL, atol=0)

@@ -52,7 +52,7 @@ STEP_MODES = ("auto", "fast", "reference")
 ENV_STEP = "POSENC_TRAIN_STEP"
 #: ``auto`` compiles only runs of at least this many steps (compiling takes 10-60 s on 2 cores).
 AUTO_MIN_STEPS = 500
-Step = Callable[[torch.Tensor, torch.Tensor, torch.Tensor | None, torch.Tensor, float], torch.Tensor]
+Step = Callable[..., torch.Tensor]  # (inputs, targets, mask, positions, count, what) -> the global mean loss
 
 
 def resolve_mode(requested: str | None, *, steps: int, varying_positions: bool) -> str:
@@ -105,11 +105,11 @@ class ReferenceStep:
     ) -> None:
         self.model, self.wrapped, self.opt, self.grad_clip, self.context = model, wrapped, opt, grad_clip, context
 
-    def __call__(self, inputs, targets, mask, positions, count) -> torch.Tensor:
+    def __call__(self, inputs, targets, mask, positions, count, what: str = "a training step") -> torch.Tensor:
         """One optimizer step on this rank's rows; returns the global batch's mean loss."""
         share = masked_loss(self.wrapped(inputs, positions), targets, mask, count)  # this slice's share
         loss = share.detach().clone()
-        with self.context.collective("a training step"):
+        with self.context.collective(what):  # what: named in the error of a lost rank
             self.context.all_reduce_sum(loss)  # the sum of the shares: the mean loss of the global batch
             self.opt.zero_grad(set_to_none=True)
             (share * self.context.world_size).backward()  # DDP averages over ranks -> d(global loss)
@@ -144,7 +144,7 @@ class FastStep:
         self.graphs: dict[tuple, Callable] = {}
         self.compile_seconds = 0.0
 
-    def __call__(self, inputs, targets, mask, positions, count) -> torch.Tensor:
+    def __call__(self, inputs, targets, mask, positions, count, what: str = "a training step") -> torch.Tensor:
         b, s = inputs.shape
         if self.bucket is not None and s < self.bucket:
             pad = self.bucket - s
@@ -161,7 +161,7 @@ class FastStep:
         with torch.no_grad():
             share, grads = graph(self.params, inputs, targets, mask, count_t)
         loss = share.clone()
-        with self.context.collective("a training step"):
+        with self.context.collective(what):  # what: named in the error of a lost rank
             self.context.all_reduce_sum(loss)
             if self.context.world_size > 1:  # the gradient of the global loss: the sum of the shares' gradients
                 flat = torch.cat([g.reshape(-1) for g in grads])

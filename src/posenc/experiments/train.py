@@ -394,7 +394,7 @@ def train_run(
         mask = None if mask is None else mask[rows].to(context.device)
         positions = (positions[rows] if positions.dim() == 2 else positions).to(context.device)  # [B/N, s] | [s]
         try:
-            loss = train_step(inputs, targets, mask, positions, count)  # the global batch's mean loss
+            loss = train_step(inputs, targets, mask, positions, count, f"step {step + 1}")  # the global mean loss
         except FloatingPointError as err:
             raise FloatingPointError(f"run {config.run_id}: {err} at step {step} (try a lower lr)") from None
         step += 1
