@@ -108,12 +108,12 @@ def bench_row(config, args) -> dict:
         inputs, targets, mask, positions = T.training_batch(run_setup, gen)
         count = float(targets.numel()) if mask is None else float(mask.sum())
         batches.append((inputs, targets, mask, positions, count))
-    width = max(b[0].shape[1] for b in batches)
+    width = max(b[0].shape[1] for b in batches)  # the widest batch (x-transformers' tables: max_len, as posenc)
     torch.manual_seed(0)
     fast_model = T.build_model(config, run_setup.vocab_size, run_setup.max_len).train()
     ref_model = T.build_model(config, run_setup.vocab_size, run_setup.max_len).train()
     m = config.model
-    xt = build_xt(m.encoding, run_setup.vocab_size, m.dim, m.num_layers, m.num_heads, width).train()
+    xt = build_xt(m.encoding, run_setup.vocab_size, m.dim, m.num_layers, m.num_heads, run_setup.max_len).train()
     bucket = None if run_setup.task is None else run_setup.task.sequence_length(config.task.train_length) - 1
     fast_opt = fast_step.make_optimizer(fast_model, "fast", lr=1e-4, weight_decay=0.0)
     steps = {
