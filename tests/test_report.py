@@ -1,15 +1,24 @@
-"""Study results -> tables; report inputs validated (the browser test checks rendering)."""
+"""Study results -> tables and conclusions; report inputs validated; the default report's
+size, single plotly bundle and family-appropriate figures (the browser test checks
+rendering)."""
 
 from __future__ import annotations
 
 import json
 
 import pytest
+import torch
+from markupsafe import escape as html_escape
 
 from posenc import analysis
 from posenc.experiments.results import read_results
 from posenc.experiments.summary import metric_tables
+from posenc.pipeline.conclusions import study_conclusions
 from posenc.pipeline.report import study_results, write_report
+from posenc.viz import figures
+from posenc.viz.figures import TrainedAttention
+from posenc.viz.items import Items
+from posenc.viz.story import attention_item, story_kinds
 
 
 def _run(task, enc, seed, metrics, train_length=16):
@@ -118,7 +127,6 @@ def test_missing_results_and_bad_inputs(tmp_path):
 @pytest.mark.slow
 def test_report_has_study_tables_and_extra_sections(tmp_path):
     import plotly.graph_objects as go
-    import plotly.offline
 
     (tmp_path / "s").mkdir()
     runs = [
@@ -144,8 +152,118 @@ def test_report_has_study_tables_and_extra_sections(tmp_path):
     html = path.read_text()
     assert "<td>0.75 ± 0.18</td>" in html  # mean(0.875, 0.625), std 0.1768
     assert "Context extension" in html and "PI vs YaRN" in html and "<td>yarn</td>" in html
-    # card curves, a study curve per metric (exact match, token accuracy), the extra curve
-    assert html.count('class="plotly-graph-div"') == 4 + 2 + 1
-    assert html.count("Plotly.newPlot") == 7
-    # plotly.js itself is embedded exactly once (offline, no CDN).
-    assert html.count(plotly.offline.get_plotlyjs()[:300]) == 1 and "<script src" not in html
+    # Every curve is a graph div with its JSON; the study draws one per metric, the extra its own.
+    n_plots = html.count('class="plotly-graph-div"')
+    assert html.count('class="plotly-data"') == n_plots
+    assert html.count('"text":"copy: exact_match against evaluation length"') == 1
+    assert html.count('"text":"copy: token_accuracy against evaluation length"') == 1
+    assert '"curve"' not in html and ">curve</figcaption>" in html
+    # The study's conclusions, in sentences with their numbers (mean over the two seeds).
+    assert "copy (trained at L = 16, 2 seeds): exact match over lengths 1..L: sinusoidal 0.75" in html
+    _one_offline_bundle(html)
+
+
+def _one_offline_bundle(html):
+    """plotly.js is embedded exactly once, gzipped (no CDN, no second copy)."""
+    import base64
+    import gzip
+    import re
+
+    import plotly.offline
+
+    assert html.count('id="plotly-bundle"') == 1 and "<script src" not in html
+    assert html.count(plotly.offline.get_plotlyjs()[:300]) == 0  # not also raw
+    bundle = re.search(r'<script type="application/octet-stream" id="plotly-bundle"[^>]*>([^<]+)</script>', html)
+    assert gzip.decompress(base64.b64decode(bundle.group(1))).decode() == plotly.offline.get_plotlyjs()
+    assert not re.search(r"(src|href)=\"https?://", html)
+
+
+def test_conclusions_name_the_numbers():
+    runs = [
+        _run(
+            "copy", "rope", s, [{"length": n, "exact_match": e, "token_accuracy": e} for n, e in ((8, 1.0), (16, 0.5))]
+        )
+        for s in (0, 1)
+    ] + [_run("copy", "alibi", 0, [{"length": 8, "exact_match": 0.5, "token_accuracy": 0.5}])]
+    for r in runs:
+        r["train_length"] = 8
+    text = " ".join(study_conclusions(runs))
+    assert "copy (trained at L = 8, 2 seeds): exact match over lengths 1..L: rope 1.00, alibi 0.50 best" in text
+    assert "at 16 (2L): rope 0.50 best" in text
+    assert "1 run(s) did not learn in distribution" in text and "alibi on copy (seed 0)" in text
+
+
+def _maps(encoding, loss):
+    weights = torch.rand(2, 4, 8, 8).softmax(-1)
+    return TrainedAttention(encoding=encoding, steps=300, loss=loss, weights=weights)
+
+
+def test_attention_maps_only_of_models_that_learned():
+    items = Items()
+    attention_item(items, _maps("rope", 0.01))
+    attention_item(items, _maps("alibi", 2.8))
+    attention_item(items, _maps("none", 3.1), blindness=True)
+    rope, alibi, none = items.items
+    assert rope["type"] == "figure" and "loss 0.01 < 0.5 (learned)" in rope["caption"]
+    assert alibi["type"] == "note" and "did not learn" in alibi["text"] and "loss 2.8 ≥ 0.5" in alibi["text"]
+    # The model without positions is drawn (it shows blindness), labelled as not learned.
+    assert none["type"] == "figure" and "did not learn" in none["caption"]
+
+
+@pytest.mark.parametrize(
+    ("name", "kinds"),
+    [
+        ("none", []),  # nothing but the blindness figures of step 1
+        ("alibi", ["bias"]),  # no similarity square, no bucket panel for a bias that never saturates
+        ("kerple", ["bias"]),
+        ("t5", ["buckets", "bias"]),  # saturates: its buckets
+        ("shaw", ["buckets"]),
+        ("sinusoidal", ["past", "similarity"]),
+        ("rope", ["rotation", "decay"]),
+        ("binary", ["heatmap"]),
+    ],
+)
+def test_only_the_figures_of_the_encodings_signal(name, kinds):
+    cfg = analysis.CardConfig(horizon=128, train_length=64, beyond_horizon=256)
+    card = analysis.report_card(name, cfg)
+    assert story_kinds(card) == kinds
+    signal = figures.signal_of(card.kind, card.beyond.saturation)
+    assert all(figures.applies(k, signal) for k in kinds)
+    if card.kind == "bias":
+        assert not figures.applies("similarity", signal)
+
+
+@pytest.fixture(scope="module")
+def default_report(tmp_path_factory):
+    """The report `posenc report` writes by default (every encoding, the tiny models, MiniLM)."""
+    path = tmp_path_factory.mktemp("default") / "report.html"
+    return write_report(path).read_text(encoding="utf-8")
+
+
+@pytest.mark.slow  # the default report: ~30-60 s on 2 cores
+def test_default_report_is_small_offline_and_family_appropriate(default_report):
+    import re
+
+    html = default_report
+    assert len(html.encode()) < 4 * 1024 * 1024, len(html.encode())
+    _one_offline_bundle(html)
+    assert html.count('id="plotly-bundle"') == 1
+    commands = re.findall(r"<code>posenc plot (\S+) --kind (\w+)", html)
+    drawn = {}
+    for name, kind in commands:
+        drawn.setdefault(name, []).append(kind)
+    for bias in ("alibi", "kerple", "fire", "sandwich", "t5", "shaw", "cope"):
+        assert "similarity" not in drawn.get(bias, []), (bias, drawn.get(bias))
+    for never_saturates in ("alibi", "kerple", "fire", "sandwich"):
+        assert "buckets" not in drawn.get(never_saturates, [])
+    assert drawn["none"] == ["attention"]  # `none` shows only its blindness (and the sentence test)
+    assert "none without a mask: the same outputs (deviation 0)" in html
+    assert "sinusoidal without a mask: different outputs" in html
+    # Attention maps: each caption states the bar, and a model below it is not drawn.
+    for caption in re.findall(r"tiny causal LM \(2 layers × 4 heads\)[^<]*", html):
+        assert "(learned)" in caption or "did not learn" in caption
+    headings = re.findall(r"<h2>([^<]+)</h2>", html)
+    assert [h.split(" · ")[0] for h in headings] == [str(i) for i in range(1, 9)]
+    # The report card's legend: every column explained under the table.
+    for column, meaning in analysis.CARD_COLUMNS.items():
+        assert f"<dt>{html_escape(column)}</dt><dd>{html_escape(meaning)}</dd>" in html

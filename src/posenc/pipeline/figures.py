@@ -18,7 +18,7 @@ from posenc.analysis.pretrained import load_positions, minilm_dir
 from posenc.experiments.tiny import copy_batch, train_tiny
 from posenc.experiments.train import load_trained
 from posenc.functional.checks import did_you_mean
-from posenc.viz import figures
+from posenc.viz import figures, story_figures
 from posenc.viz.figures import GLOBAL_KINDS, FigureUnavailable, TrainedAttention, save
 
 if TYPE_CHECKING:  # pragma: no cover
@@ -79,7 +79,7 @@ def pretrained(model_dir: str | None = None, *, name: str | None = None, horizon
     except FileNotFoundError as err:
         raise FigureUnavailable(str(err)) from None
     label = name or ("all-MiniLM-L6-v2" if model_dir is None else None)
-    return figures.pretrained(load_positions(path), name=label, horizon=horizon)
+    return story_figures.pretrained(load_positions(path), name=label, horizon=horizon)
 
 
 #: Per-encoding kinds: viz's, and the attention maps of a tiny trained model.

@@ -1,6 +1,7 @@
 """The HTML report's data, gathered here and handed to ``posenc.viz.report``: the report
-cards (``posenc.analysis``), the attention maps of tiny trained models, a pretrained
-model's positions and a study's records and tables.
+cards (``posenc.analysis``), the sentence permutation tests, the attention maps of tiny
+trained models, a pretrained model's positions and a study's records, tables,
+conclusions and paper comparisons.
 
 ``write_report(path, *, study_dir=None, encodings=None, extra_sections=None)`` is the
 entry point ``posenc report`` and ``posenc study`` call.
@@ -15,14 +16,19 @@ from typing import Any
 
 import posenc
 from posenc import analysis
+from posenc.analysis.order import sentence_order
 from posenc.analysis.pretrained import learned_probe, load_positions, minilm_dir
+from posenc.experiments.published import published_tables
 from posenc.experiments.results import RESULTS_FILE, read_results
 from posenc.experiments.summary import metric_tables
+from posenc.pipeline.conclusions import study_conclusions
 from posenc.pipeline.figures import train_attention
 from posenc.viz.report import PretrainedSection, StudyResults, render_report
 
 #: Encodings whose tiny copy-task model gets attention maps (each trains in seconds).
 ATTENTION_ENCODINGS = ("none", "sinusoidal", "rope", "alibi", "t5")
+#: The sentence tests of the story's first step: (encoding, causal).
+SENTENCE_TESTS = (("none", False), ("none", True), ("sinusoidal", False))
 
 
 def study_results(study_dir: str | pathlib.Path) -> list[dict[str, Any]]:
@@ -88,7 +94,13 @@ def write_report(
     if study_dir is not None:  # read first: a bad study directory fails before the slow work
         say(f"reading study results from {study_dir}")
         runs = study_results(study_dir)
-        study = StudyResults(source=str(study_dir), runs=runs, tables=metric_tables(runs))
+        study = StudyResults(
+            source=str(study_dir),
+            runs=runs,
+            tables=metric_tables(runs),
+            conclusions=study_conclusions(runs),
+            published=published_tables(runs),
+        )
     say(f"measuring {len(names)} encodings")
     cards = analysis.report_cards(names, config)
     chosen = tuple(attention_encodings)
@@ -96,6 +108,8 @@ def write_report(
     if trained:
         say(f"training {len(trained)} tiny models for their attention maps")
     attention = {n: train_attention(n, steps=attention_steps) for n in trained}
+    registered = set(posenc.available())
+    sentences = [sentence_order(e, causal=c) for e, c in SENTENCE_TESTS if e in registered]
     section = None
     if pretrained is not False:
         model_dir = None if pretrained is True else pretrained
@@ -113,6 +127,7 @@ def write_report(
         config=config,
         study=study,
         attention=attention,
+        sentences=sentences,
         pretrained=section,
         extra_sections=extra_sections,
         progress=progress,

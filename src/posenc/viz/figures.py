@@ -3,8 +3,9 @@
 Every function returns a ``matplotlib.figure.Figure`` (no pyplot, no global state) with
 labelled axes, a colorbar where colours carry numbers, and a title. Figures that need an
 encoding which is not registered, or of another family, raise :class:`FigureUnavailable`
-with the reason. Figures of trained or pretrained models draw what they are given
-(attention weights, a ``PositionInfo``): ``posenc.pipeline.figures`` trains and loads.
+with the reason (``FIGURE_SIGNALS``: which figure applies to which position signal).
+Figures of trained models draw what they are given (attention weights; a pretrained
+table: ``posenc.viz.story_figures.pretrained``): ``posenc.pipeline.figures`` trains and loads.
 matplotlib is imported lazily, inside the functions.
 """
 
@@ -20,7 +21,6 @@ from einops import rearrange
 
 import posenc
 from posenc import analysis
-from posenc.analysis.pretrained import PretrainedPositions
 from posenc.functional import rope_scaling
 from posenc.functional.checks import did_you_mean
 
@@ -38,21 +38,43 @@ def _figure(w: float = 6.4, h: float = 4.8) -> Figure:
     return Figure(figsize=(w, h), dpi=100, layout="constrained")
 
 
-#: The per-encoding figures drawn only for some position signals (``Probe.kind``); the
-#: others (heatmap, similarity) apply to every encoding.
+#: The position signals each figure applies to: a ``Probe.kind`` (``vector``, ``rotation``,
+#: ``bias``, ``none``) or ``shared bias``, a bias whose values stop changing past some
+#: distance (buckets, a clip; see ``signal_of``). Kinds not listed apply to every signal.
+#: ``past`` and ``blindness`` are the report's story figures (``posenc.viz.story_figures``).
 FIGURE_SIGNALS = {
-    "bias": ("bias",),
-    "buckets": ("bias",),
+    "heatmap": ("vector", "rotation", "bias", "shared bias"),
+    "similarity": ("vector", "rotation"),
+    "bias": ("bias", "shared bias"),
+    "buckets": ("shared bias",),
     "rotation": ("rotation",),
     "wavelengths": ("rotation",),
     "decay": ("rotation",),
+    "past": ("vector",),
+    "blindness": ("none",),
 }
 
 
+def applies(kind: str, signal: str) -> bool:
+    """Whether figure ``kind`` applies to an encoding whose position signal is ``signal``."""
+    return signal in FIGURE_SIGNALS.get(kind, (signal,))
+
+
 def kinds_for_signal(signal: str) -> list[str]:
-    """The per-encoding figure kinds that apply to an encoding whose position signal is
-    ``signal`` (a ``Probe.kind``)."""
-    return [kind for kind in KINDS if signal in FIGURE_SIGNALS.get(kind, (signal,))]
+    """The per-encoding figure kinds of ``posenc plot`` that apply to an encoding whose
+    position signal is ``signal`` (see ``FIGURE_SIGNALS``)."""
+    return [kind for kind in KINDS if applies(kind, signal)]
+
+
+def signal_of(kind: str, saturation: int | None = None) -> str:
+    """The figure signal: a ``Probe.kind``, or ``shared bias`` for a bias that saturates
+    (``analysis.Beyond.saturation`` not None: buckets, a clip, CoPE's npos_max)."""
+    return "shared bias" if kind == "bias" and saturation is not None else kind
+
+
+def probe_signal(probe: analysis.Probe) -> str:
+    """``signal_of`` a built encoding (its saturation measured over 256 distances)."""
+    return signal_of(probe.kind, analysis.beyond(probe, 16, 256).saturation if probe.kind == "bias" else None)
 
 
 def _probe(name: str, *, figure: str | None = None, **kw: Any) -> analysis.Probe:
@@ -60,11 +82,12 @@ def _probe(name: str, *, figure: str | None = None, **kw: Any) -> analysis.Probe
         raise FigureUnavailable(f"encoding {name!r} is not registered; registered: {', '.join(posenc.available())}")
     probe = analysis.build(name, **kw)
     signals = FIGURE_SIGNALS.get(figure)
-    if signals is not None and probe.kind not in signals:
+    signal = probe_signal(probe) if signals and "shared bias" in signals else probe.kind
+    if signals is not None and signal not in signals:
         raise FigureUnavailable(
             f"the {figure} figure needs an encoding whose position signal is {' or '.join(signals)}; "
-            f"{name!r} ({probe.family}) carries it as {probe.kind!r}. "
-            f"Kinds that apply to {name!r}: {', '.join(kinds_for_signal(probe.kind))} "
+            f"{name!r} ({probe.family}) carries it as {signal!r}. "
+            f"Kinds that apply to {name!r}: {', '.join(kinds_for_signal(signal))} "
             "(and the global kinds magnitude, distance, and attention)"
         )
     return probe
@@ -91,7 +114,7 @@ _SIGNAL = {
 # -- the absolute story -------------------------------------------------------------------------
 def heatmap(name: str, *, horizon: int = 128, dim: int = 64, num_heads: int = 4, **params: Any) -> Figure:
     """Position × dimension heatmap of the position signal."""
-    probe = _probe(name, dim=dim, num_heads=num_heads, max_len=max(horizon, 1), params=params or None)
+    probe = _probe(name, figure="heatmap", dim=dim, num_heads=num_heads, max_len=max(horizon, 1), params=params or None)
     sig = analysis.signature(probe, horizon).numpy()  # [horizon, F]
     fig = _figure(7.0, 4.8)
     ax = fig.add_subplot()
@@ -107,7 +130,9 @@ def heatmap(name: str, *, horizon: int = 128, dim: int = 64, num_heads: int = 4,
 
 def similarity(name: str, *, horizon: int = 128, dim: int = 64, num_heads: int = 4, **params: Any) -> Figure:
     """Position × position cosine similarity of the position signal."""
-    probe = _probe(name, dim=dim, num_heads=num_heads, max_len=max(horizon, 1), params=params or None)
+    probe = _probe(
+        name, figure="similarity", dim=dim, num_heads=num_heads, max_len=max(horizon, 1), params=params or None
+    )
     sig = analysis.signature(probe, horizon).double()
     unit = sig / sig.norm(dim=-1, keepdim=True).clamp_min(1e-12)
     sim = (unit @ unit.T).numpy()  # [horizon, horizon]
@@ -239,7 +264,9 @@ def buckets(name: str = "t5", *, length: int = 256, num_heads: int = 4, dim: int
     ax2.set_xlim(0, length)
     ax2.set_xlabel("distance d = |m − n|")
     ax2.set_ylabel("bucket id")
-    ax2.set_title("bucket against distance: exact, then log-spaced, then one bucket")
+    changes = (row_back != row_back[-1]).nonzero()
+    last = int(changes.max()) + 1 if len(changes) else 0  # the bucket of every distance from here on
+    ax2.set_title(f"bucket against distance: no new bucket past d = {last}")
     ax2.legend(fontsize=8)
     fig.suptitle(f"{name}: {n_buckets} distinct biases for {length} positions{' (causal)' if causal else ''}")
     return fig
@@ -450,32 +477,3 @@ def plot(name: str, kind: str, **kwargs: Any) -> Figure:
         kinds = sorted([*KINDS, *GLOBAL_KINDS])
         raise ValueError(f"unknown kind {kind!r}; kinds: {kinds}.{did_you_mean(kind, kinds)}")
     return KINDS[kind](name, **kwargs)
-
-
-def pretrained(info: PretrainedPositions, *, name: str | None = None, horizon: int | None = None) -> Figure:
-    """A pretrained model's learned position table (a ``PretrainedPositions`` from
-    ``posenc.analysis.pretrained.load_positions``): norms against the mean token norm,
-    and the position × position cosine similarity."""
-    if info.kind != "learned" or info.table is None:
-        raise FigureUnavailable(f"{info.model_dir} uses {info.kind!r} positions, not a learned table")
-    label = name or str(info.model_dir.name)
-    table = info.table.double()[: horizon or None]  # [s, dim]
-    norms = table.norm(dim=-1)
-    unit = table / norms[:, None].clamp_min(1e-12)
-    fig = _figure(13.0, 4.8)
-    ax1, ax2 = fig.subplots(1, 2, width_ratios=[1.3, 1])
-    ax1.plot(norms.numpy(), label="‖PE(pos)‖")
-    if info.token_norm is not None:
-        ax1.axhline(info.token_norm, color="black", ls="--", lw=1, label=f"mean token norm {info.token_norm:.3g}")
-    ax1.set_xlabel("position")
-    ax1.set_ylabel("norm")
-    ax1.set_yscale("log")
-    ax1.set_title(f"norms of the {table.shape[0]} learned position vectors (dim {table.shape[1]})")
-    ax1.legend()
-    im = ax2.imshow((unit @ unit.T).numpy(), origin="lower", cmap="RdBu_r", vmin=-1, vmax=1, interpolation="nearest")
-    fig.colorbar(im, ax=ax2, label="cosine similarity")
-    ax2.set_xlabel("position n")
-    ax2.set_ylabel("position m")
-    ax2.set_title("cos(PE(m), PE(n))")
-    fig.suptitle(f"{label}: learned absolute position embeddings ({info.tensor_name})")
-    return fig
