@@ -1,5 +1,6 @@
-"""The HTML report opened in real headless Chromium: no console errors, no network,
-every figure rendered (screenshots checked non-blank), hostile names escaped."""
+"""The HTML report opened in real headless Chromium: the story's sections in order, a
+caption under every figure, no console errors, no network, every figure rendered
+(screenshots checked non-blank), hostile names escaped."""
 
 from __future__ import annotations
 
@@ -98,28 +99,52 @@ def test_report_escapes_hostile_names(report):
     assert not re.search(r'<img[^>]+src="(?!data:)', html)
 
 
+#: The story's steps, in order: a keyword of each section heading.
+STORY = (
+    "blind to order",
+    "Absolute positions",
+    "Relative positions",
+    "ALiBi",
+    "RoPE: rotating",
+    "RoPE scaling rules",
+    "past the trained length",
+    "report card",
+)
+
+
 @pytest.mark.slow
 def test_report_renders_in_headless_chromium(report, tmp_path):
     exe = _need_browser()
     html = report.read_text(encoding="utf-8")
     n_img = html.count('class="figure-img"')
     n_plotly = html.count('class="plotly-graph-div"')
-    assert n_img >= 10 and n_plotly >= 6  # 4 card curves + the study's curves
+    assert n_img >= 10 and n_plotly >= 6  # the story's curves + the study's curves
     browser = Browser(exe)
     try:
         browser.open(report.resolve().as_uri())
-        # Plotly draws after load; wait until every graph div holds its SVG.
+        # The page unpacks its one plotly.js, then draws every curve: wait for that.
         browser.evaluate(
             "new Promise(r => { const t0 = Date.now(); (function poll() {"
-            " const d = [...document.querySelectorAll('.plotly-graph-div')];"
-            " if (d.every(x => x.querySelector('svg.main-svg')) || Date.now() - t0 > 20000) r(true);"
+            " if (document.body.dataset.plots === 'drawn' || Date.now() - t0 > 30000) r(true);"
             " else setTimeout(poll, 100); })(); })"
         )
+        assert browser.evaluate("document.body.dataset.plots") == "drawn"
         assert browser.errors() == []
-        outside = [u for u in browser.requests() if not u.startswith(("file:", "data:", "about:"))]
+        outside = [u for u in browser.requests() if not u.startswith(("file:", "data:", "about:", "blob:"))]
         assert outside == [], f"the report fetched {outside}"
         assert browser.evaluate("typeof window.__pwned") == "undefined"
         assert EVIL in browser.evaluate("document.body.innerText")  # shown as text, not run
+        # The story in order: one h2 per step, numbered, with its keyword.
+        headings = browser.evaluate("[...document.querySelectorAll('main h2')].map(h => h.innerText)")
+        assert len(headings) == len(STORY), headings
+        for i, (heading, keyword) in enumerate(zip(headings, STORY, strict=True)):
+            assert heading.startswith(f"{i + 1} · ") and keyword in heading, (i, heading)
+        # Every figure (PNG or curve) has a caption that says what to notice.
+        captions = browser.evaluate(
+            "[...document.querySelectorAll('main figure')].map(f => (f.querySelector('figcaption') || {}).innerText)"
+        )
+        assert len(captions) == n_img + n_plotly
+        assert all(c and len(c.strip()) > 30 for c in captions), captions
         state = browser.evaluate(
             "({imgs: [...document.querySelectorAll('img.figure-img')].map(i => [i.complete, i.naturalWidth]),"
             " plots: [...document.querySelectorAll('.plotly-graph-div')].map(d =>"
