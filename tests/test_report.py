@@ -188,8 +188,8 @@ def test_conclusions_name_the_numbers():
     for r in runs:
         r["train_length"] = 8
     text = " ".join(study_conclusions(runs))
-    assert "copy (trained at L = 8, 2 seeds): exact match over lengths 1..L: rope 1.00, alibi 0.50 best" in text
-    assert "at 16 (2L): rope 0.50 best" in text
+    assert "copy (trained at L = 8, 2 seeds): exact match over lengths 1..L: rope 1.00 best, alibi 0.50 worst" in text
+    assert "at 16 (2L): every encoding 0.50" in text  # only rope reached 16: no ranking of one
     assert "1 run(s) did not learn in distribution" in text and "alibi on copy (seed 0)" in text
 
 

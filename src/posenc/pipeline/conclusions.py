@@ -8,7 +8,15 @@ import statistics
 from typing import Any
 
 from posenc.experiments.published import KAZEMNEJAD_ORDER
-from posenc.experiments.summary import group, in_distribution, is_lm, mean_ranks, not_learned, not_learned_note
+from posenc.experiments.summary import (
+    LEARNED_BAR,
+    group,
+    in_distribution,
+    is_lm,
+    mean_ranks,
+    not_learned,
+    not_learned_note,
+)
 
 
 def _at(recs: list[dict[str, Any]], length: int, key: str) -> float | None:
@@ -18,6 +26,36 @@ def _at(recs: list[dict[str, Any]], length: int, key: str) -> float | None:
 
 def _listing(scores: list[tuple[str, float]], digits: int = 2) -> str:
     return ", ".join(f"{e} {v:.{digits}f}" for e, v in scores)
+
+
+def _ends(scores: list[tuple[str, float]]) -> str:
+    """Best and worst of ``scores`` (sorted best first), ties said as ties."""
+    top, low = round(scores[0][1], 2), round(scores[-1][1], 2)
+    if top == low:
+        return f"every encoding {top:.2f}"
+    best = [e for e, v in scores if round(v, 2) == top]
+    worst = [e for e, v in scores if round(v, 2) == low]
+
+    def say(g, v):
+        return f"{', '.join(g)} {v:.2f}" if len(g) <= 2 else f"{len(g)} encodings tie at {v:.2f}"
+
+    return f"{say(best, top)} best, {say(worst, low)} worst"
+
+
+def _unlearned_note(records: list[dict[str, Any]], unlearned: list[dict[str, Any]]) -> str:
+    """``not_learned_note`` counted per task when it would list more than 10 runs."""
+    if len(unlearned) <= 10:
+        return not_learned_note(unlearned)
+    per_task = {}
+    for task, by_enc in group(records).items():
+        n = sum(r in unlearned for recs in by_enc.values() for r in recs)
+        if n:
+            per_task[task] = f"{task} {n} of {sum(len(v) for v in by_enc.values())}"
+    return (
+        f"{len(unlearned)} of {len(records)} runs did not learn in distribution (exact match over lengths 1..L below "
+        f"{LEARNED_BAR}): {', '.join(per_task.values())} (results.md names them). Their scores past L, and ranks "
+        "that include them, say nothing about generalization."
+    )
 
 
 def task_sentence(task: str, by_enc: dict[str, list[dict[str, Any]]]) -> str | None:
@@ -49,14 +87,14 @@ def task_sentence(task: str, by_enc: dict[str, list[dict[str, Any]]]) -> str | N
     inside = sorted(
         ((e, statistics.fmean(in_distribution(r) for r in recs)) for e, recs in by_enc.items()), key=lambda x: -x[1]
     )
-    parts = [f"exact match over lengths 1..L: {_listing(inside[:2])} best, {_listing(inside[-1:])} worst"]
+    parts = [f"exact match over lengths 1..L: {_ends(inside)}"]
     for n in [n for n in longer if n in (2 * L, longer[-1])]:
         scores = sorted(
             ((e, v) for e, recs in by_enc.items() if (v := _at(recs, n, "exact_match")) is not None),
             key=lambda x: -x[1],
         )
         if scores:
-            parts.append(f"at {n} ({n / L:g}L): {_listing(scores[:2])} best, {_listing(scores[-1:])} worst")
+            parts.append(f"at {n} ({n / L:g}L): {_ends(scores)}")
     return head + "; ".join(parts) + "."
 
 
@@ -65,7 +103,7 @@ def study_conclusions(records: list[dict[str, Any]]) -> list[str]:
     out = [s for task, by_enc in group(records).items() if (s := task_sentence(task, by_enc))]
     unlearned = not_learned(records)
     if unlearned:
-        out.append(not_learned_note(unlearned))
+        out.append(_unlearned_note(records, unlearned))
     ranks = mean_ranks(records)
     if ranks is not None and ranks.rows:
         order = ", ".join(f"{row[0]} ({row[1]})" for row in ranks.rows)

@@ -87,7 +87,7 @@ def _probe(name: str, *, figure: str | None = None, **kw: Any) -> analysis.Probe
         raise FigureUnavailable(
             f"the {figure} figure needs an encoding whose position signal is {' or '.join(signals)}; "
             f"{name!r} ({probe.family}) carries it as {signal!r}. "
-            f"Kinds that apply to {name!r}: {', '.join(kinds_for_signal(signal))} "
+            f"Kinds that apply to {name!r}: {', '.join(kinds_for_signal(signal)) or 'none of these'} "
             "(and the global kinds magnitude, distance, and attention)"
         )
     return probe
