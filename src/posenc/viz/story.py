@@ -187,8 +187,8 @@ def _draw(items: Items, kind: str, card: analysis.ReportCard) -> None:
             d = past.unseen_distance
             cap = (
                 f"Trained on positions 0..{PAST_TRAINED - 1} (dashed line): everything right of it was never seen. "
-                f"Position {PAST_TRAINED} is {fmt(float(d[0]))} median steps from its nearest trained vector, "
-                f"position 383 {fmt(float(d[-1]))}: new vectors, close but never trained on."
+                f"Position {PAST_TRAINED} lies {fmt(float(d[0]))}× the median step from its nearest trained vector, "
+                f"position 383 {fmt(float(d[-1]))}×: new vectors, close but never trained on."
             )
         items.figure(cap, lambda: story_figures.past_length(n, train_length=PAST_TRAINED), wide=True)
     elif kind == "similarity" and n == "sine":

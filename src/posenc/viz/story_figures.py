@@ -68,7 +68,15 @@ def past_length(name: str, *, train_length: int = 250, horizon: int = 384, dim: 
     lim = float(abs(sig).max()) or 1.0
     im = ax1.imshow(sig.T, aspect="auto", origin="lower", cmap="RdBu_r", vmin=-lim, vmax=lim, interpolation="nearest")
     ax1.axvline(train_length - 0.5, color="black", ls="--", lw=1.5)
-    ax1.text(train_length, sig.shape[1] * 1.01, f" trained 0..{train_length - 1}", fontsize=8, va="bottom")
+    ax1.text(
+        train_length - 2,
+        sig.shape[1] - 1,
+        f"trained 0..{train_length - 1} ",
+        fontsize=8,
+        ha="right",
+        va="top",
+        bbox={"facecolor": "white", "alpha": 0.85, "lw": 0},
+    )
     fig.colorbar(im, ax=ax1, label="value")
     ax1.set_xlabel("position")
     ax1.set_ylabel("dimension")
@@ -79,7 +87,7 @@ def past_length(name: str, *, train_length: int = 250, horizon: int = 384, dim: 
     ax2.set_xlabel("position p ≥ trained length")
     ax2.set_ylabel("distance to nearest trained PE (median steps)")
     first = float(past.unseen_distance[0])
-    ax2.set_title(f"position {train_length}: {first:.2g} steps from every trained one", fontsize=10)
+    ax2.set_title(f"position {train_length}: {first:.2g}× the median step away", fontsize=10)
     ax2.legend(fontsize=8)
     return fig
 
