@@ -189,7 +189,7 @@ def test_conclusions_name_the_numbers():
         r["train_length"] = 8
     text = " ".join(study_conclusions(runs))
     assert "copy (trained at L = 8, 2 seeds): exact match over lengths 1..L: rope 1.00 best, alibi 0.50 worst" in text
-    assert "at 16 (2L): every encoding 0.50" in text  # only rope reached 16: no ranking of one
+    assert "at 16 (2L): rope 0.50." in text  # only rope reached 16: no ranking of one
     assert "1 run(s) did not learn in distribution" in text and "alibi on copy (seed 0)" in text
 
 
@@ -248,15 +248,17 @@ def test_default_report_is_small_offline_and_family_appropriate(default_report):
     assert len(html.encode()) < 4 * 1024 * 1024, len(html.encode())
     _one_offline_bundle(html)
     assert html.count('id="plotly-bundle"') == 1
-    commands = re.findall(r"<code>posenc plot (\S+) --kind (\w+)", html)
     drawn = {}
-    for name, kind in commands:
+    for name, kind in re.findall(r'data-figure="([^":]+):(\w+)"', html):
         drawn.setdefault(name, []).append(kind)
     for bias in ("alibi", "kerple", "fire", "sandwich", "t5", "shaw", "cope"):
-        assert "similarity" not in drawn.get(bias, []), (bias, drawn.get(bias))
+        assert "similarity" not in drawn.get(bias, []) and "heatmap" not in drawn.get(bias, []), (bias, drawn)
     for never_saturates in ("alibi", "kerple", "fire", "sandwich"):
-        assert "buckets" not in drawn.get(never_saturates, [])
-    assert drawn["none"] == ["attention"]  # `none` shows only its blindness (and the sentence test)
+        assert drawn[never_saturates] == ["bias"]
+    assert drawn["t5"] == ["buckets", "bias", "attention"]
+    assert drawn["none"] == ["blindness", "attention"]  # `none` shows only its blindness
+    assert drawn["rope"] == ["rotation", "decay", "attention"]
+    assert "attention" not in drawn["alibi"]  # its tiny model did not learn: a note instead
     assert "none without a mask: the same outputs (deviation 0)" in html
     assert "sinusoidal without a mask: different outputs" in html
     # Attention maps: each caption states the bar, and a model below it is not drawn.

@@ -30,6 +30,8 @@ def _listing(scores: list[tuple[str, float]], digits: int = 2) -> str:
 
 def _ends(scores: list[tuple[str, float]]) -> str:
     """Best and worst of ``scores`` (sorted best first), ties said as ties."""
+    if len(scores) == 1:
+        return _listing(scores)
     top, low = round(scores[0][1], 2), round(scores[-1][1], 2)
     if top == low:
         return f"every encoding {top:.2f}"

@@ -81,15 +81,20 @@ class Items:
     def note(self, caption: str, text: str) -> None:
         self.items.append({"type": "note", "caption": caption, "text": text})
 
-    def figure(self, caption: str, make: Callable[[], Any], command: str | None = None, *, wide: bool = False) -> bool:
-        """Draw ``make()`` as a PNG (``wide``: the page's full width, else half); a
-        ``FigureUnavailable`` becomes a note saying why."""
+    def figure(
+        self, caption: str, make: Callable[[], Any], command: str | None = None, *, wide: bool = False, tag: str = ""
+    ) -> bool:
+        """Draw ``make()`` as a PNG (``wide``: the page's full width, else half; ``tag``:
+        ``"encoding:kind"``, the page's ``data-figure``); a ``FigureUnavailable`` becomes
+        a note saying why."""
         try:
             fig = make()
         except FigureUnavailable as err:
             self.note(caption.split(":")[0], f"not drawn: {err}")
             return False
-        self.items.append({"type": "figure", "caption": caption, "src": png(fig), "command": command, "wide": wide})
+        self.items.append(
+            {"type": "figure", "caption": caption, "src": png(fig), "command": command, "wide": wide, "tag": tag}
+        )
         return True
 
     def plot(self, caption: str, fig: Any) -> None:

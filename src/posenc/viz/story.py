@@ -178,7 +178,7 @@ def _ratio(t: Any) -> str:
 
 
 def _draw(items: Items, kind: str, card: analysis.ReportCard) -> None:
-    n, cap = card.name, _caption(kind, card)
+    n, c, cap = card.name, card, _caption(kind, card)
     small = {"dim": 4, "num_heads": 1} if n == "sine" else {"dim": 32, "num_heads": 2}
     opts = " --dim 4 --heads 1" if n == "sine" else " --dim 32 --heads 2"
     if kind == "past":
@@ -190,17 +190,22 @@ def _draw(items: Items, kind: str, card: analysis.ReportCard) -> None:
                 f"Position {PAST_TRAINED} lies {fmt(float(d[0]))}× the median step from its nearest trained vector, "
                 f"position 383 {fmt(float(d[-1]))}×: new vectors, close but never trained on."
             )
-        items.figure(cap, lambda: story_figures.past_length(n, train_length=PAST_TRAINED), wide=True)
+        items.figure(cap, lambda: story_figures.past_length(n, train_length=PAST_TRAINED), wide=True, tag=f"{n}:past")
     elif kind == "similarity" and n == "sine":
         period = analysis.uniqueness(analysis.build(n, dim=4, num_heads=1, max_len=128), 128).period
         cap = f"At 4 dimensions sine repeats every {period} positions (measured): positions {period} apart collide."
-        items.figure(cap, lambda: figures.similarity(n, **small), f"posenc plot {n} --kind similarity{opts}")
+        items.figure(
+            cap, lambda: figures.similarity(n, **small), f"posenc plot {n} --kind similarity{opts}", tag=f"{n}:{kind}"
+        )
     elif kind in ("heatmap", "similarity"):
         make = figures.heatmap if kind == "heatmap" else figures.similarity
-        items.figure(cap, lambda: make(n, **small), f"posenc plot {n} --kind {kind}{opts}")
+        items.figure(cap, lambda: make(n, **small), f"posenc plot {n} --kind {kind}{opts}", tag=f"{n}:{kind}")
     else:
+        # bias figures in the form the card measured (t5, alibi, cope: causal by default)
+        kw = {"causal": c.causal} if kind in ("bias", "buckets") else {}
         wide = kind in ("bias", "buckets", "rotation")
-        items.figure(cap, lambda: figures.KINDS[kind](n), f"posenc plot {n} --kind {kind}", wide=wide)
+        command = None if kw.get("causal") else f"posenc plot {n} --kind {kind}"  # the CLI draws it bidirectional
+        items.figure(cap, lambda: figures.KINDS[kind](n, **kw), command, wide=wide, tag=f"{n}:{kind}")
 
 
 def attention_item(items: Items, maps: TrainedAttention, *, blindness: bool = False) -> None:
@@ -222,7 +227,8 @@ def attention_item(items: Items, maps: TrainedAttention, *, blindness: bool = Fa
             items.note(f"{maps.encoding}: no attention map", cap + " Maps of a model that did not learn say nothing.")
             return
         cap += " Without positions no head can find the token 16 back: attention stays spread out."
-    items.figure(cap, lambda: figures.copy_attention(maps), f"posenc plot {maps.encoding} --kind attention", wide=True)
+    command = f"posenc plot {maps.encoding} --kind attention"
+    items.figure(cap, lambda: figures.copy_attention(maps), command, wide=True, tag=f"{maps.encoding}:attention")
 
 
 def blind_section(
@@ -246,6 +252,7 @@ def blind_section(
             "its prefix), and so does any position signal.",
             lambda: story_figures.sentence_order(sentences),
             wide=True,
+            tag=f"{sentences[0].encoding}:blindness",
         )
     rows = [[c.name, c.family, f"{c.order.deviation:.2g}", f"{c.order_causal.deviation:.2g}"] for c in cards]
     blind = [c.name for c in cards if c.order.blind] or ["none"]
