@@ -269,3 +269,27 @@ def test_default_report_is_small_offline_and_family_appropriate(default_report):
     # The report card's legend: every column explained under the table.
     for column, meaning in analysis.CARD_COLUMNS.items():
         assert f"<dt>{html_escape(column)}</dt><dd>{html_escape(meaning)}</dd>" in html
+
+
+def test_the_sentence_test_measures_order_blindness():
+    from posenc.analysis.order import sentence_order
+
+    blind = sentence_order("none")  # "I go home" vs "home go I", no mask
+    assert blind.same and blind.deviation < 1e-6 and blind.permuted_sentence == "home go I"
+    assert not sentence_order("none", causal=True).same  # a causal mask leaks order
+    assert not sentence_order("sinusoidal").same
+    with pytest.raises(ValueError, match="permutation"):
+        sentence_order("none", order=(0, 0, 1))
+
+
+def test_log_axes_tick_only_labelled_values():
+    from posenc.viz.curves import Styles, log_axis, log_ticks
+
+    assert log_ticks(0.02, 300) == [0.1, 1, 10, 100]  # decades when they span several
+    axis = log_axis([3.1, 4.0, 5.9], "ppl")  # within one decade: finer ticks, every one labelled
+    assert (
+        axis["type"] == "log" and axis["tickvals"] == [3, 4, 5, 6, 7] and axis["ticktext"] == ["3", "4", "5", "6", "7"]
+    )
+    styles = Styles()
+    seen = {tuple(styles(f"enc{i}").items()) for i in range(40)}
+    assert len(seen) == 40  # 40 lines, each its own colour and dash

@@ -44,13 +44,17 @@ class Styles:
 
 
 def log_ticks(lo: float, hi: float) -> list[float]:
-    """Tick values 1, 2, 5 × 10^k covering ``[lo, hi]`` (both > 0), at most ~12."""
+    """Labelled tick values for a log axis over ``[lo, hi]`` (both > 0): the coarsest of
+    1 × 10^k, then 1-2-5, then 1-1.5-2-3-...-9 that gives at least three ticks."""
     lo, hi = max(lo, 1e-12), max(hi, lo * 1.0001)
-    ticks = []
-    for k in range(math.floor(math.log10(lo)), math.ceil(math.log10(hi)) + 1):
-        ticks += [m * 10.0**k for m in (1, 2, 5)]
-    inside = [t for t in ticks if lo / 1.5 <= t <= hi * 1.5]
-    return inside if len(inside) <= 12 else [t for t in inside if round(t / 10 ** math.floor(math.log10(t))) == 1]
+    decades = range(math.floor(math.log10(lo)), math.ceil(math.log10(hi)) + 1)
+    ticks: list[float] = []
+    for mantissas in ((1,), (1, 2, 5), (1, 1.5, 2, 3, 4, 5, 6, 7, 8, 9)):
+        ticks = [round(m * 10.0**k, 12) for k in decades for m in mantissas]
+        ticks = [t for t in ticks if lo / 1.2 <= t <= hi * 1.2]
+        if len(ticks) >= 3:
+            return ticks[:: max(1, math.ceil(len(ticks) / 12))]
+    return ticks
 
 
 def _tick_text(v: float) -> str:
