@@ -4,7 +4,8 @@
 
 - ``study``: ``write_study_outputs`` (results.md, plots/*.png, report.html of a study)
 - ``extension``: ``write_extension_outputs`` and ``extension_report_section`` (``posenc extend``)
-- ``report``: ``write_report`` (measures, trains the attention models, loads the
-  pretrained model, reads a study; hands the data to ``viz.report.render_report``)
+- ``report``: ``write_report`` (measures, runs the sentence tests, trains the attention
+  models, loads the pretrained model, reads a study; hands the data to
+  ``viz.report.render_report``); ``conclusions``: a study's conclusions in sentences
 - ``figures``: figures of trained and pretrained models, and ``plot`` (``posenc plot``)
 """
