@@ -3,8 +3,9 @@
 The fast step compiles the traced forward + backward with Inductor and uses fused
 AdamW: float32 sums in another order, so the two loss trajectories agree within
 ``RTOL`` (observed <= 4.1e-7 over 20 steps: rope, alibi, learned, t5), not bit for
-bit. ``test_avx2`` runs the same comparison in a subprocess with ``ATEN_CPU_CAPABILITY=avx2`` and a fresh Inductor cache
-(the AVX2 kernels Inductor generates on an AVX-512 machine are other code).
+bit. ``test_avx2`` runs the same comparison in a subprocess with
+``ATEN_CPU_CAPABILITY=avx2`` and a fresh Inductor cache (the AVX2 kernels Inductor
+generates on an AVX-512 machine are other code).
 """
 
 from __future__ import annotations
@@ -125,6 +126,7 @@ print(json.dumps(out))
 """
 
 
+@pytest.mark.slow
 @pytest.mark.skipif(not torch.backends.cpu.get_cpu_capability().startswith("AVX"), reason="x86 only")
 def test_avx2(tmp_path: Path) -> None:
     """The compiled step is also right with AVX2 code (fresh Inductor cache)."""
