@@ -3,7 +3,7 @@
 Two implementations of the same arithmetic, chosen by ``step_mode``:
 
 * ``reference``: eager autograd through the (DDP-wrapped) model and the default
-  ``torch.optim.AdamW``: the step every record before issue #24 was trained with.
+  ``torch.optim.AdamW``: the step of every committed record without a ``train_step`` field.
 * ``fast``: the whole forward + loss + backward of one batch shape traced once into a
   single graph of aten ops (``make_fx`` on real tensors) and compiled with Inductor;
   then ``clip_grad_norm_(foreach=True)`` and ``AdamW(fused=True)``. At the study's sizes

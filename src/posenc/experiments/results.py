@@ -5,6 +5,7 @@ study's tables, plots and HTML report)::
 
     {"run_id": str, "task": str, "encoding": str, "seed": int, "train_length": int,
      "config": {...}, "git_commit": str, "torch_version": str, "wall_time_s": float,
+     "train_step": "fast" | "reference", "cpu_capability": str,   # optional: absent in older records
      "metrics": [{"length": int, "exact_match": float, "token_accuracy": float}, ...]}
                  # or [{"length": int, "ppl": float, "ppl_sliding": float}, ...] for LM
 
@@ -38,6 +39,8 @@ KEYS = (
     "wall_time_s",
     "metrics",
 )
+#: Provenance keys that records written before they existed lack.
+OPTIONAL_KEYS = ("train_step", "cpu_capability")
 SYNTHETIC_METRICS = ("length", "exact_match", "token_accuracy")
 LM_METRICS = ("length", "ppl", "ppl_sliding")
 
@@ -68,9 +71,13 @@ def validate_record(record: Any, where: str = "record") -> dict[str, Any]:
     missing = [k for k in KEYS if k not in record]
     if missing:
         raise ValueError(f"{where} is missing {', '.join(map(repr, missing))}")
-    unknown = sorted(set(record) - set(KEYS))
+    unknown = sorted(set(record) - set(KEYS) - set(OPTIONAL_KEYS))
     if unknown:
-        raise ValueError(f"{where} has unknown keys {unknown}, expected {sorted(KEYS)}")
+        expected = f"{sorted(KEYS)} and optionally {list(OPTIONAL_KEYS)}"
+        raise ValueError(f"{where} has unknown keys {unknown}, expected {expected}")
+    for key in OPTIONAL_KEYS:
+        if key in record and not isinstance(record[key], str):
+            raise ValueError(f"{where}: {key!r} must be str, got {record[key]!r}")
     types = {
         "run_id": str,
         "task": str,

@@ -213,8 +213,11 @@ def checkpoint_state(
     }
 
 
-def result_record(config: RunConfig, metrics: list[dict[str, Any]], wall_time_s: float) -> dict[str, Any]:
-    """One ``results.jsonl`` line (the schema in ``results.py``)."""
+def result_record(
+    config: RunConfig, metrics: list[dict[str, Any]], wall_time_s: float, train_step: str = "reference"
+) -> dict[str, Any]:
+    """One ``results.jsonl`` line (the schema in ``results.py``); ``train_step`` says which
+    step trained it (``fast_step``: the same arithmetic, float32 sums in another order)."""
     return {
         "run_id": config.run_id,
         "task": config.task.label,
@@ -225,6 +228,8 @@ def result_record(config: RunConfig, metrics: list[dict[str, Any]], wall_time_s:
         "git_commit": git_commit(),
         "torch_version": torch.__version__,
         "wall_time_s": round(wall_time_s, 3),
+        "train_step": train_step,
+        "cpu_capability": torch.backends.cpu.get_cpu_capability(),
         "metrics": metrics,
     }
 
@@ -404,7 +409,7 @@ def train_run(
             on_step(step, tc.steps, float(loss))
 
     metrics = evaluate_model(model.cpu(), run_setup)  # every rank: identical models, no collective
-    record = result_record(config, metrics, elapsed + time.perf_counter() - start)
+    record = result_record(config, metrics, elapsed + time.perf_counter() - start, mode)
     if context.is_main:
         append_result(run_dir, record)
     return record, False
