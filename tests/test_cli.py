@@ -153,3 +153,69 @@ def test_analyze_fits_the_terminal_and_explains_its_columns(columns):
     for name in ("rope", "alibi", "sinusoidal", "binary", "rotation", "new ("):
         assert any(name in line for line in table_lines), name  # whole cells, never wrapped letter by letter
     assert "rel. dev.: how far scores of fixed content depend on anything but m - n" in " ".join(lines)
+
+
+BROKEN_PLUGINS = """
+import dataclasses
+from typing import ClassVar
+
+import torch
+
+import posenc
+
+
+@dataclasses.dataclass(frozen=True)
+class DimParams(posenc.Params):
+    dim: int
+
+    def validate(self):
+        if not isinstance(self.dim, int) or self.dim < 1:
+            raise ValueError(f"dim must be a positive int, got {self.dim!r}")
+
+
+@posenc.register
+class LeaksFuture(posenc.PositionalEncoding):
+    name = "leaks-future"
+    Params: ClassVar[type[posenc.Params]] = DimParams
+
+    def embed(self, x, positions):
+        return x + x.mean(dim=1, keepdim=True)  # every token sees the later ones
+
+
+@posenc.register
+class WrongShape(posenc.PositionalEncoding):
+    name = "wrong-shape"
+    Params: ClassVar[type[posenc.Params]] = DimParams
+
+    def embed(self, x, positions):
+        return x[:, :, : x.shape[-1] // 2]  # drops half the width
+
+
+@posenc.register
+class ChunkRelative(posenc.PositionalEncoding):
+    name = "chunk-relative"
+    Params: ClassVar[type[posenc.Params]] = DimParams
+
+    def embed(self, x, positions):
+        chunk = torch.arange(x.shape[1], dtype=x.dtype)[:, None]  # restarts at 0 on every cached call
+        return x + torch.sin(chunk / (1 + torch.arange(x.shape[-1], dtype=x.dtype)))
+"""
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize(
+    "name,check,detail",
+    [
+        ("leaks-future", "causality", "appending 4 tokens to 8 changed the logits"),
+        ("wrong-shape", "hooks", "embed: x (2, 5, 32)"),
+        ("chunk-relative", "kv_cache", "decoding token 3 with the cache differs"),
+    ],
+)
+def test_check_catches_broken_plugins(tmp_path, name, check, detail):
+    """Three broken plugins, each caught by `posenc check` with its failing example."""
+    plugin = tmp_path / "broken_plugins.py"
+    plugin.write_text(BROKEN_PLUGINS, encoding="utf-8")
+    done = _posenc("--plugin", str(plugin), "check", name)
+    assert done.returncode == 1, done.stdout + done.stderr
+    out = " ".join(done.stdout.split())
+    assert detail in out and check in out.split("checks failed:")[1].split(), out
