@@ -218,4 +218,4 @@ def test_check_catches_broken_plugins(tmp_path, name, check, detail):
     done = _posenc("--plugin", str(plugin), "check", name)
     assert done.returncode == 1, done.stdout + done.stderr
     out = " ".join(done.stdout.split())
-    assert detail in out and check in out.split("checks failed:")[1].split(), out
+    assert detail in out and check in [c.strip() for c in out.split("checks failed:")[1].split(",")], out
