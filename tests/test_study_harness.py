@@ -24,7 +24,7 @@ from posenc.data.synthetic import SyntheticTask
 from posenc.data.text import CharCorpus
 from posenc.experiments.config import config_from_dict, load_config
 from posenc.experiments.evaluate import lm_metrics, synthetic_metrics
-from posenc.experiments.results import KEYS, append_result, read_results
+from posenc.experiments.results import KEYS, OPTIONAL_KEYS, append_result, read_results
 from posenc.experiments.study import plan_study
 from posenc.experiments.train import checkpoint_path, random_positions, train_run
 
@@ -126,7 +126,9 @@ def test_train_resume_identical_and_skip(tmp_path):
     cfg = _cfg()
     full, skipped = train_run(cfg, tmp_path / "a")
     assert not skipped
-    assert list(full) == list(KEYS)
+    assert set(full) == {*KEYS, *OPTIONAL_KEYS}
+    assert full["train_step"] == "reference"  # 30 steps: "auto" compiles only runs of AUTO_MIN_STEPS or more
+    assert full["cpu_capability"] == torch.backends.cpu.get_cpu_capability()
     assert [m["length"] for m in full["metrics"]] == [1, 2, 3, 6]
     assert full["task"] == "copy" and full["encoding"] == "sinusoidal" and full["seed"] == 0
     assert full["train_length"] == 3 and full["torch_version"] == torch.__version__
