@@ -82,8 +82,23 @@ def records(path: pathlib.Path) -> list[dict]:
 @pytest.fixture(scope="module")
 def baselines(tmp_path_factory) -> pathlib.Path:
     folder = tmp_path_factory.mktemp("baselines")
-    ok(posenc_cli("study", "--preset", "smoke", "--encodings", "sinusoidal,none", "--out", folder / "base",
-                  "--no-report", "--jobs", "1", "--threads", "1", cwd=folder))  # fmt: skip
+    ok(
+        posenc_cli(
+            "study",
+            "--preset",
+            "smoke",
+            "--encodings",
+            "sinusoidal,none",
+            "--out",
+            folder / "base",
+            "--no-report",
+            "--jobs",
+            "1",
+            "--threads",
+            "1",
+            cwd=folder,
+        )
+    )
     return folder / "base" / "results.jsonl"
 
 
@@ -100,12 +115,47 @@ def every_command(name: str, folder: pathlib.Path, baselines: pathlib.Path, **en
     ok(posenc_cli("train", "--config", folder / "run.yaml", "--out", folder / "train", cwd=folder, **env))
     assert [r["encoding"] for r in records(folder / "train" / "results.jsonl")] == [name]
     study = folder / "study"
-    ok(posenc_cli("study", "--preset", "smoke", "--encodings", name, "--seeds", "0,1", "--jobs", "2",
-                  "--threads", "1", "--no-report", "--out", study, cwd=folder, **env))  # fmt: skip
+    ok(
+        posenc_cli(
+            "study",
+            "--preset",
+            "smoke",
+            "--encodings",
+            name,
+            "--seeds",
+            "0,1",
+            "--jobs",
+            "2",
+            "--threads",
+            "1",
+            "--no-report",
+            "--out",
+            study,
+            cwd=folder,
+            **env,
+        )
+    )
     assert sorted(r["seed"] for r in records(study / "results.jsonl")) == [0, 1]
     out = folder / "compare"
-    shown = ok(posenc_cli("compare", name, "--preset", "smoke", "--baselines", baselines, "--out", out,
-                          "--jobs", "1", "--threads", "1", "--no-report", cwd=folder, **env))  # fmt: skip
+    shown = ok(
+        posenc_cli(
+            "compare",
+            name,
+            "--preset",
+            "smoke",
+            "--baselines",
+            baselines,
+            "--out",
+            out,
+            "--jobs",
+            "1",
+            "--threads",
+            "1",
+            "--no-report",
+            cwd=folder,
+            **env,
+        )
+    )
     assert f"{name} against the baselines" in shown and "of 3" in shown and "mean rank" in shown
     assert [r["encoding"] for r in records(out / "results.jsonl")] == [name]  # only its runs were trained
     merged = records(out / "leaderboard" / "results.jsonl")
@@ -136,20 +186,84 @@ def test_a_plugin_option_reaches_the_study_and_compare_workers(tmp_path, baselin
     plugin = tmp_path / "third.py"
     plugin.write_text(PLUGIN.replace("NAME", "third-option"))
     study = tmp_path / "study"
-    ok(posenc_cli("--plugin", plugin, "study", "--preset", "smoke", "--encodings", "third-option", "--seeds", "0,1",
-                  "--jobs", "2", "--threads", "1", "--no-report", "--out", study, cwd=tmp_path))  # fmt: skip
+    ok(
+        posenc_cli(
+            "--plugin",
+            plugin,
+            "study",
+            "--preset",
+            "smoke",
+            "--encodings",
+            "third-option",
+            "--seeds",
+            "0,1",
+            "--jobs",
+            "2",
+            "--threads",
+            "1",
+            "--no-report",
+            "--out",
+            study,
+            cwd=tmp_path,
+        )
+    )
     assert sorted(r["seed"] for r in records(study / "results.jsonl")) == [0, 1]
     out = tmp_path / "compare"
-    ok(posenc_cli("--plugin", plugin, "compare", "third-option", "--preset", "smoke", "--baselines", baselines,
-                  "--out", out, "--jobs", "2", "--threads", "1", "--no-report", cwd=tmp_path))  # fmt: skip
+    ok(
+        posenc_cli(
+            "--plugin",
+            plugin,
+            "compare",
+            "third-option",
+            "--preset",
+            "smoke",
+            "--baselines",
+            baselines,
+            "--out",
+            out,
+            "--jobs",
+            "2",
+            "--threads",
+            "1",
+            "--no-report",
+            cwd=tmp_path,
+        )
+    )
     assert [r["encoding"] for r in records(out / "results.jsonl")] == ["third-option"]
 
 
 def test_compare_refuses_baselines_of_another_config(tmp_path, baselines):
-    ok(posenc_cli("study", "--preset", "smoke", "--encodings", "none", "--steps", "10", "--out", tmp_path / "short",
-                  "--no-report", "--jobs", "1", "--threads", "1", cwd=tmp_path))  # fmt: skip
-    done = posenc_cli("compare", "alibi", "--preset", "smoke", "--baselines", tmp_path / "short" / "results.jsonl",
-                      "--out", tmp_path / "compare", "--no-report", cwd=tmp_path)  # fmt: skip
+    ok(
+        posenc_cli(
+            "study",
+            "--preset",
+            "smoke",
+            "--encodings",
+            "none",
+            "--steps",
+            "10",
+            "--out",
+            tmp_path / "short",
+            "--no-report",
+            "--jobs",
+            "1",
+            "--threads",
+            "1",
+            cwd=tmp_path,
+        )
+    )
+    done = posenc_cli(
+        "compare",
+        "alibi",
+        "--preset",
+        "smoke",
+        "--baselines",
+        tmp_path / "short" / "results.jsonl",
+        "--out",
+        tmp_path / "compare",
+        "--no-report",
+        cwd=tmp_path,
+    )
     assert done.returncode == 2 and "Traceback" not in done.stdout + done.stderr
     assert "differing keys: train.steps" in done.stdout and "not be fair" in done.stdout
     assert not (tmp_path / "compare" / "results.jsonl").exists()  # nothing trained
@@ -159,8 +273,25 @@ def test_the_dape_example_passes_the_contract_and_gets_a_smoke_leaderboard(tmp_p
     env = {"POSENC_PLUGINS": str(DAPE)}
     assert "all 7 checks passed" in ok(posenc_cli("check", "dape", cwd=tmp_path, **env))
     out = tmp_path / "compare-dape"
-    shown = ok(posenc_cli("compare", "dape", "--preset", "smoke", "--baselines", baselines, "--out", out,
-                          "--jobs", "1", "--threads", "1", "--no-report", cwd=tmp_path, **env))  # fmt: skip
+    shown = ok(
+        posenc_cli(
+            "compare",
+            "dape",
+            "--preset",
+            "smoke",
+            "--baselines",
+            baselines,
+            "--out",
+            out,
+            "--jobs",
+            "1",
+            "--threads",
+            "1",
+            "--no-report",
+            cwd=tmp_path,
+            **env,
+        )
+    )
     assert "dape against the baselines" in shown and "token accuracy (3, 6]" in shown
     assert [r["encoding"] for r in records(out / "results.jsonl")] == ["dape"]
     assert "| dape |" in (out / "compare.md").read_text()
