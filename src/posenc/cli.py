@@ -249,9 +249,15 @@ def compare(
         request = dict(tasks=csv(tasks), seeds=int_list("--seeds", seeds), baselines=baselines, out=out)
         with progress_bars() as progress:
             outputs = run_compare(
-                name, preset, **request, threads=threads, jobs=jobs, report=not no_report, say=console.print,
+                name,
+                preset,
+                **request,
+                threads=threads,
+                jobs=jobs,
+                report=not no_report,
+                say=console.print,
                 hooks=lambda configs, label, parallel: study_hooks(progress, configs, len(configs), label, parallel),
-            )  # fmt: skip
+            )
     except (ValueError, TypeError, FileNotFoundError, FloatingPointError, StudyWorkerError, KeyboardInterrupt) as err:
         raise harness_exit(err, None, "run the same command again to resume (finished runs are kept)") from None
     print_compare(outputs)
