@@ -73,6 +73,7 @@ def test_fast_language_model(tmp_path: Path) -> None:
     )
 
 
+@pytest.mark.slow
 def test_fast_is_deterministic(tmp_path: Path) -> None:
     config = _config("rope")
     assert _losses(config, tmp_path / "a", "fast") == _losses(config, tmp_path / "b", "fast")
@@ -91,6 +92,7 @@ def test_mode_resolution(monkeypatch: pytest.MonkeyPatch) -> None:
         fast_step.resolve_mode("quick", steps=long, varying_positions=False)
 
 
+@pytest.mark.slow
 def test_resume_across_steps(tmp_path: Path) -> None:
     """A run stopped after a fast step's checkpoint resumes (with the fast step) to the
     uninterrupted run's losses."""
@@ -161,6 +163,7 @@ def _ddp_worker(rank: int, world: int, port: int, out: str) -> None:
     distributed.shutdown()
 
 
+@pytest.mark.slow
 def test_fast_step_under_ddp(tmp_path: Path) -> None:
     """Two ranks with the fast step (gradients summed over ranks by one all-reduce) train
     like one process with the fast step."""
