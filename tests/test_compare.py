@@ -14,12 +14,19 @@ from posenc.experiments.config import replace
 from posenc.experiments.study import plan_study
 
 
-def _record(cfg, score: float) -> dict:
+def _record(cfg, score: float, inside: float = 1.0, validation: float | None = None) -> dict:
+    """A record of ``cfg``: exact match and token accuracy ``inside`` at lengths 1..L and
+    ``score`` past L (and an in-distribution validation score when given)."""
     L = cfg.task.train_length
     metrics = [
-        {"length": n, "exact_match": score, "token_accuracy": score} for n in [*range(1, L + 1), 2 * L, 4 * L, 8 * L]
+        {"length": n, "exact_match": v, "token_accuracy": v}
+        for n in [*range(1, L + 1), 2 * L, 4 * L, 8 * L]
+        for v in [inside if n <= L else score]
     ]
-    return {
+    extra = {} if validation is None else {"validation": {"metric": "exact_match", "value": validation, "size": 8}}
+    for v in extra.values():
+        v["higher_is_better"] = True
+    return extra | {
         "run_id": cfg.run_id,
         "task": cfg.task.label,
         "encoding": cfg.encoding_label,
@@ -49,6 +56,13 @@ def test_config_diff_ignores_the_encoding_and_threads_only():
     (a,), _ = plan_study("smoke", encodings=["alibi"])
     b = replace(a, model={"encoding": "rope"}, train={"threads": 7, "randomized_positions": True, "steps": 3})
     assert config_diff(a.to_dict(), b.to_dict()) == [("train.steps", 20, 3)]
+    # a swept study's rates: a baseline's rate within the grid is its own sweep's choice
+    c = replace(a, train={"lr": 0.01})
+    assert config_diff(a.to_dict(), c.to_dict()) == [("train.lr", 0.003, 0.01)]
+    assert config_diff(a.to_dict(), c.to_dict(), lr_grid=(0.001, 0.003, 0.01)) == []
+    assert config_diff(a.to_dict(), replace(a, train={"lr": 0.02}).to_dict(), lr_grid=(0.001, 0.01)) == [
+        ("train.lr", 0.003, 0.02)
+    ]
 
 
 def test_plan_compare_keeps_matching_baselines_and_plans_only_the_new_encoding(tmp_path):
@@ -87,17 +101,66 @@ def test_merge_and_standings_rank_the_new_encoding(tmp_path):
     assert len(merged) == 6
     table = standings("alibi", merged)
     assert table.columns == ["task", "criterion", "alibi", "rank", "best"]
-    assert [row[:4] for row in table.rows] == [
-        ["copy", "exact match 1..3", "0.400 ± 0.000", "2 of 3"],
-        ["copy", "token accuracy (3, 6]", "0.400 ± 0.000", "2 of 3"],
+    # every run learned (exact match 1.0 over 1..3): all tie in distribution; past L none
+    # 0.5, alibi 0.4, sinusoidal 0.25
+    assert table.rows == [
+        ["copy", "exact match 1..3", "1.000 ± 0.000", "1 of 3", "sinusoidal 1.000 ± 0.000"],
+        ["copy", "token accuracy (3, 6]", "0.400 ± 0.000", "2 of 3", "none 0.500 ± 0.000"],
     ]
-    assert table.rows[0][4] == "none 0.500 ± 0.000"
     with pytest.raises(ValueError, match="no record of the runs"):
         merge(c, [])
 
 
-def test_the_committed_full_records_pass_the_check_for_a_new_encoding():
-    """docs/data/full_results.jsonl was trained with the current full preset: ranking a
-    built-in against it plans its 24 runs and keeps the other encodings' 480 records."""
-    c = plan_compare("alibi", "full")
-    assert len(c.configs) == 24 and c.replaced == 24 and len(c.baselines) == 480
+def test_standings_rank_past_l_only_runs_that_learned(tmp_path):
+    c = plan_compare("alibi", "smoke", baselines=_baselines(tmp_path), seeds=[0, 1])
+    none_unlearned = [
+        {**r, "metrics": [{**m, "exact_match": 0.5} if m["length"] <= 3 else m for m in r["metrics"]]}
+        if r["encoding"] == "none"
+        else r
+        for r in c.baselines
+    ]
+    merged = none_unlearned + [_record(cfg, 0.4) for cfg in c.configs]
+    rows = standings("alibi", merged).rows
+    assert rows[0][3] == "1 of 3"  # in distribution every run is compared: that is the measure of learning
+    assert rows[1] == ["copy", "token accuracy (3, 6]", "0.400 ± 0.000", "1 of 2", "alibi 0.400 ± 0.000"]
+    alone = c.baselines + [_record(cfg, 0.9, inside=0.6) for cfg in c.configs]  # alibi did not learn
+    rows = standings("alibi", alone).rows
+    assert rows[1] == ["copy", "token accuracy (3, 6]", "-", "did not learn (exact match 1..L 0.60)", rows[1][4]]
+    assert rows[1][4] == "none 0.500 ± 0.000"
+
+
+def test_a_swept_preset_compares_both_phases(tmp_path):
+    """The full preset sweeps: NAME's plan has phase 1 (seed 0 at three rates) and phase 2;
+    baselines of a swept study (their unchosen rates too) pass the check; merge takes
+    phase 2 at the rate chosen from NAME's own sweep."""
+    from posenc.experiments.study import plan_phases
+
+    base = plan_phases("full", encodings=["none"], tasks=["copy"], seeds=[0, 1])
+    sweep = [_record(cfg, 0.5, validation=cfg.train.lr) for cfg in base.first]  # 1e-2 wins
+    records = sweep + [_record(cfg, 0.5) for cfg in base.second_phase(sweep)]
+    assert {r["config"]["train"]["lr"] for r in records if r["seed"] == 1} == {0.01}
+    c = plan_compare("alibi", "full", baselines=_write(tmp_path / "b.jsonl", records), tasks=["copy"], seeds=[0, 1])
+    assert [(cfg.train.seed, cfg.train.lr) for cfg in c.configs] == [(0, 0.001), (0, 0.003), (0, 0.01), (1, 0.003)]
+    assert len(c.baselines) == 4
+    ours = [_record(cfg, 0.4, validation=1.0 - cfg.train.lr) for cfg in c.plan.first]  # 1e-3 wins
+    with pytest.raises(ValueError, match="no record of the runs"):
+        merge(c, ours)  # phase 2 is missing
+    ours += [_record(cfg, 0.4) for cfg in c.plan.second_phase(ours)]
+    merged = merge(c, ours)
+    assert [(r["encoding"], r["seed"], r["config"]["train"]["lr"]) for r in merged[4:]] == [
+        ("alibi", 0, 0.001),
+        ("alibi", 0, 0.003),
+        ("alibi", 0, 0.01),
+        ("alibi", 1, 0.001),
+    ]
+    rows = standings("alibi", merged).rows  # the chosen rates only: 2 runs per encoding
+    assert rows[1] == ["copy", "token accuracy (8, 16]", "0.400 ± 0.000", "2 of 2", "none 0.500 ± 0.000"]
+
+
+def test_the_committed_full_records_are_refused_by_the_current_full_preset():
+    """docs/data/full_results.jsonl was trained with an earlier full preset (64 test
+    examples per length, recall with 32 symbols, no sweep): the check refuses to rank a
+    new run among them, naming the keys."""
+    with pytest.raises(ValueError, match=r"differing keys: .*task\.eval_samples") as err:
+        plan_compare("alibi", "full")
+    assert "not be fair" in str(err.value) and "task.eval_samples 64 (baseline) vs 256 (alibi)" in str(err.value)

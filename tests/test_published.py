@@ -23,16 +23,20 @@ def _lm(enc, seed, ppl_by_len, L=10):
     }
 
 
-def _syn(task, enc, seed, acc_by_len, L=2):
+def _syn(task, enc, seed, acc_by_len, L=2, lr=None, val=None):
     metrics = [{"length": n, "exact_match": a, "token_accuracy": a} for n, a in acc_by_len.items()]
-    return {
-        "run_id": f"{task}{enc}{seed}",
+    rec = {
+        "run_id": f"{task}{enc}{seed}{lr}",
         "task": task,
         "encoding": enc,
         "seed": seed,
         "train_length": L,
         "metrics": metrics,
     }
+    if lr is not None:
+        rec["config"] = {"train": {"lr": lr}}
+        rec["validation"] = {"metric": "exact_match", "value": val, "higher_is_better": True, "size": 8}
+    return rec
 
 
 def test_press_table_ratios_and_paper_values():
@@ -58,6 +62,31 @@ def test_kazemnejad_ranks_only_their_encodings_with_paper_rank():
     assert t.columns[:3] == ["encoding", "paper rank", "mean rank"]
 
 
+def test_kazemnejad_ranks_only_runs_that_learned():
+    recs = [
+        _syn("copy", "none", 0, {1: 0.5, 2: 0.5, 4: 0.9}),  # best past L, but did not learn copy
+        _syn("copy", "rope", 0, {1: 1.0, 2: 1.0, 4: 0.2}),
+        _syn("copy", "alibi", 0, {1: 1.0, 2: 0.9, 4: 0.1}),
+    ]
+    t = kazemnejad_ranks(recs)
+    assert [r[:6] for r in t.rows] == [
+        ["rope", "4", "1.00", "1.00", "1", "0.200"],
+        ["alibi", "3", "2.00", "2.00", "1", "0.100"],
+        ["none", "1", "did not learn", "-", "0", "did not learn (0.50)"],
+    ]
+
+
+def test_comparisons_use_the_chosen_rate_of_a_sweep():
+    """A swept (task, encoding): only the runs at the rate with the best validation."""
+    recs = [
+        _syn("copy", "none", 0, {1: 1.0, 2: 1.0, 4: 0.9}, lr=1e-3, val=0.5),
+        _syn("copy", "none", 0, {1: 1.0, 2: 1.0, 4: 0.1}, lr=3e-3, val=0.9),  # chosen
+        _syn("copy", "rope", 0, {1: 1.0, 2: 1.0, 4: 0.2}),
+    ]
+    t = kazemnejad_ranks(recs)
+    assert [r[:3] + r[5:] for r in t.rows] == [["rope", "4", "1.00", "0.200"], ["none", "1", "2.00", "0.100"]]
+
+
 def test_randpos_gain_is_paired_by_seed():
     recs = [
         _syn("copy", "rope", 0, {1: 1.0, 2: 1.0, 4: 0.2, 8: 0.0, 16: 0.0}),
@@ -76,6 +105,24 @@ def test_randpos_gain_is_paired_by_seed():
     assert row["(L, 2L] gain"] == "0.30 ± 0.14"
     # (2L, 8L]: plain 0, 0; randpos mean(0.2, 0) = 0.1, mean(0.4, 0.2) = 0.3
     assert row["(2L, 8L] +randpos"] == "0.20 ± 0.14"
+    assert row["did not learn (exact match 1..L < 0.9)"] == "-"
+
+
+def test_randpos_pairs_only_seeds_on_which_both_runs_learned():
+    recs = [
+        _syn("copy", "rope", 0, {1: 1.0, 2: 1.0, 4: 0.2}),
+        _syn("copy", "rope", 1, {1: 0.5, 2: 0.5, 4: 0.0}),  # plain seed 1 did not learn
+        _syn("copy", "rope", 2, {1: 1.0, 2: 1.0, 4: 0.4}),
+        _syn("copy", "rope+randpos", 0, {1: 1.0, 2: 1.0, 4: 0.6}),
+        _syn("copy", "rope+randpos", 1, {1: 1.0, 2: 1.0, 4: 0.9}),
+        _syn("copy", "rope+randpos", 2, {1: 0.8, 2: 0.8, 4: 0.9}),  # randpos seed 2 did not learn
+    ]
+    t = randpos_table(recs)
+    row = dict(zip(t.columns, t.rows[0], strict=True))
+    assert row["seeds"] == "1" and row["(L, 2L] gain"] == "0.40"  # seed 0 alone: 0.6 - 0.2
+    assert row["did not learn (exact match 1..L < 0.9)"] == "plain s1 (0.50); +randpos s2 (0.80)"
+    none = randpos_table([r for r in recs if r["seed"] != 0])
+    assert none.rows[0][2:6] == ["0", "-", "-", "-"]
 
 
 def test_nothing_to_compare_gives_no_tables():

@@ -63,12 +63,28 @@ def test_press_rows_are_the_records(page, records):
 def test_kazemnejad_rows_are_the_records(page, records):
     all_tasks = kazemnejad_ranks(records)
     learned = kazemnejad_ranks([r for r in records if r["task"] in LEARNED_TASKS])
-    # page columns: encoding, paper rank, mean rank (6 tasks), per-seed (6), mean (4), per-seed (4)
+    # page columns: encoding, paper rank, mean rank (6 tasks), per-seed (6), mean (4), per-seed (4),
+    # then the tasks each was ranked on (only runs that learned a task in distribution are ranked)
     by_enc = {row[0]: row for row in learned.rows}
     for row in all_tasks.rows:
-        enc, paper, mean6, seed6 = row[:4]
-        mean4, seed4 = by_enc[enc][2:4]
-        assert f"| {enc} | {paper} | {mean6} | {seed6} | {mean4} | {seed4} |" in page
+        enc, paper, mean6, seed6, n6 = row[:5]
+        mean4, seed4, n4 = by_enc[enc][2:5]
+        assert f"| {enc} | {paper} | {mean6} | {seed6} | {mean4} | {seed4} | {n6} | {n4} |" in page
+
+
+def test_ranks_on_the_page_leave_out_the_runs_that_did_not_learn(records):
+    """No run below the in-distribution bar reaches a rank: NoPE did not learn reverse on
+    any seed, so it is ranked on fewer tasks than ALiBi, and recall (learned by nobody)
+    ranks nobody."""
+    from posenc.experiments.summary import LEARNED_BAR, in_distribution, mean_ranks
+
+    nope_reverse = [in_distribution(r) for r in records if r["encoding"] == "none" and r["task"] == "reverse"]
+    assert len(nope_reverse) == 3 and max(nope_reverse) < LEARNED_BAR
+    rows = {row[0]: row for row in kazemnejad_ranks(records).rows}
+    assert rows["none"][4] == "3" and rows["alibi"][4] == "5"
+    table = mean_ranks(records)
+    recall = table.columns.index("recall token_accuracy (L, 2L]")
+    assert all(row[recall].startswith("did not learn (") for row in table.rows)
 
 
 def test_randpos_on_text_rows_are_the_records(page, records):

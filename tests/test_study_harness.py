@@ -360,18 +360,19 @@ def test_tables_and_mean_ranks_by_hand():
 
     recs = [
         _rec("copy", "a", 0, {1: 1.0, 2: 1.0, 4: 0.9}),
-        _rec("copy", "a", 1, {1: 1.0, 2: 0.5, 4: 0.7}),
+        _rec("copy", "a", 1, {1: 1.0, 2: 0.5, 4: 0.7}),  # in distribution 0.75: did not learn
         _rec("copy", "b", 0, {1: 1.0, 2: 1.0, 4: 0.2}),
         _rec("copy", "c", 0, {1: 1.0, 2: 1.0, 4: 0.2}),
         _rec("sort", "a", 0, {1: 1.0, 2: 1.0, 4: 0.1}),
         _rec("sort", "b", 0, {1: 1.0, 2: 1.0, 4: 0.3}),
         _rec("sort", "c", 0, {1: 1.0, 2: 1.0, 4: 0.5}),
     ]
-    # copy at 2L: a 0.8, b 0.2, c 0.2 -> ranks 1, 2.5, 2.5; sort: a 0.1, b 0.3, c 0.5 -> 3, 2, 1.
+    # copy at 2L over the learned runs: a 0.9 (seed 1 left out), b 0.2, c 0.2 -> ranks 1, 2.5, 2.5;
+    # sort: a 0.1, b 0.3, c 0.5 -> 3, 2, 1.
     ranked = mean_ranks(recs)
-    assert [(r[0], r[1]) for r in ranked.rows] == [("a", "2.00"), ("c", "1.75")][::-1] + [("b", "2.25")]
-    # per seed: only seed 0 is common to every encoding of both tasks; copy seed 0 at 2L:
-    # a 0.9, b 0.2, c 0.2 -> 1, 2.5, 2.5 (so the same as the means here).
+    assert [(r[0], r[1]) for r in ranked.rows] == [("c", "1.75"), ("a", "2.00"), ("b", "2.25")]
+    assert ranked.rows[1][4:] == ["0.900 (1 of 2 learned)", "0.100"]
+    # per seed: only seed 0 is common to every encoding of both tasks (so the same as the means here).
     assert [r[2] for r in ranked.rows] == ["1.75", "2.00", "2.25"] and ranked.columns[2] == "per-seed rank (1 seed)"
     # two seeds that disagree: a wins seed 0, b wins seed 1 -> per-seed ranks 1 and 2 each
     two = [
@@ -409,11 +410,13 @@ def test_documented_configs_load():
     # The documented copy config is exactly one run of the quick preset.
     quick, _ = plan_study("quick", encodings=["sinusoidal"], tasks=["copy"])
     assert configs["copy_sinusoidal"] == quick[0]
-    # The T5 experiment of docs/results.md is the full preset's run but for max_distance.
+    # The T5 experiment of docs/results.md is the full preset's run at its own learning rate
+    # (the middle of the sweep) but for max_distance.
     full, _ = plan_study("full", encodings=["t5"], tasks=["shakespeare"], seeds=[0])
+    assert [c.train.lr for c in full] == [1e-3, 3e-3, 1e-2]
     t5 = configs["shakespeare_t5_max_distance_64"]
     assert t5.model.encoding_params == {"max_distance": 64}
-    assert dataclasses.replace(t5, model=dataclasses.replace(t5.model, encoding_params={})) == full[0]
+    assert dataclasses.replace(t5, model=dataclasses.replace(t5.model, encoding_params={})) == full[1]
 
 
 def test_unbuildable_preset_encoding_is_left_out_with_reason_but_named_one_is_an_error():
@@ -472,3 +475,6 @@ def test_a_study_with_runs_that_did_not_learn_warns(tmp_path):
     text = out["markdown"].read_text(encoding="utf-8")
     assert "1 run(s) did not learn in distribution" in text and "nope-ish on copy (seed 0)" in text
     assert "rope on copy" not in text.split("**Warning:**")[1].split("\n")[0]
+    # the mean rank over (L, 2L] ranks rope alone and names nope-ish as not learned
+    assert "| rope | 1.00 | 1.00 | 1 | 1.000 |" in text
+    assert "| nope-ish | did not learn | - | 0 | did not learn (0.85) |" in text

@@ -1,6 +1,7 @@
 """`posenc study --jobs N`: runs trained by worker processes side by side give the
-records a single process gives, in plan order; finished runs are skipped without a
-worker; a failing run and a killed worker stop the study with a clear error."""
+records a single process gives, in plan order (a two-phase study with a learning-rate
+sweep too); finished runs are skipped without a worker; a failing run and a killed
+worker stop the study with a clear error."""
 
 from __future__ import annotations
 
@@ -19,7 +20,8 @@ from posenc.cli import app
 from posenc.experiments.config import config_from_dict
 from posenc.experiments.parallel import StudyWorkerError, default_jobs, plan_jobs, run_study_parallel
 from posenc.experiments.results import read_results
-from posenc.experiments.study import run_study
+from posenc.experiments.study import plan_phases, run_study
+from posenc.experiments.summary import choose_lr
 from posenc.experiments.train import checkpoint_path
 
 TINY = {
@@ -62,6 +64,52 @@ def test_parallel_records_equal_sequential_and_are_in_plan_order(tmp_path):
     before = set(mp.active_children())
     again = run_study_parallel(configs, tmp_path / "par", 2, on_run_end=lambda i, r, s: events.append(s))
     assert again == par and events == [True] * len(configs) and set(mp.active_children()) == before
+
+
+@pytest.mark.slow
+def test_parallel_two_phase_study_equals_the_sequential_one(tmp_path):
+    """Phase 2 starts after the sweep, at the rate chosen from it, in both runners;
+    hooks get indices of ``plan.outline``; a half-finished study resumes."""
+    plan = plan_phases(
+        "smoke",
+        encodings=["sinusoidal", "none"],
+        seeds=[0, 1],
+        steps=10,
+        threads=1,
+        lr_sweep=True,
+        lr_grid=(1e-3, 1e-2),
+    )
+    seq = run_study(plan, tmp_path / "seq")
+    run_study_parallel(list(plan.first[:1]), tmp_path / "par", 2)  # interrupted after one sweep run
+    starts, ends = [], []
+    par = run_study_parallel(
+        plan,
+        tmp_path / "par",
+        2,
+        on_run_start=lambda i, cfg: starts.append((i, cfg.run_id)),
+        on_run_end=lambda i, rec, skipped: ends.append((i, skipped)),
+    )
+    assert [r["run_id"] for r in par] == [r["run_id"] for r in seq]
+    assert [r["metrics"] for r in par] == [r["metrics"] for r in seq]
+    chosen = choose_lr(seq[:4])
+    assert [(r["encoding"], r["config"]["train"]["lr"]) for r in par[4:]] == [
+        (e, chosen[("copy", e)]) for e in ("sinusoidal", "none")
+    ]
+    assert sorted(starts) == [(i, c.run_id) for i, c in enumerate(plan.runs(seq))]
+    assert sorted(ends) == [(0, True)] + [(i, False) for i in range(1, 6)]
+    assert [r["run_id"] for r in read_results(tmp_path / "par")] == [r["run_id"] for r in seq]
+
+
+def test_cli_dry_run_states_the_two_phases(tmp_path):
+    res = CliRunner().invoke(app, ["study", "--preset", "full", "--tasks", "copy", "--dry-run", "--out", str(tmp_path)])
+    assert res.exit_code == 0, res.output
+    text = " ".join(res.output.split())
+    assert "study 'full': " in text and "nothing trained (--dry-run)" in text
+    assert "phase 1, learning-rate sweep: " in text and "at lr 0.001, 0.003, 0.01; 0 finished" in text
+    assert "phase 2, after phase 1: " in text and "fixed when phase 1 has finished" in text
+    assert not (tmp_path / "results.jsonl").exists()
+    res = CliRunner().invoke(app, ["study", "--tasks", "copy", "--no-lr-sweep", "--dry-run", "--out", str(tmp_path)])
+    assert res.exit_code == 0 and "one phase: " in res.output and "phase 2" not in res.output
 
 
 @pytest.mark.slow

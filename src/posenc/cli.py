@@ -32,6 +32,9 @@ from posenc.functional.rope_scaling import extension_rules
 app = typer.Typer(help="posenc: a positional-encoding laboratory for PyTorch.", no_args_is_help=True)
 
 
+LR_SWEEP_HELP = (
+    "the first seed at lr 1e-3, 3e-3, 1e-2, the others at the best on in-distribution validation (default: on in full)"
+)
 PLUGIN_OPTION = typer.Option(
     None, "--plugin", help="a .py file or module that registers encodings (repeatable; or POSENC_PLUGINS)"
 )
@@ -138,6 +141,8 @@ def study(
     out: str = typer.Option(None, "--out", help="run folder (default runs/<preset>)"),
     threads: int = typer.Option(None, "--threads", help="torch threads per run (default min(2, cores // jobs))"),
     jobs: int = typer.Option(None, "--jobs", help="runs trained side by side (default: one per core, at most 8)"),
+    lr_sweep: bool = typer.Option(None, "--lr-sweep/--no-lr-sweep", help=LR_SWEEP_HELP),
+    dry_run: bool = typer.Option(False, "--dry-run", help="print the plan (its phases, what is done) and stop"),
     no_report: bool = typer.Option(False, "--no-report", help="skip report.html (tables and plots only)"),
     summarize_only: bool = typer.Option(
         False, "--summarize-only", help="train nothing: tables, plots and report from the finished runs in --out"
@@ -145,30 +150,25 @@ def study(
 ) -> None:
     """Train encodings x tasks x seeds (skipping finished runs), then write tables, plots
     and the HTML report into the run folder. Runs are trained by --jobs worker processes
-    side by side; under torchrun they are sharded across ranks (docs/distributed.md)."""
+    side by side; under torchrun they are sharded across ranks (docs/distributed.md).
+    With a learning-rate sweep the study has two phases: the sweep, then the other seeds."""
     from pathlib import Path
 
     from posenc.experiments import distributed
-    from posenc.experiments.parallel import StudyWorkerError, plan_jobs, run_study_parallel, run_study_sharded, shard
+    from posenc.experiments.parallel import StudyWorkerError, run_study_parallel, run_study_sharded, shard
     from posenc.experiments.results import read_results
-    from posenc.experiments.study import plan_study, run_study
-    from posenc.pipeline.study import write_study_outputs
+    from posenc.experiments.study import run_study
+    from posenc.pipeline.study import prepare_study, write_study_outputs
 
     run_dir = Path(out) if out else Path("runs") / preset
     try:
-        plan = {
-            "encodings": csv(encodings),
-            "tasks": csv(tasks),
-            "seeds": int_list("--seeds", seeds),
-            "steps": steps,
-            "text_path": text_path,
-        }
-        configs, missing = plan_study(preset, **plan, threads=threads)
-        done = set() if summarize_only else {r["run_id"] for r in read_results(run_dir)}
-        pending = sum(c.run_id not in done for c in configs)
-        jobs, run_threads, jobs_note = plan_jobs(jobs, threads, pending, launched=distributed.launched())
-        if run_threads != threads:
-            configs, _ = plan_study(preset, **plan, threads=run_threads)
+        request = {"encodings": csv(encodings), "tasks": csv(tasks), "seeds": int_list("--seeds", seeds)}
+        request.update(steps=steps, text_path=text_path, lr_sweep=lr_sweep)
+        launched = distributed.launched()
+        plan, jobs, jobs_note = prepare_study(preset, request, run_dir, threads=threads, jobs=jobs, launched=launched)
+        configs = plan.outline
+        lines = [f"study {preset!r}: {len(configs)} runs into {run_dir}", *plan.describe(read_results(run_dir))]
+        lines += [f"left out (not registered, or not buildable at this size): {m}" for m in plan.missing]
     except (ValueError, TypeError) as err:
         raise fail(err) from None
     if summarize_only:
@@ -180,15 +180,21 @@ def study(
         warn_not_learned(read_results(run_dir))
         print_outputs(run_dir, outputs)
         return
-    if missing:
-        console.print(
-            f"[yellow]note:[/yellow] left out (not registered, or not buildable at this size): {'; '.join(missing)}"
-        )
     if os.environ.get("RANK", "0") == "0":  # once under torchrun
-        console.print(f"study {preset!r}: {len(configs)} runs into {run_dir}")
+        console.print(escape("\n".join(lines + ["nothing trained (--dry-run)"] * dry_run)))
+    if dry_run:
+        return
     if jobs_note:
         console.print(f"[yellow]note:[/yellow] {jobs_note}")
     ctx = None
+    stop = (
+        ValueError,
+        TypeError,
+        FloatingPointError,
+        distributed.DistributedError,
+        StudyWorkerError,
+        KeyboardInterrupt,
+    )
     try:
         if distributed.launched():  # under torchrun: plan entry i is trained by rank i % world size
             ctx = distributed.init("gloo")
@@ -203,25 +209,18 @@ def study(
                 label = f"runs ({jobs} processes x {configs[0].train.threads} threads)"
             hooks = study_hooks(progress, configs, mine, label, parallel)
             if ctx is not None:
-                records = run_study_sharded(configs, run_dir, ctx, **hooks)
+                records = run_study_sharded(plan, run_dir, ctx, **hooks)
             elif parallel:
-                records = run_study_parallel(configs, run_dir, jobs, **hooks)
+                records = run_study_parallel(plan, run_dir, jobs, **hooks)
             else:
-                records = run_study(configs, run_dir, **hooks)
+                records = run_study(plan, run_dir, **hooks)
         if ctx is not None and not ctx.is_main:
             console.print(f"rank {ctx.rank}/{ctx.world_size}: {len(records)} runs done; rank 0 writes the outputs")
             return
         print_tables(records)
         warn_not_learned(records)
         outputs = write_study_outputs(run_dir, report=not no_report)
-    except (
-        ValueError,
-        TypeError,
-        FloatingPointError,
-        distributed.DistributedError,
-        StudyWorkerError,
-        KeyboardInterrupt,
-    ) as err:
+    except stop as err:
         raise harness_exit(err, ctx, "run the same command again to resume (finished runs are kept)") from None
     finally:
         distributed.shutdown()

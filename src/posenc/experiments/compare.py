@@ -2,12 +2,15 @@
 built-in) among finished records, e.g. the full preset's committed
 ``docs/data/full_results.jsonl``.
 
-``plan_compare`` plans only the encoding's runs of a preset (``plan_study`` with
-``encodings=[name]``) and checks that every baseline record of the same task and seed
+``plan_compare`` plans only the encoding's runs of a preset (``plan_phases`` with
+``encodings=[name]``; with the preset's learning-rate sweep, phase 1 and phase 2 as in
+``posenc study``) and checks that every baseline record of the same task and seed
 was trained with exactly the same config but the encoding: the ``task``, ``model`` and
 ``train`` sections must be equal except ``model.encoding``, ``model.encoding_params``,
-``train.randomized_positions`` (what makes an encoding variant) and ``train.threads``
-(speed only, left out of the run id too). A difference is a ``ValueError`` naming the
+``train.randomized_positions`` (what makes an encoding variant), ``train.threads``
+(speed only, left out of the run id too) and, when the preset sweeps, ``train.lr``
+within the sweep's grid (each encoding's rate is its own sweep's choice; the tables
+use ``summary.selected``). A difference is a ``ValueError`` naming the
 run and the differing keys, never a silent unfair comparison; so are baseline records
 trained with another preset (another config for the same task and seed) and a task or
 seed of the plan that no baseline covers. ``merge`` joins the baselines and the new
@@ -28,8 +31,18 @@ from typing import Any
 
 from posenc.experiments.config import RunConfig
 from posenc.experiments.results import RESULTS_FILE, validate_record
-from posenc.experiments.study import plan_study
-from posenc.experiments.summary import Cell, TableData, group, in_distribution, is_lm, ratio, tables
+from posenc.experiments.study import StudyPlan, plan_phases
+from posenc.experiments.summary import (
+    Cell,
+    TableData,
+    group,
+    in_distribution,
+    is_lm,
+    learned,
+    ratio,
+    selected,
+    tables,
+)
 
 #: Config keys that make an encoding variant (they may differ from the baselines').
 ENCODING_KEYS = (("model", "encoding"), ("model", "encoding_params"), ("train", "randomized_positions"))
@@ -50,6 +63,7 @@ class Comparison:
     source: str  # where the baseline records came from
     outside: int = 0  # baseline records of tasks or seeds outside the plan (not shown)
     replaced: int = 0  # baseline records of ``name`` itself (its runs are trained here)
+    plan: StudyPlan | None = None  # the phases of ``configs`` (``configs`` is ``plan.outline``)
 
 
 def default_baselines() -> Path:
@@ -94,10 +108,16 @@ def comparable(config: dict[str, Any]) -> dict[str, Any]:
     return out
 
 
-def config_diff(ours: dict[str, Any], theirs: dict[str, Any]) -> list[tuple[str, Any, Any]]:
+def config_diff(
+    ours: dict[str, Any], theirs: dict[str, Any], lr_grid: tuple[float, ...] = ()
+) -> list[tuple[str, Any, Any]]:
     """``(section.key, ours, theirs)`` for every key of the two comparable configs whose
-    values differ (a key missing on one side is ``<missing>``)."""
+    values differ (a key missing on one side is ``<missing>``); ``train.lr`` is not a
+    difference when ``theirs`` is one of ``lr_grid`` (a swept study's rates)."""
     a, b = comparable(ours), comparable(theirs)
+    if lr_grid and b.get("train", {}).get("lr") in lr_grid:
+        a.get("train", {}).pop("lr", None)
+        b["train"].pop("lr", None)
     diffs = []
     for section in sorted(set(a) | set(b)):
         sa, sb = a.get(section, {}), b.get(section, {})
@@ -119,11 +139,14 @@ def plan_compare(
 ) -> Comparison:
     """The runs of ``name`` in ``preset`` (restricted to ``tasks``/``seeds``) and the
     baseline records of the same tasks and seeds, checked to share their configs."""
-    configs, _ = plan_study(preset, encodings=[name], tasks=tasks, seeds=seeds, threads=threads)
+    plan = plan_phases(preset, encodings=[name], tasks=tasks, seeds=seeds, threads=threads)
+    configs = plan.outline
     label = configs[0].encoding_label
     source = Path(baselines) if baselines is not None else default_baselines()
     records = read_baselines(source)
-    ours = {(c.task.label, c.train.seed): c.to_dict() for c in configs}
+    ours: dict[tuple[str, int], dict[str, Any]] = {}
+    for c in configs:  # a sweep's runs of one task and seed differ only in train.lr
+        ours.setdefault((c.task.label, c.train.seed), c.to_dict())
     kept, outside, replaced, unfair = [], 0, 0, []
     for rec in records:
         key = (rec["task"], rec["seed"])
@@ -131,7 +154,7 @@ def plan_compare(
             outside += 1
         elif rec["encoding"] == label:
             replaced += 1
-        elif diff := config_diff(ours[key], rec["config"]):
+        elif diff := config_diff(ours[key], rec["config"], plan.lr_grid):
             unfair.append((rec, diff))
         else:
             kept.append(rec)
@@ -145,7 +168,7 @@ def plan_compare(
             f"no baseline records in {str(source)!r} for {', '.join(uncovered)}: choose --tasks/--seeds they cover "
             f"({', '.join(f'{t} seed {s}' for t, s in have[:12])}{', ...' if len(have) > 12 else ''})"
         )
-    return Comparison(label, preset, configs, kept, str(source), outside, replaced)
+    return Comparison(label, preset, configs, kept, str(source), outside, replaced, plan)
 
 
 def _unfair_message(name: str, preset: str, source: Path, unfair: list) -> str:
@@ -164,13 +187,17 @@ def _unfair_message(name: str, preset: str, source: Path, unfair: list) -> str:
 
 
 def merge(comparison: Comparison, records: list[dict[str, Any]]) -> list[dict[str, Any]]:
-    """The baselines and the records of ``comparison``'s runs (``ValueError`` when one of
-    its runs has no record)."""
+    """The baselines and the records of ``comparison``'s runs, both phases of a sweep
+    (``ValueError`` when one of its runs has no record)."""
     by_id = {r["run_id"]: r for r in records}
-    missing = [c.run_id for c in comparison.configs if c.run_id not in by_id]
+    plan = comparison.plan
+    runs = list(comparison.configs if plan is None else plan.first)
+    if plan is not None and all(c.run_id in by_id for c in runs):
+        runs = plan.runs(records)  # phase 2 at the rates chosen from phase 1
+    missing = [c.run_id for c in runs if c.run_id not in by_id]
     if missing:
         raise ValueError(f"no record of the runs {missing} of {comparison.name!r}")
-    return comparison.baselines + [by_id[c.run_id] for c in comparison.configs]
+    return comparison.baselines + [by_id[c.run_id] for c in runs]
 
 
 def _window(record: dict[str, Any], key: str, factor: int = 2) -> float | None:
@@ -179,38 +206,53 @@ def _window(record: dict[str, Any], key: str, factor: int = 2) -> float | None:
     return statistics.fmean(vals) if vals else None
 
 
-def _criteria(lm: bool, L: int, lengths: set[int]) -> list[tuple[str, Any, bool]]:
-    """``(label, record -> value or None, higher is better)`` of a task's standings."""
+def _criteria(lm: bool, L: int, lengths: set[int]) -> list[tuple[str, Any, bool, bool]]:
+    """``(label, record -> value or None, higher is better, gated)`` of a task's
+    standings; a gated criterion ranks only runs that learned the task in distribution."""
     if lm:
-        out = [(f"ppl at L={L}", lambda r: {m["length"]: m["ppl"] for m in r["metrics"]}[r["train_length"]], False)]
-        return out + [
-            (f"ppl({f}L) / ppl(L)", lambda r, f=f: ratio(r, f * r["train_length"]), False)
+        at_l = (
+            f"ppl at L={L}",
+            lambda r: {m["length"]: m["ppl"] for m in r["metrics"]}[r["train_length"]],
+            False,
+            False,
+        )
+        return [at_l] + [
+            (f"ppl({f}L) / ppl(L)", lambda r, f=f: ratio(r, f * r["train_length"]), False, False)
             for f in (2, 8)
             if f * L in lengths
         ]
     return [
-        (f"exact match 1..{L}", in_distribution, True),
-        (f"token accuracy ({L}, {2 * L}]", lambda r: _window(r, "token_accuracy"), True),
+        (f"exact match 1..{L}", in_distribution, True, False),
+        (f"token accuracy ({L}, {2 * L}]", lambda r: _window(r, "token_accuracy"), True, True),
     ]
 
 
 def standings(name: str, records: list[dict[str, Any]]) -> TableData:
     """Where ``name`` places on every task: for synthetic tasks exact match in
-    distribution and token accuracy on ``(L, 2L]`` (the mean-rank quantity), for corpora
-    perplexity at L and its growth at 2L and 8L; each as ``name``'s mean over seeds, its
-    rank among the encodings (1 = best) and the best encoding."""
+    distribution (over every run: the measure of learning itself) and token accuracy on
+    ``(L, 2L]`` (the mean-rank quantity, ranked only among runs that learned the task in
+    distribution: ``summary.learned``; ``name`` without such a run "did not learn", with
+    its exact match over 1..L), for corpora perplexity at L and its growth at 2L and 8L
+    (not gated); each as ``name``'s mean over seeds, its rank among the encodings (1 =
+    best) and the best encoding. Only ``selected(records)`` count."""
     rows = []
-    for task, by_enc in group(records).items():
+    for task, by_enc in group(selected(records)).items():
         if name not in by_enc:
             continue
         first = by_enc[name][0]
         lengths = {m["length"] for m in first["metrics"]}
-        for label, value, higher in _criteria(is_lm([first]), first["train_length"], lengths):
+        for label, value, higher, gated in _criteria(is_lm([first]), first["train_length"], lengths):
             means = {}
             for enc, recs in by_enc.items():
-                vals = [v for r in recs if (v := value(r)) is not None]
+                vals = [v for r in recs if (not gated or learned(r)) and (v := value(r)) is not None]
                 if vals:
                     means[enc] = Cell.of(vals)
+            if gated and not any(learned(r) for r in by_enc[name]):
+                em = statistics.fmean(in_distribution(r) for r in by_enc[name])
+                best = max(means, key=lambda e: means[e].mean) if means else None
+                shown = "-" if best is None else f"{best} {means[best].fmt(3)}"
+                rows.append([task, label, "-", f"did not learn (exact match 1..L {em:.2f})", shown])
+                continue
             if name not in means:
                 continue
             order = sorted(means, key=lambda e: -means[e].mean if higher else means[e].mean)
@@ -219,7 +261,8 @@ def standings(name: str, records: list[dict[str, Any]]) -> TableData:
             best = order[0]
             rows.append([task, label, means[name].fmt(3), f"{rank} of {len(means)}", f"{best} {means[best].fmt(3)}"])
     return TableData(
-        f"{name} against the baselines (mean ± std over seeds; rank 1 = best, ties share the better rank)",
+        f"{name} against the baselines (mean ± std over seeds; rank 1 = best, ties share the better rank; past L "
+        "on synthetic tasks only runs that learned in distribution are ranked)",
         ["task", "criterion", name, "rank", "best"],
         rows,
     )

@@ -15,12 +15,18 @@ re-run skips finished runs, so an interrupted parallel study resumes like a sequ
 one. The workers report start / step / end / error on a queue; the caller's hooks get
 the run's index in the plan, so a progress display can show one bar per active run.
 At the end ``results.jsonl`` is put back in plan order (runs are appended as they finish).
+A ``StudyPlan`` with a learning-rate sweep (``posenc.experiments.study``) is trained in
+its two phases: first every run of phase 1, then phase 2 at the rates chosen from
+phase 1's records (a fresh pool of workers per phase; under torchrun every rank waits
+for the others' sweep runs, reads them from ``results.jsonl`` and plans the same phase
+2, which is checked equal on every rank).
 Plugins reach the workers: a spawned worker reads ``POSENC_PLUGINS`` and the entry points
 itself and is handed the parent's other plugins (``registry.plugin_specs()``: ``--plugin``,
 ``load_plugins``), which it loads before its first run. Under torchrun every rank runs
 the same command line, so its ``--plugin`` options and ``POSENC_PLUGINS`` reach every rank.
 
-Under torchrun, plan entry ``i`` is trained by rank ``i % world_size`` as a plain
+Under torchrun, plan entry ``i`` (phase 2's entries numbered after phase 1's) is
+trained by rank ``i % world_size`` as a plain
 single-process ``train_run`` (which appends its line to ``results.jsonl`` under the file
 lock); after a monitored barrier rank 0 puts ``results.jsonl`` in plan order, so the
 file equals the single-process study's (apart from wall times).
@@ -46,6 +52,7 @@ from typing import Any
 from posenc.experiments.config import RunConfig, config_from_dict, default_threads
 from posenc.experiments.distributed import DistContext, DistributedError, study_timeout
 from posenc.experiments.results import RESULTS_FILE, order_results, read_results
+from posenc.experiments.study import StudyPlan, as_plan
 from posenc.experiments.train import StepCallback, train_run
 from posenc.registry import load_plugins, plugin_specs
 
@@ -137,7 +144,7 @@ def _worker(tasks, messages, configs: list[dict[str, Any]], run_dir: str, parent
 
 
 def run_study_parallel(
-    configs: list[RunConfig],
+    configs: StudyPlan | list[RunConfig],
     run_dir: str | Path,
     jobs: int,
     *,
@@ -145,37 +152,55 @@ def run_study_parallel(
     on_run_end: Callable[[int, dict[str, Any], bool], None] | None = None,
     on_step: Callable[[int, int, int, float], None] | None = None,
 ) -> list[dict[str, Any]]:
-    """Train every run of ``configs`` not yet in ``<run_dir>/results.jsonl`` with ``jobs``
-    worker processes; return all their records in plan order.
+    """Train every run of ``configs`` (a ``StudyPlan``, phase 1 then phase 2, or a list
+    of runs) not yet in ``<run_dir>/results.jsonl`` with ``jobs`` worker processes;
+    return all their records in plan order.
 
     ``on_run_start(i, config)`` and ``on_run_end(i, record, skipped)`` are called in this
-    process as runs start and finish (in any order); ``on_step(i, step, steps, loss)`` a
-    few times a second per active run. Runs already finished are reported as skipped
-    without starting a worker. Each config's ``train.threads`` is the torch threads of the
-    worker that trains it: give ``jobs x threads <= cores``.
+    process as runs start and finish (in any order within a phase; ``i`` is the index in
+    ``plan.outline``); ``on_step(i, step, steps, loss)`` a few times a second per active
+    run. Runs already finished are reported as skipped without starting a worker. Each
+    config's ``train.threads`` is the torch threads of the worker that trains it: give
+    ``jobs x threads <= cores``.
     """
     if isinstance(jobs, bool) or not isinstance(jobs, int) or jobs < 1:
         raise ValueError(f"jobs must be an integer >= 1, got {jobs!r}")
-    for c in configs:
-        if not isinstance(c, RunConfig):
-            raise TypeError(f"configs must be RunConfig objects, got {type(c).__name__}")
+    plan = as_plan(configs)
     run_dir = Path(run_dir)
+    hooks = (on_run_start, on_run_end, on_step)
+    first, trained = _run_phase(list(plan.first), 0, run_dir, jobs, hooks)
+    second = plan.second_phase(first)
+    later, trained_later = _run_phase(second, len(first), run_dir, jobs, hooks)
+    if trained or trained_later:  # appended as runs finished: back to plan order
+        order_results(run_dir, [c.run_id for c in [*plan.first, *second]])
+    return first + later
+
+
+def _run_phase(
+    configs: list[RunConfig], offset: int, run_dir: Path, jobs: int, hooks
+) -> tuple[list[dict[str, Any]], bool]:
+    """``run_study_parallel`` on one phase whose runs are plan entries ``offset + j``:
+    its records in order, and whether any run was trained."""
+    on_run_start, on_run_end, on_step = hooks
     done = {r["run_id"]: r for r in read_results(run_dir)}
     records: list[dict[str, Any] | None] = [None] * len(configs)
     pending = []
-    for i, cfg in enumerate(configs):
+    for j, cfg in enumerate(configs):
         if cfg.run_id in done:
             if on_run_start is not None:
-                on_run_start(i, cfg)
-            records[i] = done[cfg.run_id]
+                on_run_start(offset + j, cfg)
+            records[j] = done[cfg.run_id]
             if on_run_end is not None:
-                on_run_end(i, done[cfg.run_id], True)
+                on_run_end(offset + j, done[cfg.run_id], True)
         else:
-            pending.append(i)
+            pending.append(j)
     if pending:
-        _train_pending(configs, pending, run_dir, min(jobs, len(pending)), records, on_run_start, on_run_end, on_step)
-        order_results(run_dir, [c.run_id for c in configs])  # appended as runs finished: back to plan order
-    return records  # type: ignore[return-value]
+
+        def shifted(hook):
+            return None if hook is None else (lambda j, *rest: hook(offset + j, *rest))
+
+        _train_pending(configs, pending, run_dir, min(jobs, len(pending)), records, *(shifted(h) for h in hooks))
+    return records, bool(pending)  # type: ignore[return-value]
 
 
 def _train_pending(configs, pending, run_dir, jobs, records, on_run_start, on_run_end, on_step) -> None:
@@ -257,7 +282,7 @@ def shard(n: int, rank: int, world_size: int) -> list[int]:
 
 
 def run_study_sharded(
-    configs: list[RunConfig],
+    configs: StudyPlan | list[RunConfig],
     run_dir: str | Path,
     context: DistContext,
     *,
@@ -265,24 +290,42 @@ def run_study_sharded(
     on_run_end: Callable[[int, dict[str, Any], bool], None] | None = None,
     on_step: StepCallback | None = None,
 ) -> list[dict[str, Any]]:
-    """Train this rank's share of ``configs`` (plain single-process runs); after every
-    rank is done, rank 0 orders ``results.jsonl`` by plan. Returns, on rank 0, every
-    record of the plan in plan order; on the other ranks, their own records."""
+    """Train this rank's share of ``configs`` (a ``StudyPlan``, phase 1 then phase 2, or
+    a list of runs; plain single-process runs); after every rank is done, rank 0 orders
+    ``results.jsonl`` by plan. Returns, on rank 0, every record of the plan in plan
+    order; on the other ranks, their own records."""
+    plan = as_plan(configs)
     run_dir = Path(run_dir)
-    ids = [c.run_id for c in configs]
-    context.check_same(json.dumps(ids), "the study plan")
+    context.check_same(json.dumps([c.run_id for c in plan.outline]), "the study plan")
     cache: dict = {}
-    mine = []
-    for i in shard(len(configs), context.rank, context.world_size):
-        if on_run_start is not None:
-            on_run_start(i, configs[i])
-        record, skipped = train_run(configs[i], run_dir, on_step=on_step, corpus_cache=cache)
-        mine.append(record)
-        if on_run_end is not None:
-            on_run_end(i, record, skipped)
+    mine: list[dict[str, Any]] = []
+
+    def train(phase: list[RunConfig], offset: int) -> None:
+        for i in shard(offset + len(phase), context.rank, context.world_size):
+            if i < offset:
+                continue
+            cfg = phase[i - offset]
+            if on_run_start is not None:
+                on_run_start(i, cfg)
+            record, skipped = train_run(cfg, run_dir, on_step=on_step, corpus_cache=cache)
+            mine.append(record)
+            if on_run_end is not None:
+                on_run_end(i, record, skipped)
+
+    train(list(plan.first), 0)
+    second: list[RunConfig] = []
+    if plan.later:
+        context.wait_for_all(study_timeout(), "waiting for the other ranks' sweep runs (phase 1)")
+        try:
+            second = plan.second_phase(read_results(run_dir))
+        except ValueError as err:
+            raise DistributedError(f"{err}; is the run folder on a filesystem every rank shares?") from None
+        context.check_same(json.dumps([c.run_id for c in second]), "the study's phase 2 (the chosen learning rates)")
+        train(second, len(plan.first))
     context.wait_for_all(study_timeout(), "waiting for the other ranks' runs")
     if not context.is_main:
         return mine
+    ids = [c.run_id for c in [*plan.first, *second]]
     order_results(run_dir, ids)
     by_id = {r["run_id"]: r for r in read_results(run_dir)}
     missing = [rid for rid in ids if rid not in by_id]

@@ -12,7 +12,11 @@
 
 Each function returns ``TableData`` (``posenc.experiments.summary``) or ``None`` when the
 records lack what it needs. Nothing here is tuned to match: the paper values are
-constants for display only.
+constants for display only. Every function reads ``summary.selected(records)`` (one
+learning rate per task and encoding when the study swept it). The synthetic comparisons
+(Kazemnejad, Ruoss) use only runs that learned their task in distribution
+(``summary.learned``: exact match over lengths 1..L >= ``LEARNED_BAR``) and name the
+others "did not learn"; the language-modelling ones (Press, Ruoss on text) are not gated.
 """
 
 from __future__ import annotations
@@ -21,7 +25,18 @@ import statistics
 from typing import Any
 
 from posenc.experiments.config import RANDPOS
-from posenc.experiments.summary import Cell, TableData, group, is_lm, mean_ranks, ratio
+from posenc.experiments.summary import (
+    LEARNED_BAR,
+    Cell,
+    TableData,
+    group,
+    in_distribution,
+    is_lm,
+    learned,
+    mean_ranks,
+    ratio,
+    selected,
+)
 
 #: Press et al. 2022, Table 2 (WikiText-103, L = 512): ppl(E) / ppl(L) at E ≈ 2L and ≈ 5L.
 PRESS_TABLE2: dict[str, tuple[float, float]] = {
@@ -38,7 +53,7 @@ def press_table(records: list[dict[str, Any]]) -> list[TableData]:
     """One table per language-modelling task: the paper's ratios next to ours at 2L,
     4L and 8L (mean ± std over seeds) and our perplexity at L."""
     out = []
-    for task, by_enc in group(records).items():
+    for task, by_enc in group(selected(records)).items():
         first = next(iter(by_enc.values()))
         if not is_lm(first) or not any(e in by_enc for e in PRESS_TABLE2):
             continue
@@ -62,7 +77,8 @@ def press_table(records: list[dict[str, Any]]) -> list[TableData]:
 
 def kazemnejad_ranks(records: list[dict[str, Any]], factor: int = 2) -> TableData | None:
     """``mean_ranks`` over the encodings Kazemnejad et al. compare (those present), with
-    the paper's rank next to each."""
+    the paper's rank next to each; gated like ``mean_ranks`` (an encoding that learned no
+    task has the mean rank "did not learn")."""
     chosen = [r for r in records if r["encoding"] in KAZEMNEJAD_ORDER]
     table = mean_ranks(chosen, factor=factor)
     if table is None:
@@ -80,12 +96,18 @@ def _window(record: dict[str, Any], lo: int, hi: int, key: str) -> float | None:
     return statistics.fmean(vals) if vals else None
 
 
+def _unlearned(runs: dict[int, dict[str, Any]], seeds: list[int], label: str) -> list[str]:
+    return [f"{label} s{s} ({in_distribution(runs[s]):.2f})" for s in seeds if not learned(runs[s])]
+
+
 def randpos_table(records: list[dict[str, Any]], key: str = "token_accuracy") -> TableData | None:
     """Ruoss et al. 2023: for every synthetic task and encoding trained both ways, ``key``
     in distribution (1..L) and past it ((L, 2L] and (2L, 8L]) without and with randomized
-    positions, and the gain (randpos − plain, paired by seed: mean ± std)."""
+    positions, and the gain (randpos − plain, paired by seed: mean ± std). Only seeds on
+    which both runs learned the task in distribution are paired ("seeds"); the runs that
+    did not learn are named in the last column with their exact match over 1..L."""
     rows = []
-    for task, by_enc in group(records).items():
+    for task, by_enc in group(selected(records)).items():
         first = next(iter(by_enc.values()))
         if is_lm(first):
             continue
@@ -94,14 +116,16 @@ def randpos_table(records: list[dict[str, Any]], key: str = "token_accuracy") ->
                 continue
             plain = {r["seed"]: r for r in by_enc[enc]}
             rand = {r["seed"]: r for r in by_enc[enc + RANDPOS]}
-            seeds = sorted(set(plain) & set(rand))
-            if not seeds:
+            both = sorted(set(plain) & set(rand))
+            if not both:
                 continue
+            failed = _unlearned(plain, both, "plain") + _unlearned(rand, both, "+randpos")
+            seeds = [s for s in both if learned(plain[s]) and learned(rand[s])]
             row = [task, enc, str(len(seeds))]
             for lo, hi in ((0, 1), (1, 2), (2, 8)):
                 a = [_window(plain[s], lo, hi, key) for s in seeds]
                 b = [_window(rand[s], lo, hi, key) for s in seeds]
-                if None in a or None in b:
+                if not seeds or None in a or None in b:
                     row += ["-", "-", "-"]
                     continue
                 row += [
@@ -109,14 +133,18 @@ def randpos_table(records: list[dict[str, Any]], key: str = "token_accuracy") ->
                     Cell.of(b).fmt(2),
                     Cell.of([y - x for x, y in zip(a, b, strict=True)]).fmt(2),
                 ]
-            rows.append(row)
+            rows.append([*row, "; ".join(failed) or "-"])
     if not rows:
         return None
     cols = ["task", "encoding", "seeds"]
     for w in ("1..L", "(L, 2L]", "(2L, 8L]"):
         cols += [f"{w} plain", f"{w} +randpos", f"{w} gain"]
+    cols.append(f"did not learn (exact match 1..L < {LEARNED_BAR})")
     return TableData(
-        f"Ruoss et al. 2023: randomized positions, {key} (gain = +randpos − plain, paired by seed)", cols, rows
+        f"Ruoss et al. 2023: randomized positions, {key} (gain = +randpos − plain, paired by seed; only seeds on "
+        "which both runs learned in distribution)",
+        cols,
+        rows,
     )
 
 
@@ -133,7 +161,7 @@ def randpos_lm_table(records: list[dict[str, Any]]) -> TableData | None:
     ratio ppl(E) / ppl(L) at every longer E, plain -> randpos (mean ± std over the
     seeds that both have)."""
     rows = []
-    for task, by_enc in group(records).items():
+    for task, by_enc in group(selected(records)).items():
         first = next(iter(by_enc.values()))
         if not is_lm(first):
             continue

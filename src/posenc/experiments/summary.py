@@ -3,6 +3,18 @@
 Every table is a ``TableData``: strings ready for the terminal (``to_rich``), markdown
 (``to_markdown``: docs and ``<run_dir>/results.md``) and the HTML report; the tables of a
 metric by length (``metric_tables``) also keep the numbers behind their cells for plots.
+
+Two rules hold for every table, rank and comparison built from records here and in
+``posenc.experiments.published``:
+
+* A learning-rate sweep (``posenc.experiments.study``, ``Preset.lr_sweep``) leaves one
+  learning rate per (task, encoding): ``selected`` keeps the runs at the rate that
+  ``choose_lr`` picks on the in-distribution validation score; the sweep's other runs
+  appear only in ``sweep_table``. Records without a sweep pass through unchanged.
+* Ranks use only synthetic runs that learned their task in distribution (exact match
+  over lengths ``1..L`` at least ``LEARNED_BAR``); the others are shown as "did not
+  learn" with that exact match, never ranked. Language-modelling runs have no such bar:
+  their comparisons are not gated.
 """
 
 from __future__ import annotations
@@ -51,13 +63,146 @@ def in_distribution(record: dict[str, Any], key: str = "exact_match") -> float:
 
 #: In-distribution exact match below which a synthetic run did not learn its task.
 LEARNED_BAR = 0.9
+#: The presets' learning rate (``posenc.experiments.study``): a sweep's ties go to it.
+PRESET_LR = 3e-3
+
+
+def learned(record: dict[str, Any], bar: float = LEARNED_BAR) -> bool:
+    """True for a synthetic run whose exact match over lengths ``1..L`` is at least
+    ``bar``, and for every language-modelling run (no bar: not gated)."""
+    return "exact_match" not in record["metrics"][0] or in_distribution(record) >= bar
 
 
 def not_learned(records: list[dict[str, Any]], bar: float = LEARNED_BAR) -> list[dict[str, Any]]:
-    """The synthetic runs whose exact match over lengths ``1..L`` is below ``bar``: their
-    scores past ``L`` say nothing about generalization. Language-modelling runs have no
-    such bar and are never listed."""
-    return [r for r in records if "exact_match" in r["metrics"][0] and in_distribution(r) < bar]
+    """The synthetic runs of ``selected(records)`` whose exact match over lengths ``1..L``
+    is below ``bar``: their scores past ``L`` say nothing about generalization. A sweep's
+    unchosen runs are not listed; language-modelling runs have no such bar and are never
+    listed."""
+    return [r for r in selected(records) if not learned(r, bar)]
+
+
+# -- the learning-rate sweep ---------------------------------------------------------------
+
+
+def run_lr(record: dict[str, Any]) -> float | None:
+    """The learning rate a record was trained with (``config.train.lr``), or ``None``."""
+    lr = record.get("config", {}).get("train", {}).get("lr")
+    return None if lr is None else float(lr)
+
+
+def _by_pair(records: list[dict[str, Any]]) -> dict[tuple[str, str], list[dict[str, Any]]]:
+    out: dict[tuple[str, str], list[dict[str, Any]]] = defaultdict(list)
+    for r in records:
+        out[(r["task"], r["encoding"])].append(r)
+    return out
+
+
+def sweep_seed(records: list[dict[str, Any]]) -> int:
+    """The seed of one (task, encoding)'s records that spans the most learning rates (the
+    smallest such seed): the seed a sweep ran on."""
+    lrs: dict[int, set] = defaultdict(set)
+    for r in records:
+        lrs[r["seed"]].add(run_lr(r))
+    return min(lrs, key=lambda seed: (-len(lrs[seed]), seed))
+
+
+def _validation(record: dict[str, Any]) -> tuple[float, bool]:
+    """``(value, higher_is_better)`` of ``record["validation"]``; ``ValueError`` without it."""
+    v = record.get("validation")
+    if not isinstance(v, dict) or not isinstance(v.get("value"), (int, float)) or "higher_is_better" not in v:
+        raise ValueError(
+            f"run {record['run_id']!r} has no validation score (record['validation']['value']), so no learning "
+            "rate can be chosen for it: records written before validation existed cannot be swept; train the "
+            "sweep again with the current posenc"
+        )
+    return float(v["value"]), bool(v["higher_is_better"])
+
+
+def _validation_by_lr(records: list[dict[str, Any]]) -> tuple[dict[float, float], bool]:
+    """One (task, encoding)'s validation value per learning rate on its sweep seed (the
+    mean if a rate has several records) and whether higher is better."""
+    seed = sweep_seed(records)
+    values: dict[float, list[float]] = defaultdict(list)
+    directions = set()
+    for r in records:
+        if r["seed"] != seed:
+            continue
+        lr = run_lr(r)
+        if lr is None:
+            raise ValueError(f"run {r['run_id']!r} has no config.train.lr: a learning rate cannot be chosen for it")
+        value, higher = _validation(r)
+        values[lr].append(value)
+        directions.add(higher)
+    if len(directions) != 1:
+        raise ValueError(f"runs of {records[0]['task']} / {records[0]['encoding']} disagree on higher_is_better")
+    return {lr: statistics.fmean(v) for lr, v in values.items()}, directions.pop()
+
+
+def choose_lr(records: list[dict[str, Any]], preferred: float = PRESET_LR) -> dict[tuple[str, str], float]:
+    """The learning rate of every (task, encoding) of ``records``: on its sweep seed
+    (``sweep_seed``; seed 0 in the presets), the rate whose run has the best
+    ``record["validation"]["value"]`` (in-distribution validation, never the test
+    lengths: higher is better for exact match, lower for perplexity; a non-finite value
+    is the worst). Ties go to ``preferred`` (the presets' rate), then to the smaller
+    rate. A (task, encoding) with records at one rate only gets that rate; one with
+    several and no validation score is a ``ValueError``."""
+    out = {}
+    for pair, recs in _by_pair(records).items():
+        lrs = {run_lr(r) for r in recs}
+        if len(lrs) == 1:
+            (lr,) = lrs
+            if lr is None:
+                raise ValueError(f"run {recs[0]['run_id']!r} has no config.train.lr")
+            out[pair] = lr
+            continue
+        scores, higher = _validation_by_lr(recs)
+
+        def key(lr: float, scores: dict[float, float] = scores, higher: bool = higher) -> tuple:
+            v = scores[lr]
+            worst = not math.isfinite(v)
+            return (worst, 0.0 if worst else (-v if higher else v), lr != preferred, lr)
+
+        out[pair] = min(scores, key=key)
+    return out
+
+
+def selected(records: list[dict[str, Any]], preferred: float = PRESET_LR) -> list[dict[str, Any]]:
+    """``records`` without a sweep's unchosen runs: for every (task, encoding) trained at
+    more than one learning rate only its runs at ``choose_lr``'s rate (the sweep seed's
+    chosen run and the other seeds'), in the original order. Records of a (task,
+    encoding) at one rate (no sweep: the quick preset, older records) pass unchanged."""
+    pairs = _by_pair(records)
+    swept = {pair for pair, recs in pairs.items() if len({run_lr(r) for r in recs}) > 1}
+    if not swept:
+        return list(records)
+    chosen = choose_lr([r for pair in swept for r in pairs[pair]], preferred)
+    return [r for r in records if (pair := (r["task"], r["encoding"])) not in swept or run_lr(r) == chosen[pair]]
+
+
+def sweep_table(records: list[dict[str, Any]], preferred: float = PRESET_LR) -> TableData | None:
+    """The learning-rate sweep: per swept (task, encoding) its sweep seed, the validation
+    metric and size, the validation value at every rate ("-": not run) and the chosen
+    rate. ``None`` when no (task, encoding) was trained at more than one rate."""
+    pairs = {p: recs for p, recs in _by_pair(records).items() if len({run_lr(r) for r in recs}) > 1}
+    if not pairs:
+        return None
+    chosen = choose_lr([r for recs in pairs.values() for r in recs], preferred)
+    grid = sorted({lr for recs in pairs.values() for r in recs if (lr := run_lr(r)) is not None})
+    rows = []
+    for task, by_enc in group([r for recs in pairs.values() for r in recs]).items():
+        for enc, recs in by_enc.items():
+            scores, higher = _validation_by_lr(recs)
+            seed = sweep_seed(recs)
+            v = next(r["validation"] for r in recs if r["seed"] == seed)
+            what = f"{v.get('metric', '?')} ({'higher' if higher else 'lower'} is better), size {v.get('size', '?')}"
+            cells = ["-" if lr not in scores else f"{scores[lr]:.4f}" for lr in grid]
+            rows.append([task, enc, str(seed), what, *cells, f"{chosen[(task, enc)]:g}"])
+    cols = ["task", "encoding", "seed", "validation", *(f"lr {lr:g}" for lr in grid), "chosen lr"]
+    title = (
+        "learning-rate sweep: in-distribution validation score at each learning rate "
+        f"(ties go to {preferred:g}, then the smaller rate); the tables use only the chosen rate's runs"
+    )
+    return TableData(title, cols, rows)
 
 
 def not_learned_note(unlearned: list[dict[str, Any]]) -> str:
@@ -65,8 +210,8 @@ def not_learned_note(unlearned: list[dict[str, Any]]) -> str:
     runs = ", ".join(f"{r['encoding']} on {r['task']} (seed {r['seed']})" for r in unlearned)
     return (
         f"{len(unlearned)} run(s) did not learn in distribution (exact match over lengths 1..L below "
-        f"{LEARNED_BAR}): {runs}. Their scores past L, and ranks that include them, say nothing about "
-        "generalization."
+        f"{LEARNED_BAR}): {runs}. Their scores past L say nothing about generalization; ranks and comparisons "
+        "past L leave them out."
     )
 
 
@@ -117,7 +262,9 @@ class TableData:
 
 def tables(records: list[dict[str, Any]]) -> list[TableData]:
     """The study's tables: per synthetic task exact match (in-distribution mean and per
-    length) and token accuracy; per corpus perplexity, sliding perplexity and ratios."""
+    length) and token accuracy; per corpus perplexity, sliding perplexity and ratios; then
+    the gated mean ranks (``mean_ranks``). Only ``selected(records)`` are shown."""
+    records = selected(records)
     out: list[TableData] = []
     for task, by_enc in group(records).items():
         first = next(iter(by_enc.values()))
@@ -173,59 +320,82 @@ def _window_mean(recs: list[dict[str, Any]], key: str, factor: int) -> float | N
     return statistics.fmean(vals) if vals else None
 
 
-def mean_ranks(records: list[dict[str, Any]], factor: int = 2, key: str = "token_accuracy") -> TableData | None:
-    """Kazemnejad et al. 2023's summary: rank the encodings on every synthetic task by
-    ``key`` (mean over seeds) averaged over the lengths ``L < n <= factor * L``, then
-    average the ranks over tasks (1 = best; ties share the mean rank). ``None`` if there
-    are no synthetic tasks.
+def mean_ranks(
+    records: list[dict[str, Any]], factor: int = 2, key: str = "token_accuracy", bar: float = LEARNED_BAR
+) -> TableData | None:
+    """Kazemnejad et al. 2023's summary, gated: rank the encodings on every synthetic task
+    by ``key`` averaged over the lengths ``L < n <= factor * L`` and over the encoding's
+    runs that learned the task in distribution (``learned``: exact match over ``1..L`` at
+    least ``bar``), then average each encoding's ranks over the tasks it was ranked on
+    (1 = best; ties share the mean rank; column "tasks ranked"). An encoding none of whose
+    runs of a task learned it is not ranked there: its cell says "did not learn" with the
+    mean in-distribution exact match of its runs; one that learned no task has no mean
+    rank. A cell over some of an encoding's runs says how many. Only
+    ``selected(records)`` count. ``None`` if there are no synthetic tasks.
 
     Seed spread: the same ranking done separately for every seed that all encodings of a
-    task have (each seed's scores ranked, averaged over tasks), shown as mean ± std of
-    those per-seed mean ranks."""
-    per_task: dict[str, dict[str, float]] = {}
+    task have (each seed's learned runs ranked, averaged over tasks), shown as mean ± std
+    of those per-seed mean ranks."""
+    per_task: dict[str, dict[str, str]] = {}  # task -> encoding -> cell text
+    ranks: dict[str, list[float]] = defaultdict(list)
     per_seed: dict[int, dict[str, list[float]]] = defaultdict(lambda: defaultdict(list))
-    for task, by_enc in group(records).items():
+    order: list[str] = []
+    for task, by_enc in group(selected(records)).items():
         first = next(iter(by_enc.values()))
         if is_lm(first):
             continue
-        scores = {enc: v for enc, recs in by_enc.items() if (v := _window_mean(recs, key, factor)) is not None}
-        per_task[task] = scores
+        cells, scores = {}, {}
+        for enc, recs in by_enc.items():
+            if enc not in order:
+                order.append(enc)
+            ok = [r for r in recs if learned(r, bar)]
+            if not ok:
+                cells[enc] = f"did not learn ({statistics.fmean(in_distribution(r) for r in recs):.2f})"
+            elif (v := _window_mean(ok, key, factor)) is not None:
+                scores[enc] = v
+                cells[enc] = f"{v:.3f}" + ("" if len(ok) == len(recs) else f" ({len(ok)} of {len(recs)} learned)")
+        per_task[task] = cells
+        for enc, rank in _ranks(scores).items():
+            ranks[enc].append(rank)
         common = set.intersection(*({r["seed"] for r in recs} for recs in by_enc.values()))
         for seed in sorted(common):
             seeded = {
-                enc: _window_mean([r for r in recs if r["seed"] == seed], key, factor) for enc, recs in by_enc.items()
+                enc: _window_mean([r for r in recs if r["seed"] == seed and learned(r, bar)], key, factor)
+                for enc, recs in by_enc.items()
             }
             for enc, rank in _ranks({e: v for e, v in seeded.items() if v is not None}).items():
                 per_seed[seed][enc].append(rank)
     if not per_task:
         return None
-    ranks: dict[str, list[float]] = defaultdict(list)
-    for scores in per_task.values():
-        for enc, rank in _ranks(scores).items():
-            ranks[enc].append(rank)
+    seeds = [s for s, by_enc in per_seed.items() if by_enc]
 
     def spread(enc: str) -> str:
-        vals = [statistics.fmean(by_enc[enc]) for by_enc in per_seed.values() if by_enc.get(enc)]
+        vals = [statistics.fmean(per_seed[s][enc]) for s in seeds if per_seed[s].get(enc)]
         return Cell.of(vals).fmt(2) if vals else "-"
 
+    ranked = sorted((e for e in order if ranks[e]), key=lambda e: statistics.fmean(ranks[e]))
     rows = [
         [
             enc,
-            f"{statistics.fmean(r):.2f}",
+            f"{statistics.fmean(ranks[enc]):.2f}" if ranks[enc] else "did not learn",
             spread(enc),
-            str(len(r)),
-            *(f"{per_task[t].get(enc, float('nan')):.3f}" for t in per_task),
+            str(len(ranks[enc])),
+            *(per_task[t].get(enc, "-") for t in per_task),
         ]
-        for enc, r in sorted(ranks.items(), key=lambda kv: statistics.fmean(kv[1]))
+        for enc in ranked + [e for e in order if not ranks[e]]
     ]
     cols = [
         "encoding",
         "mean rank",
-        f"per-seed rank ({len(per_seed)} seed{'s' * (len(per_seed) != 1)})",
-        "tasks",
+        f"per-seed rank ({len(seeds)} seed{'s' * (len(seeds) != 1)})",
+        "tasks ranked",
         *(f"{t} {key} (L, {factor}L]" for t in per_task),
     ]
-    return TableData(f"mean rank by {key} on lengths (L, {factor}L], over synthetic tasks (1 = best)", cols, rows)
+    title = (
+        f"mean rank by {key} on lengths (L, {factor}L], over synthetic tasks (1 = best), only runs that learned "
+        f"in distribution (exact match over lengths 1..L >= {bar})"
+    )
+    return TableData(title, cols, rows)
 
 
 def to_markdown(tables_: list[TableData]) -> str:
@@ -256,7 +426,9 @@ PRIMARY = ("exact_match", "ppl", "token_accuracy", "ppl_sliding")
 def metric_tables(records: list[dict[str, Any]]) -> list[TableData]:
     """The HTML report's tables: one per task (alphabetically) and metric (``PRIMARY``
     order, then the rest alphabetically), a row per (encoding, training length) with the
-    metric's mean ± std over seeds at every evaluation length ("–": not evaluated)."""
+    metric's mean ± std over seeds at every evaluation length ("–": not evaluated). Only
+    ``selected(records)`` are shown."""
+    records = selected(records)
     out = []
     for task in sorted({r["task"] for r in records}):
         task_runs = [r for r in records if r["task"] == task]

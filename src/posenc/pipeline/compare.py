@@ -50,15 +50,15 @@ def run_compare(
     say: Callable[[str], None] = lambda msg: None,
 ) -> dict[str, Any]:
     """Plan and check (``plan_compare``), train NAME's unfinished runs (``jobs`` worker
-    processes, as ``posenc study --jobs``), merge them with the baselines and write the
-    outputs (``write_compare_outputs``); returns what that returns."""
+    processes, as ``posenc study --jobs``; with the preset's learning-rate sweep, phase 1
+    then phase 2), merge them with the baselines and write the outputs
+    (``write_compare_outputs``); returns what that returns."""
     if distributed.launched():
         raise ValueError("posenc compare does not run under torchrun; use --jobs for several processes")
     run_dir = Path(out) if out else compare_dir(name)
     request = dict(baselines=baselines, tasks=tasks, seeds=seeds)
     comparison = plan_compare(name, preset, **request, threads=threads)
-    done = {r["run_id"] for r in read_results(run_dir)}
-    pending = sum(c.run_id not in done for c in comparison.configs)
+    pending = comparison.plan.pending(read_results(run_dir))
     jobs, run_threads, note = plan_jobs(jobs, threads, pending)
     if run_threads != threads:
         comparison = plan_compare(name, preset, **request, threads=run_threads)
@@ -67,15 +67,17 @@ def run_compare(
         f"({pending} to train), ranked among {len(comparison.baselines)} baseline records of "
         f"{len({r['encoding'] for r in comparison.baselines})} encodings from {comparison.source}"
     )
+    for line in comparison.plan.describe(read_results(run_dir)):
+        say(line)
     if note:
         say(f"note: {note}")
     parallel = jobs > 1 and pending > 0
     label = f"runs ({jobs} processes x {comparison.configs[0].train.threads} threads)" if parallel else "runs"
     progress = hooks(comparison.configs, label, parallel) if hooks is not None else {}
     if parallel:
-        records = run_study_parallel(comparison.configs, run_dir, jobs, **progress)
+        records = run_study_parallel(comparison.plan, run_dir, jobs, **progress)
     else:
-        records = run_study(comparison.configs, run_dir, **progress)
+        records = run_study(comparison.plan, run_dir, **progress)
     return write_compare_outputs(run_dir, comparison, merge(comparison, records), report=report)
 
 

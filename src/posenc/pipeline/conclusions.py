@@ -1,6 +1,14 @@
 """A study's conclusions in sentences, with their numbers, from its records (the
 report's step 7): per task what holds at L and what breaks past it, the runs that did
-not learn, and the mean ranks beside Kazemnejad et al.'s order."""
+not learn, and the mean ranks beside Kazemnejad et al.'s order.
+
+Only ``selected(records)`` count (one learning rate per task and encoding after a
+sweep). On synthetic tasks, who is best past L is said only among the runs that learned
+the task in distribution (``summary.learned``); the encodings none of whose runs learned
+it are named as "did not learn" with their exact match over 1..L, and the mean ranks
+are ``mean_ranks``' (gated the same way). The exact match over 1..L itself is compared
+over every run: it is the measure of learning, not of generalization. Language-modelling
+sentences are not gated (no bar is defined for them)."""
 
 from __future__ import annotations
 
@@ -13,9 +21,12 @@ from posenc.experiments.summary import (
     group,
     in_distribution,
     is_lm,
+    learned,
     mean_ranks,
     not_learned,
     not_learned_note,
+    selected,
+    sweep_table,
 )
 
 
@@ -55,13 +66,14 @@ def _unlearned_note(records: list[dict[str, Any]], unlearned: list[dict[str, Any
             per_task[task] = f"{task} {n} of {sum(len(v) for v in by_enc.values())}"
     return (
         f"{len(unlearned)} of {len(records)} runs did not learn in distribution (exact match over lengths 1..L below "
-        f"{LEARNED_BAR}): {', '.join(per_task.values())} (results.md names them). Their scores past L, and ranks "
-        "that include them, say nothing about generalization."
+        f"{LEARNED_BAR}): {', '.join(per_task.values())} (results.md names them). Their scores past L say "
+        "nothing about generalization; no rank or comparison past L uses them."
     )
 
 
 def task_sentence(task: str, by_enc: dict[str, list[dict[str, Any]]]) -> str | None:
-    """One sentence for one task: the best and worst encodings at L and past it."""
+    """One sentence for one task: the best and worst encodings at L and past it (past L on
+    a synthetic task: over the runs that learned it; the others named after)."""
     first = next(iter(by_enc.values()))
     L = first[0]["train_length"]
     lengths = sorted({m["length"] for recs in by_enc.values() for r in recs for m in r["metrics"]})
@@ -90,27 +102,52 @@ def task_sentence(task: str, by_enc: dict[str, list[dict[str, Any]]]) -> str | N
         ((e, statistics.fmean(in_distribution(r) for r in recs)) for e, recs in by_enc.items()), key=lambda x: -x[1]
     )
     parts = [f"exact match over lengths 1..L: {_ends(inside)}"]
+    ok = {e: kept for e, recs in by_enc.items() if (kept := [r for r in recs if learned(r)])}
     for n in [n for n in longer if n in (2 * L, longer[-1])]:
         scores = sorted(
-            ((e, v) for e, recs in by_enc.items() if (v := _at(recs, n, "exact_match")) is not None),
+            ((e, v) for e, recs in ok.items() if (v := _at(recs, n, "exact_match")) is not None),
             key=lambda x: -x[1],
         )
         if scores:
             parts.append(f"at {n} ({n / L:g}L): {_ends(scores)}")
-    return head + "; ".join(parts) + "."
+    failed = [(e, v) for e, v in inside if e not in ok]
+    tail = f" Did not learn in distribution (not compared past L): {_listing(failed)}." if failed else ""
+    return head + "; ".join(parts) + "." + tail
 
 
 def study_conclusions(records: list[dict[str, Any]]) -> list[str]:
-    """The study's conclusions as sentences (numbers: means over seeds)."""
+    """The study's conclusions as sentences (numbers: means over seeds), after the
+    learning-rate sweep's choice when the study swept."""
+    sweep = sweep_table(records)
+    records = selected(records)
     out = [s for task, by_enc in group(records).items() if (s := task_sentence(task, by_enc))]
+    if sweep is not None:
+        chosen: dict[str, int] = {}
+        for row in sweep.rows:
+            chosen[row[-1]] = chosen.get(row[-1], 0) + 1
+        out.insert(
+            0,
+            f"Learning rates chosen on the in-distribution validation score of each task and encoding's sweep "
+            f"({', '.join(c.removeprefix('lr ') for c in sweep.columns[4:-1])}; never the test lengths): "
+            + ", ".join(f"{lr} for {n}" for lr, n in sorted(chosen.items(), key=lambda kv: float(kv[0])))
+            + f" of {len(sweep.rows)} pairs; every other sentence uses only the chosen rate's runs.",
+        )
     unlearned = not_learned(records)
     if unlearned:
         out.append(_unlearned_note(records, unlearned))
     ranks = mean_ranks(records)
     if ranks is not None and ranks.rows:
-        order = ", ".join(f"{row[0]} ({row[1]})" for row in ranks.rows)
+        order = ", ".join(
+            f"{row[0]} ({row[1]}, {row[3]} task{'s' * (row[3] != '1')})" for row in ranks.rows if row[3] != "0"
+        )
+        never = [row[0] for row in ranks.rows if row[3] == "0"]
+        sentence = (
+            f"Mean rank by token accuracy on lengths (L, 2L] over the synthetic tasks, among the runs that learned "
+            f"each task in distribution (1 = best; tasks ranked in brackets): {order or 'none'}."
+        )
+        if never:
+            sentence += f" Not ranked (learned no task): {', '.join(never)}."
         out.append(
-            f"Mean rank by token accuracy on lengths (L, 2L] over the synthetic tasks (1 = best): {order}. "
-            f"Kazemnejad et al. 2023 found {', '.join(KAZEMNEJAD_ORDER)} (APE played by sinusoidal here)."
+            sentence + f" Kazemnejad et al. 2023 found {', '.join(KAZEMNEJAD_ORDER)} (APE played by sinusoidal here)."
         )
     return out

@@ -1,6 +1,8 @@
 """A study's outputs from its records: markdown tables (``results.md``, with the
-published-findings comparisons), one plot per task and metric (``plots/*.png``) and,
-when ``posenc.viz.report`` exists, the HTML report (``report.html``)."""
+learning-rate sweep's table and the published-findings comparisons), one plot per task
+and metric (``plots/*.png``) and, when ``posenc.viz.report`` exists, the HTML report
+(``report.html``). Tables, plots and comparisons show ``summary.selected(records)``: after
+a learning-rate sweep, only the chosen rate's runs of each task and encoding."""
 
 from __future__ import annotations
 
@@ -8,9 +10,20 @@ import importlib.util
 from pathlib import Path
 from typing import Any
 
+from posenc.experiments.parallel import plan_jobs
 from posenc.experiments.published import published_tables
 from posenc.experiments.results import read_results
-from posenc.experiments.summary import group, is_lm, not_learned, not_learned_note, tables, to_markdown
+from posenc.experiments.study import StudyPlan, plan_phases
+from posenc.experiments.summary import (
+    group,
+    is_lm,
+    not_learned,
+    not_learned_note,
+    selected,
+    sweep_table,
+    tables,
+    to_markdown,
+)
 from posenc.pipeline.report import write_report
 from posenc.viz.study import plot_task, safe_filename
 
@@ -20,12 +33,33 @@ def report_available() -> bool:
     return importlib.util.find_spec("posenc.viz.report") is not None
 
 
+def prepare_study(
+    preset: str,
+    request: dict[str, Any],
+    run_dir: str | Path,
+    *,
+    threads: int | None = None,
+    jobs: int | None = None,
+    launched: bool = False,
+) -> tuple[StudyPlan, int, str | None]:
+    """``(plan, jobs, note)`` of ``posenc study``: ``plan_phases(preset, **request)``
+    with the threads per run that ``plan_jobs`` gives for the runs still to train in
+    ``run_dir`` (``note``: its warning, or ``None``)."""
+    plan = plan_phases(preset, **request, threads=threads)
+    pending = plan.pending(read_results(run_dir))
+    jobs, run_threads, note = plan_jobs(jobs, threads, pending, launched=launched)
+    if run_threads != threads:
+        plan = plan_phases(preset, **request, threads=run_threads)
+    return plan, jobs, note
+
+
 def plot_study(records: list[dict[str, Any]], out_dir: str | Path) -> list[Path]:
     """Every plot of a study into ``out_dir``: exact match and token accuracy per
-    synthetic task, both perplexities per corpus. Returns the paths written."""
+    synthetic task, both perplexities per corpus (``selected(records)``). Returns the
+    paths written."""
     out_dir = Path(out_dir)
     paths = []
-    for task, by_enc in group(records).items():
+    for task, by_enc in group(selected(records)).items():
         metrics = ("ppl", "ppl_sliding") if is_lm(next(iter(by_enc.values()))) else ("exact_match", "token_accuracy")
         for metric in metrics:
             paths.append(plot_task(task, by_enc, metric, out_dir / f"{safe_filename(task)}_{metric}.png"))
@@ -43,7 +77,19 @@ def write_study_outputs(
     if not records:
         raise ValueError(f"no results in {str(run_dir)!r} to summarize")
     plots = plot_study(records, run_dir / "plots")
+    shown = len(selected(records))
     md = ["# Study results", "", f"Run folder: `{run_dir}`; {len(records)} runs.", ""]
+    sweep = sweep_table(records)
+    if sweep is not None:
+        md += [
+            "## Learning-rate sweep",
+            "",
+            f"Every table below shows {shown} of the {len(records)} runs: for each task and encoding only the "
+            "runs at the learning rate chosen on its sweep seed by the in-distribution validation score (never "
+            f"the test lengths); the sweep's other {len(records) - shown} runs appear only here.",
+            "",
+            to_markdown([sweep]),
+        ]
     unlearned = not_learned(records)
     if unlearned:
         md += [f"**Warning:** {not_learned_note(unlearned)}", ""]
