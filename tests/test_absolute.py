@@ -1,5 +1,6 @@
 """Expected vectors of the absolute family, derived by hand from each formula."""
 
+import dataclasses
 import math
 
 import pytest
@@ -33,14 +34,38 @@ def test_normalized_length_one_does_not_divide_by_zero():
     assert torch.isfinite(table).all() and table.abs().max() == 0
 
 
-def test_normalized_fixed_length_and_batched_rows():
+def test_normalized_fixed_length_divides_every_position_by_n_minus_one():
+    """The causal definition: pos / (N - 1) at every position, past N - 1 included
+    (values above 1: the encoding's flaw past the training length), independent of how
+    many positions are asked for."""
     pe = posenc.create("normalized", dim=1, length=3)
     torch.testing.assert_close(pe.table(pos(0, 1, 2)), torch.tensor([[0.0], [0.5], [1.0]]))
-    with pytest.raises(ValueError, match="length=3"):
-        pe.table(pos(0, 3))
+    torch.testing.assert_close(pe.table(pos(0, 3, 7)), torch.tensor([[0.0], [1.5], [3.5]]))
+    long = pe.table(torch.arange(50))[:, 0]
+    torch.testing.assert_close(long[:3], pe.table(torch.arange(3))[:, 0])  # a prefix keeps its values
+    assert not pe.length_dependent and posenc.create("normalized", dim=1).length_dependent
+    assert pe.frequency_state(50) is None
+    with pytest.raises(ValueError, match=r"length must be >= 2 \(PE = pos / \(length - 1\)\), got 1"):
+        posenc.create("normalized", dim=1, length=1)
+
+
+def test_normalized_without_length_divides_each_row_by_its_own_last_index():
     free = posenc.create("normalized", dim=1)
     rows = free.table(torch.tensor([[0, 1, 2, 3], [0, 1, 0, 0]]))  # each row by its own max
     torch.testing.assert_close(rows[:, :, 0], torch.tensor([[0, 1 / 3, 2 / 3, 1.0], [0, 1.0, 0, 0]]))
+    assert free.frequency_state(5) == 5 and free.frequency_state(6) == 6
+
+
+def test_normalized_without_length_is_refused_in_a_causal_model():
+    cfg = posenc.TransformerConfig(vocab_size=8, dim=8, num_heads=2, encoding="normalized")
+    with pytest.raises(ValueError, match=r"length=None.*causal model.*encoding_params=\{'length': N\}"):
+        posenc.Transformer(cfg)
+    fixed = posenc.Transformer(dataclasses.replace(cfg, encoding_params={"length": 6}))
+    assert fixed.pe.params.causal and fixed.pe.params.length == 6 and not fixed.pe.length_dependent
+    encoder = posenc.Transformer(dataclasses.replace(cfg, causal=False))  # bidirectional: the classic definition
+    assert encoder.pe.params.length is None and encoder.pe.length_dependent
+    with pytest.raises(TypeError, match="causal must be a bool"):
+        posenc.create("normalized", dim=8, causal=1)
 
 
 def test_binary_bits_least_significant_first():

@@ -1,6 +1,7 @@
-"""The encoding contract (posenc.analysis.contract) over the whole registry, and three
-broken encodings that it must catch: one that leaks later tokens, one whose bias has
-the wrong shape, one whose KV-cache decoding differs from its full forward."""
+"""The encoding contract (posenc.analysis.contract) over the whole registry, and the
+broken encodings that it must catch: one that leaks later tokens, one that divides by the
+length of the whole sequence (classic normalized without its refusal), one whose bias
+has the wrong shape, one whose KV-cache decoding differs from its full forward."""
 
 from __future__ import annotations
 
@@ -16,9 +17,9 @@ from posenc.analysis.contract import CHECKS, check_encoding
 from posenc.encodings.bias import AlibiParams
 
 #: Encodings with a documented contract failure, each asserted to still fail exactly
-#: these checks (a fix must update this table). normalized (length=None) divides by the
-#: length of the whole sequence, so a causal model sees how many tokens follow.
-KNOWN_FAILURES = {"normalized": {"causality"}}
+#: these checks (a fix must update this table). None: normalized is built causally with a
+#: fixed length (its example_params), and length=None is refused in a causal model.
+KNOWN_FAILURES: dict[str, set[str]] = {}
 
 
 @pytest.mark.parametrize("name", posenc.available())
@@ -46,6 +47,17 @@ class LeaksFuture(posenc.PositionalEncoding):
 
     def embed(self, x, positions):
         return x + x.mean(dim=1, keepdim=True)
+
+
+class WholeSequenceLength(posenc.AdditiveEncoding):
+    """Classic normalized without the refusal: each row divided by its own last index,
+    so every position's vector depends on how many tokens follow it."""
+
+    name = "test-whole-sequence-length"
+    Params: ClassVar[type[posenc.Params]] = DimParams
+
+    def table(self, positions):
+        return posenc.functional.normalized_table(positions, self.params.dim).float()
 
 
 class HeadlessBias(posenc.PositionalEncoding):
@@ -77,6 +89,7 @@ class ChunkRelative(posenc.PositionalEncoding):
     "cls,check,match",
     [
         (LeaksFuture, "causality", "appending 4 tokens to 8 changed the logits"),
+        (WholeSequenceLength, "causality", "appending 4 tokens to 8 changed the logits"),
         (HeadlessBias, "hooks", r"bias: expected \[h, s_q, s_k\]"),
         (ChunkRelative, "kv_cache", "decoding token 3 with the cache differs"),
     ],
@@ -109,3 +122,16 @@ def test_translation_check_holds_rotary_claims_to_account():
     assert posenc.create("rope", head_dim=8).translation_invariant
     dynamic = posenc.create("rope", head_dim=8, rope_type="dynamic", factor=2.0, max_len=16)
     assert not dynamic.translation_invariant
+
+
+def test_normalized_passes_causality_and_its_classic_definition_is_refused_causally():
+    """normalized with a fixed length keeps causality at every prefix, positions past the
+    length included; without a length it cannot be built for a causal model, so every
+    check reports the refusal."""
+    for length in (128, 4):  # 4 < the 12-token sequence: values above 1 past position 3
+        fixed = type("Fixed", (posenc.get("normalized"),), {"example_params": {"length": length}})
+        assert all(r.passed for r in check_encoding(fixed)), check_encoding(fixed)
+    classic = type("Classic", (posenc.get("normalized"),), {"example_params": {}})
+    results = check_encoding(classic, checks=("causality", "kv_cache"))
+    assert [r.passed for r in results] == [False, False]
+    assert all("length=None" in r.detail and "causal model" in r.detail for r in results), results

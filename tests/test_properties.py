@@ -33,6 +33,20 @@ def test_normalized_is_in_unit_interval_with_endpoints(length):
     assert bool((col.diff() > 0).all())
 
 
+@settings(max_examples=50, deadline=None)
+@given(positions, st.integers(2, 4096))
+def test_normalized_with_fixed_length_is_pos_over_n_minus_one_whatever_follows(ps, length):
+    """Causal definition: each position's value is pos / (N - 1), whatever other positions
+    are in the call (a prefix keeps its values); above 1 exactly past N - 1."""
+    pe = posenc.create("normalized", dim=2, length=length)
+    table = pe.table(torch.tensor(ps)).double()
+    expected = torch.tensor(ps, dtype=torch.float64) / (length - 1)
+    torch.testing.assert_close(table[:, 0], expected.float().double())
+    torch.testing.assert_close(table[:, 1], table[:, 0])
+    torch.testing.assert_close(pe.table(torch.tensor(ps[:1])), pe.table(torch.tensor(ps))[:1])
+    assert ((table[:, 0] > 1) == (torch.tensor(ps) > length - 1)).all()
+
+
 @settings(max_examples=30, deadline=None)
 @given(positions, st.sampled_from([2, 8, 32]))
 def test_sinusoidal_pairs_lie_on_the_unit_circle(ps, dim):

@@ -63,7 +63,10 @@ class PositionalEncoding(nn.Module):
     formula: ClassVar[str] = ""
     flaw: ClassVar[str] = ""
     Params: ClassVar[type[Params]] = Params
-    #: True when the vector of a position depends on the sequence length (normalized).
+    #: True when the vector of a position depends on the sequence length. The class
+    #: value states it for the default parameters; an instance sets its own when its
+    #: parameters decide (normalized: True only with ``length=None``; rope: True only
+    #: with a length-dependent scaling rule). Read it from the instance.
     length_dependent: ClassVar[bool] = False
     #: True when attention scores depend on positions only through their differences
     #: (shifting every position by the same offset changes nothing); checked by

@@ -10,7 +10,8 @@ or plugged in, must do for posenc's attention, model and KV cache to be right.
   ``q [b, h, s_q, d]`` and ``k [b, h_kv, s_k, d]``; ``bias`` is ``None``,
   ``[h, s_q, s_k]`` or ``[b, h, s_q, s_k]``; all finite.
 * ``causality``: in a causal ``Transformer``, appending tokens changes no logit of an
-  earlier position (no prediction sees a later token).
+  earlier position (no prediction sees a later token), for every prefix of a 12-token
+  sequence (a rule that switches at some length is caught wherever it switches).
 * ``kv_cache``: prefill then one token at a time gives, at every step, the logits of a
   full forward over the same prefix.
 * ``translation``: for an encoding whose class sets ``translation_invariant = True``,
@@ -57,8 +58,9 @@ class CheckResult:
 
 
 def _build(cls: type[PositionalEncoding], **overrides) -> PositionalEncoding:
-    """``cls`` with its ``example_params`` and the check sizes it declares."""
-    sizes = dict(dim=DIM, num_heads=HEADS, head_dim=DIM // HEADS, max_len=64)
+    """``cls`` with its ``example_params`` and the check sizes it declares, built as a
+    causal ``Transformer`` builds it (``causal=True`` where the encoding takes it)."""
+    sizes = dict(dim=DIM, num_heads=HEADS, head_dim=DIM // HEADS, max_len=64, causal=True)
     accepted = [f.name for f in dataclasses.fields(cls.Params)]
     params = dict(cls.example_params)
     params.update({k: v for k, v in sizes.items() if k in accepted and k not in params})
@@ -144,12 +146,12 @@ def check_causality(cls: type[PositionalEncoding], seed: int) -> str | None:
     model = _model(cls, seed)
     tokens = torch.randint(0, VOCAB, (2, 12), generator=torch.Generator().manual_seed(seed))
     with torch.no_grad():
-        prefix = model(tokens[:, :8])
-        full = model(tokens)[:, :8]
-    diff = (prefix - full).abs().amax(dim=(0, 2))  # [8]
-    if float(diff.max()) > ATOL:
-        i = int(diff.argmax())
-        return f"appending 4 tokens to 8 changed the logits at position {i} by {float(diff[i]):.3g}"
+        full = model(tokens)  # [2, 12, vocab]
+        for n in (8, *range(1, 8), *range(9, 12)):  # every prefix, the 8-token one first
+            diff = (model(tokens[:, :n]) - full[:, :n]).abs().amax(dim=(0, 2))  # [n]
+            if float(diff.max()) > ATOL:
+                i = int(diff.argmax())
+                return f"appending {12 - n} tokens to {n} changed the logits at position {i} by {float(diff[i]):.3g}"
     return None
 
 

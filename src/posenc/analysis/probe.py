@@ -92,15 +92,24 @@ def build(
 ) -> Probe:
     """Build encoding ``name`` through ``posenc.registry.create_for_model`` so that the
     size parameters it declares (``dim``, ``num_heads``, ``head_dim``, ``max_len``,
-    ``causal``) are filled; the encoding's ``example_params`` (e.g. rope2d's grid width)
-    and then ``params`` override them. Seeded, in eval mode."""
+    ``causal``) are filled; the encoding's ``example_params`` and then ``params``
+    override them. A non-causal build takes only the example values of required
+    parameters (rope2d's grid width) and leaves optional ones at their defaults:
+    ``normalized`` is then the classic definition (``length=None``, each row by its own
+    last index), and with ``causal=True`` its example ``length`` (the causal definition).
+    Seeded, in eval mode."""
     positive_int("dim", dim)
     positive_int("num_heads", num_heads)
     if dim % num_heads:
         raise ValueError(f"dim={dim} is not divisible by num_heads={num_heads}")
     cls = get(name)  # unknown names list the valid ones
     torch.manual_seed(seed)
-    merged = {**getattr(cls, "example_params", {}), **(params or {})}
+    example = dict(getattr(cls, "example_params", {}))
+    if not causal:  # optional example values (normalized's length) only where a causal build needs them
+        fields = dataclasses.fields(cls.Params)
+        required = {f.name for f in fields if f.default is f.default_factory is dataclasses.MISSING}
+        example = {k: v for k, v in example.items() if k in required}
+    merged = {**example, **(params or {})}
     pe = create_for_model(
         name, merged, dim=dim, num_heads=num_heads, head_dim=dim // num_heads, max_len=max_len, causal=causal
     )

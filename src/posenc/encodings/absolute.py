@@ -72,34 +72,75 @@ class Integer(AdditiveEncoding):
 
 @dataclasses.dataclass(frozen=True)
 class NormalizedParams(Params):
+    """``length``: the fixed ``N`` of ``pos / (N - 1)`` (a causal model's training length),
+    or ``None`` for the non-causal definition (each row by its own last index).
+    ``causal``: whether the model using the encoding is causal; ``create_for_model``
+    (``TransformerConfig``) fills it from the model's ``causal``. A causal model needs a
+    ``length``."""
+
     dim: int
     length: int | None = None
+    causal: bool = False
 
     def validate(self) -> None:
         positive_int("dim", self.dim)
-        if self.length is not None:
-            positive_int("length", self.length)
+        if self.length is not None and positive_int("length", self.length) < 2:
+            raise ValueError(f"length must be >= 2 (PE = pos / (length - 1)), got {self.length}")
+        if not isinstance(self.causal, bool):
+            raise TypeError(f"causal must be a bool, got {self.causal!r}")
+        if self.causal and self.length is None:
+            raise ValueError(
+                "normalized with length=None divides each position by the last index of the whole sequence, "
+                "so in a causal model every prediction would see how many tokens follow it; pass a fixed "
+                "length N, the training length (TransformerConfig(..., encoding_params={'length': N}), "
+                "posenc.create('normalized', dim=..., length=N)): PE(pos) = pos / (N - 1)"
+            )
 
 
 @register
 class Normalized(AdditiveEncoding):
-    """Positions scaled into [0, 1] by the sequence length.
+    """Positions scaled by a length, the same value in every dimension.
 
-    Formula: ``PE(pos, i) = pos / (L - 1)`` with ``L`` the sequence length (``length``,
-    or, when ``None``, the largest index in each row plus one). A length-1 sequence
-    maps position 0 to 0.
+    Formula, two definitions (``posenc.functional.normalized_table``):
 
-    Flaw: the same position gets different vectors in sequences of different lengths
-    (position 3 is 0.75 at L=5 and 0.3 at L=11), so nothing learned about position 3
-    transfers; with a KV cache the encoding of earlier tokens would have to change.
+    * ``length=N`` (causal; required in a causal model): ``PE(pos, i) = pos / (N - 1)``
+      with ``N`` fixed, the training length. Positions ``>= N`` are allowed.
+    * ``length=None`` (non-causal only, e.g. a bidirectional encoder):
+      ``PE(pos, i) = pos / (L - 1)`` with ``L - 1`` the largest index of each row
+      (``L`` the sequence's own length); a length-1 sequence maps position 0 to 0.
+
+    Flaw: with ``length=N``, positions past ``N - 1`` give values above 1 that a model
+    trained at length ``N`` never saw. With ``length=None``, the same position gets
+    different vectors in sequences of different lengths (position 3 is 0.75 at L=5 and
+    0.3 at L=11), so nothing learned about position 3 transfers, and every position's
+    vector depends on how many tokens follow it: a causal model would see the future's
+    length, so building it causal is refused.
+
+    ``length_dependent`` is per instance: True only when ``length is None``.
     """
 
     name = "normalized"
     reference = "the classic story's second step (e.g. Kazemnejad 2019 blog)"
-    formula = "PE(pos, i) = pos / (L - 1)"
-    flaw = "the same position gets a different vector at every sequence length"
+    formula = (
+        "causal, length=N: PE(pos, i) = pos / (N - 1), N fixed (the training length); "
+        "length=None (non-causal only): PE(pos, i) = pos / (L - 1), L the sequence's own length"
+    )
+    flaw = (
+        "length=N: positions past N - 1 give values above 1, never seen in training; "
+        "length=None: the same position gets a different vector at every sequence length, "
+        "and each vector depends on how many tokens follow (refused in a causal model)"
+    )
     Params: ClassVar[type[Params]] = NormalizedParams
+    #: The default (``length=None``) is length dependent; an instance with a fixed
+    #: ``length`` sets False (``__init__``).
     length_dependent = True
+    #: A fixed length, so that demos, analysis and registry-wide tests can build it in a
+    #: causal model (128: the report card's trained length, ``CardConfig.train_length``).
+    example_params: ClassVar[dict] = {"length": 128}
+
+    def __init__(self, **params) -> None:
+        super().__init__(**params)
+        self.length_dependent = self.params.length is None
 
     def frequency_state(self, length: int):
         # Every position's value depends on the current length unless it is fixed.
@@ -107,10 +148,6 @@ class Normalized(AdditiveEncoding):
 
     def table(self, positions: torch.Tensor) -> torch.Tensor:
         check_positions(positions)
-        if self.params.length is not None and positions.numel():
-            top = int(positions.max())
-            if top >= self.params.length:
-                raise ValueError(f"normalized encoding built with length={self.params.length} got position {top}")
         return functional.normalized_table(positions, self.params.dim, self.params.length).float()
 
 

@@ -24,21 +24,31 @@ def integer_table(positions: torch.Tensor, dim: int) -> torch.Tensor:
 
 
 def normalized_table(positions: torch.Tensor, dim: int, length: int | None = None) -> torch.Tensor:
-    """``PE(pos, i) = pos / (length - 1)`` for every dimension ``i``.
+    """Positions scaled by a length, the same value in every dimension ``i``.
 
-    ``length=None`` takes the length from the positions themselves: each row is
-    divided by its largest index (``length - 1`` for ``arange(length)``). A length-1
-    sequence divides by 1, not 0, so position 0 maps to 0.
+    Two definitions (the classic story's second step, e.g. Kazemnejad 2019 blog):
 
-    Shapes: positions ``[s]`` or ``[b, s]`` -> ``[s, dim]`` or ``[b, s, dim]``.
+    * ``length=N`` (causal): ``PE(pos, i) = pos / (N - 1)`` for every position, with
+      ``N`` fixed (a model's training length). A position's value never depends on the
+      tokens after it; positions ``>= N`` give values above 1, which a model trained at
+      length ``N`` never saw. ``N >= 2`` (``N - 1`` is the divisor).
+    * ``length=None`` (non-causal): ``PE(pos, i) = pos / (L - 1)`` with ``L - 1`` the
+      largest index in each row (``L`` the row's own length for ``arange(L)``): the same
+      position gets a different value at every length, and every position's value
+      depends on how many positions follow it. A length-1 row divides by 1, not 0, so
+      position 0 maps to 0.
+
+    Shapes: positions ``[s]`` or ``[b, s]`` -> ``[s, dim]`` or ``[b, s, dim]`` (float64).
     """
     p = _pos(positions)
     if length is None:
-        denom = p.amax(dim=-1, keepdim=True) if p.numel() else torch.ones_like(p)
+        denom = p.amax(dim=-1, keepdim=True) if p.numel() else torch.ones_like(p)  # [..., 1]
+        denom = denom.clamp_min(1.0)
     else:
-        denom = torch.full_like(p[..., :1], float(length - 1))
-    denom = denom.clamp_min(1.0)
-    return (p / denom).unsqueeze(-1).expand(*positions.shape, dim).contiguous()
+        if isinstance(length, bool) or not isinstance(length, int) or length < 2:
+            raise ValueError(f"length must be an int >= 2 (PE = pos / (length - 1)), got {length!r}")
+        denom = torch.full_like(p[..., :1], float(length - 1))  # [..., 1]
+    return (p / denom).unsqueeze(-1).expand(*positions.shape, dim).contiguous()  # [..., dim]
 
 
 def binary_table(positions: torch.Tensor, dim: int) -> torch.Tensor:
