@@ -60,7 +60,14 @@ def _cfg(**sections):
 def _lm_cfg():
     """Character LM (no loss mask, positions [s]): the other branch of the loss."""
     return _cfg(
-        task={"name": "stdlib", "train_length": 8, "max_chars": 20_000, "eval_factors": [1, 2], "eval_tokens": 64},
+        task={
+            "name": "stdlib",
+            "train_length": 8,
+            "max_chars": 20_000,
+            "eval_factors": [1, 2],
+            "eval_tokens": 64,
+            "eval_segments": 2,
+        },
         model={"encoding": "sinusoidal"},
         train={"randomized_positions": False},
     )

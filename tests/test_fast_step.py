@@ -38,7 +38,14 @@ def _config(encoding: str, task: str = "copy", **train):
         {
             "task": {"name": task, "train_length": 8 if synthetic else 16, "num_symbols": 32, "eval_samples": 8}
             if synthetic
-            else {"name": task, "train_length": 16, "max_chars": 20_000, "eval_factors": [1, 2], "eval_tokens": 64},
+            else {
+                "name": task,
+                "train_length": 16,
+                "max_chars": 20_000,
+                "eval_factors": [1, 2],
+                "eval_tokens": 64,
+                "eval_segments": 2,
+            },
             "model": {"encoding": encoding, "dim": 64, "num_layers": 2, "num_heads": 4},
             "train": {"steps": STEPS, "batch_size": 16, "lr": 3e-3, "warmup": 5, "threads": 1, **train},
         }

@@ -126,10 +126,15 @@ def test_text_corpus_round_trip_and_split(tmp_path):
     f = tmp_path / "t.txt"
     f.write_text("abcab\u00e9" * 10, encoding="utf-8")
     text = load_text("text", str(f))
-    corpus = CharCorpus.from_text(text, val_fraction=0.1)
-    assert corpus.chars == "abc\u00e9"
-    assert len(corpus.val) == 6 and len(corpus.train) == 54
-    assert corpus.decode(torch.cat([corpus.train, corpus.val])) == text
+    corpus = CharCorpus.from_text(text, segments=2, test_context=2, test_scored=4, val_context=1, val_scored=2)
+    assert corpus.chars == "abc\u00e9" and corpus.decode(corpus.tokens) == text
+    # 60 characters, 2 blocks of 30, a unit of 6 + 3 tokens centred in each: starts 10 and 40.
+    assert corpus.test.starts.tolist() == [10, 40] and corpus.validation.starts.tolist() == [16, 46]
+    assert (
+        corpus.decode(corpus.test.tokens[0]) == text[10:16]
+        and corpus.decode(corpus.validation.tokens[1]) == text[46:49]
+    )
+    assert corpus.train_spans.tolist() == [[0, 10], [19, 40], [49, 60]] and corpus.train_tokens == 42
     w = corpus.sample(5, 3, _gen())
     assert w.shape == (3, 6)
 

@@ -24,7 +24,7 @@ from posenc.data.synthetic import SyntheticTask
 from posenc.data.text import CharCorpus
 from posenc.experiments.config import config_from_dict, load_config
 from posenc.experiments.evaluate import lm_metrics, synthetic_metrics
-from posenc.experiments.results import KEYS, OPTIONAL_KEYS, append_result, read_results
+from posenc.experiments.results import KEYS, PROVENANCE_KEYS, append_result, read_results
 from posenc.experiments.study import plan_study
 from posenc.experiments.train import checkpoint_path, random_positions, train_run
 
@@ -65,15 +65,48 @@ class CopyOracle(nn.Module):
 def test_synthetic_metrics_exact_and_token_accuracy():
     task = SyntheticTask("copy", num_symbols=4)
     good = synthetic_metrics(CopyOracle(task.vocab_size), task, [1, 4], samples=10)
+    counts = {"samples": 10}
     assert good == [
-        {"length": 1, "exact_match": 1.0, "token_accuracy": 1.0},
-        {"length": 4, "exact_match": 1.0, "token_accuracy": 1.0},
+        {
+            "length": 1,
+            "exact_match": 1.0,
+            "token_accuracy": 1.0,
+            **counts,
+            "exact_hits": 10,
+            "tokens": 10,
+            "token_hits": 10,
+        },
+        {
+            "length": 4,
+            "exact_match": 1.0,
+            "token_accuracy": 1.0,
+            **counts,
+            "exact_hits": 10,
+            "tokens": 40,
+            "token_hits": 40,
+        },
     ]
     bad = synthetic_metrics(CopyOracle(task.vocab_size, wrong_last=True), task, [1, 4], samples=10)
     # Last of n answer tokens wrong: exact match 0, token accuracy (n - 1) / n.
     assert bad == [
-        {"length": 1, "exact_match": 0.0, "token_accuracy": 0.0},
-        {"length": 4, "exact_match": 0.0, "token_accuracy": 0.75},
+        {
+            "length": 1,
+            "exact_match": 0.0,
+            "token_accuracy": 0.0,
+            **counts,
+            "exact_hits": 0,
+            "tokens": 10,
+            "token_hits": 0,
+        },
+        {
+            "length": 4,
+            "exact_match": 0.0,
+            "token_accuracy": 0.75,
+            **counts,
+            "exact_hits": 0,
+            "tokens": 40,
+            "token_hits": 30,
+        },
     ]
 
 
@@ -88,25 +121,30 @@ class Unigram(nn.Module):
         return self.logits.expand(*tokens.shape, -1)
 
 
-def test_lm_metrics_score_the_same_final_tokens():
+def test_lm_metrics_score_the_same_test_tokens():
     g = torch.Generator().manual_seed(0)
-    text = "".join("abcd"[i] for i in torch.randint(0, 4, (400,), generator=g).tolist())
-    corpus = CharCorpus.from_text(text, val_fraction=0.5)
+    text = "".join("abcd"[i] for i in torch.randint(0, 4, (2000,), generator=g).tolist())
+    corpus = CharCorpus.from_text(text, segments=4, test_context=16, test_scored=32, val_context=4, val_scored=8)
     # Uniform logits: perplexity is the vocabulary size exactly, at every length.
-    uni = lm_metrics(Unigram(torch.zeros(4)), corpus, [4, 8, 16], eval_tokens=32, stride=2)
+    uni = lm_metrics(Unigram(torch.zeros(4)), corpus, [4, 8, 16], stride=2)
     for m in uni:
         assert m["ppl"] == pytest.approx(4.0) and m["ppl_sliding"] == pytest.approx(4.0)
-    # A context-free model: exp(mean NLL) of exactly the last 32 validation tokens.
+        assert m["tokens"] == 128 and m["segment_tokens"] == 32
+        assert m["nll_segments"] == pytest.approx([32 * math.log(4)] * 4)
+    # A context-free model: exp(mean NLL) of exactly the 4 x 32 scored test tokens, per segment too.
     logits = torch.tensor([0.0, 1.0, 2.0, -1.0])
-    last = corpus.val[-32:]
-    expected = math.exp(float(nn.functional.cross_entropy(logits.expand(32, 4), last)))
-    for m in lm_metrics(Unigram(logits), corpus, [4, 8, 16], eval_tokens=32, stride=4):
-        assert m["ppl"] == pytest.approx(expected, rel=1e-5)
-        assert m["ppl_sliding"] == pytest.approx(expected, rel=1e-5)
-    with pytest.raises(ValueError, match="multiple"):
-        lm_metrics(Unigram(logits), corpus, [5], eval_tokens=32, stride=1)
-    with pytest.raises(ValueError, match="validation split"):
-        lm_metrics(Unigram(logits), corpus, [64], eval_tokens=192, stride=1)
+    scored = corpus.test.tokens[:, 16:]  # [4, 32]
+    per_segment = nn.functional.cross_entropy(logits.expand(128, 4), scored.reshape(-1), reduction="none")
+    expected = per_segment.double().reshape(4, 32).sum(dim=1)  # [4]
+    for m in lm_metrics(Unigram(logits), corpus, [4, 8, 16], stride=4):
+        assert m["ppl"] == pytest.approx(math.exp(float(expected.sum()) / 128), rel=1e-6)
+        assert m["ppl_sliding"] == pytest.approx(m["ppl"], rel=1e-6)
+        assert m["nll_segments"] == pytest.approx(expected.tolist(), rel=1e-6)
+        assert m["nll_sliding_segments"] == pytest.approx(expected.tolist(), rel=1e-6)
+    with pytest.raises(ValueError, match="do not tile"):
+        lm_metrics(Unigram(logits), corpus, [5], stride=1)
+    with pytest.raises(ValueError, match="context"):
+        lm_metrics(Unigram(logits), corpus, [32], stride=1)
 
 
 def test_random_positions_sorted_distinct_in_range():
@@ -126,10 +164,10 @@ def test_train_resume_identical_and_skip(tmp_path):
     cfg = _cfg()
     full, skipped = train_run(cfg, tmp_path / "a")
     assert not skipped
-    assert set(full) == {*KEYS, *OPTIONAL_KEYS}
+    assert set(full) == {*KEYS, *PROVENANCE_KEYS, "validation"}
     assert full["train_step"] == "reference"  # 30 steps: "auto" compiles only runs of AUTO_MIN_STEPS or more
     assert full["cpu_capability"] == torch.backends.cpu.get_cpu_capability()
-    assert [m["length"] for m in full["metrics"]] == [1, 2, 3, 6]
+    assert [m["length"] for m in full["metrics"]] == [1, 2, 3, 4, 5, 6]  # 1..L, inside (L, 2L), 2L
     assert full["task"] == "copy" and full["encoding"] == "sinusoidal" and full["seed"] == 0
     assert full["train_length"] == 3 and full["torch_version"] == torch.__version__
     assert read_results(tmp_path / "a") == [full]
@@ -162,7 +200,8 @@ def test_lm_run_and_randomized_positions(tmp_path):
             "text_path": str(text),
             "train_length": 8,
             "eval_factors": [1, 2, 4],
-            "val_fraction": 0.2,
+            "eval_segments": 2,
+            "eval_tokens": 64,
         },
         train={"steps": 12, "randomized_positions": True},
     )
@@ -170,6 +209,8 @@ def test_lm_run_and_randomized_positions(tmp_path):
     assert rec["task"] == "text:corpus.txt" and rec["encoding"] == "sinusoidal+randpos"
     assert [m["length"] for m in rec["metrics"]] == [8, 16, 32]
     assert all(m["ppl"] > 1 and m["ppl_sliding"] > 1 for m in rec["metrics"])
+    assert [m["length"] for m in rec["metrics_random"]] == [8, 16, 32]
+    assert rec["corpus"]["test_tokens"] == 64 and rec["corpus"]["validation_tokens"] == 16
 
 
 @pytest.mark.slow

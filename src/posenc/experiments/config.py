@@ -15,6 +15,7 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
+import math
 import os
 import types
 import typing
@@ -43,27 +44,61 @@ def _positive_ints(name: str, values: tuple[int, ...]) -> None:
         positive_int(name, v)
 
 
+def _lcm(values: list[int]) -> int:
+    out = 1
+    for v in values:
+        out = out * v // math.gcd(out, v)
+    return out
+
+
+#: Scored test tokens of a corpus run at least, by default (over ``eval_segments`` segments).
+MIN_TEST_TOKENS = 65536
+
+
+@dataclasses.dataclass(frozen=True)
+class HeldOut:
+    """The held-out layout of a corpus run (``CharCorpus.from_text`` keywords): ``segments``
+    test segments of ``test_context + test_scored`` tokens, each followed by a validation
+    segment of ``val_context + val_scored`` tokens (``*_scored``: per segment)."""
+
+    segments: int
+    test_context: int
+    test_scored: int
+    val_context: int
+    val_scored: int
+
+
 @dataclasses.dataclass(frozen=True)
 class TaskConfig:
     """What to learn and how to score it.
 
     ``name`` is a synthetic task (copy, reverse, duplicate, sort, recall, count) or a
-    corpus (shakespeare, stdlib, text with ``text_path``). Synthetic tasks train on
-    lengths ``1..train_length`` and are scored at every training length and at
-    ``eval_factors * train_length`` (default 2, 4, 8); language models train on windows
-    of ``train_length`` and report perplexity at ``eval_factors * train_length``
-    (default 1, 2, 4, 8, 16) on the same final ``eval_tokens`` validation tokens.
+    corpus (shakespeare, stdlib, text with ``text_path``).
+
+    Synthetic tasks train on lengths ``1..train_length`` and are scored on
+    ``eval_samples`` examples at each of ``synthetic_lengths``: every training length,
+    three lengths inside ``(L, 2L)`` and ``eval_factors * L`` (default 2, 4, 8).
+
+    Language models train on windows of ``train_length`` and report perplexity at
+    ``eval_factors * L`` (default 1, 2, 4, 8, 16) on ``eval_segments`` held-out test
+    segments spread evenly over the corpus, ``eval_tokens`` scored tokens in all (default:
+    the smallest valid count >= 65536), each segment preceded by as many context tokens as
+    the longest evaluation length. ``val_tokens`` (default: a quarter of ``eval_tokens``,
+    rounded up to whole windows of ``L``) are scored at ``L`` in validation segments
+    disjoint from the test segments; the learning rate is chosen on them, never on the
+    test set. ``sliding_stride`` (default: the largest divisor of ``L`` up to ``L / 4``).
     """
 
     name: str = "copy"
     train_length: int = 16
     num_symbols: int = 16
     eval_factors: tuple[int, ...] | None = None
-    eval_samples: int = 64
+    eval_samples: int = 256
     text_path: str | None = None
     max_chars: int | None = None
-    val_fraction: float = 0.05
     eval_tokens: int | None = None
+    eval_segments: int = 16
+    val_tokens: int | None = None
     sliding_stride: int | None = None
 
     def __post_init__(self) -> None:
@@ -74,17 +109,18 @@ class TaskConfig:
         positive_int("train_length", self.train_length)
         positive_int("num_symbols", self.num_symbols)
         positive_int("eval_samples", self.eval_samples)
+        positive_int("eval_segments", self.eval_segments)
         if self.eval_factors is not None:
             _positive_ints("eval_factors", self.eval_factors)
-        for name in ("max_chars", "eval_tokens", "sliding_stride"):
+        for name in ("max_chars", "eval_tokens", "val_tokens", "sliding_stride"):
             if getattr(self, name) is not None:
                 positive_int(name, getattr(self, name))
-        if not 0.0 < self.val_fraction < 1.0:
-            raise ValueError(f"val_fraction must be in (0, 1), got {self.val_fraction}")
         if self.name == "text" and not self.text_path:
             raise ValueError("task 'text' needs text_path (a text file or folder)")
         if self.name != "text" and self.text_path:
             raise ValueError(f"text_path is only for task 'text', got it with task {self.name!r}")
+        if self.is_lm:
+            self.held_out()  # the divisibility checks, with errors that name the key to change
 
     @property
     def is_lm(self) -> bool:
@@ -100,6 +136,50 @@ class TaskConfig:
     def label(self) -> str:
         """The task name written to results (``text:<file name>`` for user text)."""
         return f"text:{Path(self.text_path).name}" if self.name == "text" else self.name
+
+    # -- evaluation lengths and the held-out layout -----------------------------------------
+    @property
+    def synthetic_lengths(self) -> list[int]:
+        """``1..L``, ``L + ceil(k L / 4)`` for k = 1, 2, 3 (inside ``(L, 2L)``; fewer when
+        L < 4), and ``f L`` for every evaluation factor ``f``: sorted, distinct."""
+        L = self.train_length
+        inside = {L + -(-k * L // 4) for k in (1, 2, 3)}
+        return sorted(set(range(1, L + 1)) | inside | {f * L for f in self.factors})
+
+    @property
+    def lm_lengths(self) -> list[int]:
+        """``f L`` for every evaluation factor ``f``: sorted, distinct."""
+        return sorted({f * self.train_length for f in self.factors})
+
+    @property
+    def stride(self) -> int:
+        """The sliding-window stride: ``sliding_stride``, else the largest divisor of
+        ``L`` that is at most ``L // 4`` (at least 1)."""
+        if self.sliding_stride is not None:
+            return self.sliding_stride
+        L = self.train_length
+        return max(d for d in range(1, max(1, L // 4) + 1) if L % d == 0)
+
+    def held_out(self) -> HeldOut:
+        """The test and validation layout of a corpus run; ``ValueError`` naming the key
+        when ``eval_tokens``/``val_tokens`` do not split into whole windows."""
+        lengths, stride, k, L = self.lm_lengths, self.stride, self.eval_segments, self.train_length
+        if stride > lengths[0]:
+            raise ValueError(f"sliding_stride={stride} must be <= every evaluation length, got {lengths[0]}")
+        unit = _lcm([*lengths, stride])  # scored tokens per segment: a multiple of every length and the stride
+        test = self.eval_tokens if self.eval_tokens is not None else -(-MIN_TEST_TOKENS // (k * unit)) * k * unit
+        if test % (k * unit):
+            raise ValueError(
+                f"eval_tokens={test} must split into eval_segments={k} segments of a multiple of {unit} tokens "
+                f"(every evaluation length {lengths} and sliding_stride={stride}): use a multiple of {k * unit}"
+            )
+        val = self.val_tokens if self.val_tokens is not None else -(-test // (4 * k * L)) * k * L
+        if val % (k * L):
+            raise ValueError(
+                f"val_tokens={val} must split into eval_segments={k} segments of a multiple of "
+                f"train_length={L}: use a multiple of {k * L}"
+            )
+        return HeldOut(k, max(lengths), test // k, L, val // k)
 
 
 @dataclasses.dataclass(frozen=True)

@@ -6,8 +6,20 @@ study's tables, plots and HTML report)::
     {"run_id": str, "task": str, "encoding": str, "seed": int, "train_length": int,
      "config": {...}, "git_commit": str, "torch_version": str, "wall_time_s": float,
      "train_step": "fast" | "reference", "cpu_capability": str,   # optional: absent in older records
-     "metrics": [{"length": int, "exact_match": float, "token_accuracy": float}, ...]}
-                 # or [{"length": int, "ppl": float, "ppl_sliding": float}, ...] for LM
+     "metrics": [{"length": int, "exact_match": float, "token_accuracy": float,
+                  "samples": int, "exact_hits": int, "tokens": int, "token_hits": int}, ...]
+                 # or [{"length": int, "ppl": float, "ppl_sliding": float, "tokens": int,
+                 #      "segment_tokens": int, "nll_segments": [float], "nll_sliding_segments": [float]}, ...]
+                 # for LM; records written before the counts existed hold only the first three keys
+     "validation": {"metric": "exact_match" | "ppl", "value": float, "higher_is_better": bool, "size": int},
+     "metrics_random": [...],   # runs with randomized positions: metrics at Ruoss et al.'s test positions
+     "corpus": {"name": str, "sha256": str, "chars": int, "python_version": str,
+                "test_tokens": int, "validation_tokens": int}}   # corpora
+    # validation, metrics_random and corpus are optional: absent in older records
+
+The counts let every interval be recomputed from the record: ``exact_hits / samples``
+is ``exact_match`` and ``exp(sum(nll_segments) / tokens)`` is ``ppl``
+(``posenc.experiments.stats``).
 
 Appending rewrites the whole file to a temporary file in the same folder and
 ``os.replace``s it over the old one under an exclusive lock, so a reader (or a killed
@@ -39,10 +51,26 @@ KEYS = (
     "wall_time_s",
     "metrics",
 )
-#: Provenance keys that records written before they existed lack.
-OPTIONAL_KEYS = ("train_step", "cpu_capability")
-SYNTHETIC_METRICS = ("length", "exact_match", "token_accuracy")
-LM_METRICS = ("length", "ppl", "ppl_sliding")
+#: Provenance keys (str) that records written before they existed lack.
+PROVENANCE_KEYS = ("train_step", "cpu_capability")
+#: Evaluation keys that older records lack; ``metrics_random`` only with randomized
+#: positions, ``corpus`` only for corpora.
+EVALUATION_KEYS = ("validation", "metrics_random", "corpus")
+OPTIONAL_KEYS = PROVENANCE_KEYS + EVALUATION_KEYS
+SYNTHETIC_METRICS = ("length", "exact_match", "token_accuracy", "samples", "exact_hits", "tokens", "token_hits")
+LM_METRICS = (
+    "length",
+    "ppl",
+    "ppl_sliding",
+    "tokens",
+    "segment_tokens",
+    "nll_segments",
+    "nll_sliding_segments",
+)
+#: The metric keys of records written before the counts existed.
+LEGACY_METRICS = (SYNTHETIC_METRICS[:3], LM_METRICS[:3])
+VALIDATION_KEYS = ("metric", "value", "higher_is_better", "size")
+CORPUS_KEYS = ("name", "sha256", "chars", "python_version", "test_tokens", "validation_tokens")
 
 
 def git_commit() -> str:
@@ -75,7 +103,7 @@ def validate_record(record: Any, where: str = "record") -> dict[str, Any]:
     if unknown:
         expected = f"{sorted(KEYS)} and optionally {list(OPTIONAL_KEYS)}"
         raise ValueError(f"{where} has unknown keys {unknown}, expected {expected}")
-    for key in OPTIONAL_KEYS:
+    for key in PROVENANCE_KEYS:
         if key in record and not isinstance(record[key], str):
             raise ValueError(f"{where}: {key!r} must be str, got {record[key]!r}")
     types = {
@@ -95,23 +123,89 @@ def validate_record(record: Any, where: str = "record") -> dict[str, Any]:
         ok = isinstance(value, (int, float)) if typ is float else isinstance(value, typ)
         if not ok or (typ is int and isinstance(value, bool)):
             raise ValueError(f"{where}: {key!r} must be {typ.__name__}, got {value!r}")
-    if not record["metrics"]:
-        raise ValueError(f"{where}: metrics is empty")
-    for m in record["metrics"]:
-        if not isinstance(m, dict) or tuple(sorted(m)) not in (
-            tuple(sorted(SYNTHETIC_METRICS)),
-            tuple(sorted(LM_METRICS)),
-        ):
-            raise ValueError(
-                f"{where}: every metrics entry needs an int 'length' and the keys {SYNTHETIC_METRICS} or "
-                f"{LM_METRICS}, got {m!r}"
-            )
-        if not isinstance(m["length"], int) or m["length"] <= 0:
-            raise ValueError(f"{where}: metric length must be a positive int, got {m['length']!r}")
-        for k, v in m.items():
-            if k != "length" and (not isinstance(v, (int, float)) or math.isnan(v)):
-                raise ValueError(f"{where}: metric {k} must be a number, got {v!r}")
+    _check_metrics(record["metrics"], f"{where}: metrics")
+    if "metrics_random" in record:
+        _check_metrics(record["metrics_random"], f"{where}: metrics_random")
+    if "validation" in record:
+        _check_validation(record["validation"], where)
+    if "corpus" in record:
+        _check_corpus(record["corpus"], where)
     return record
+
+
+def _is_int(v: Any, low: int = 0) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool) and v >= low
+
+
+def _is_number(v: Any) -> bool:
+    return isinstance(v, (int, float)) and not isinstance(v, bool) and not math.isnan(v)
+
+
+def _check_metrics(metrics: Any, where: str) -> None:
+    """Every entry has one of the key sets and counts consistent with its rates."""
+    if not isinstance(metrics, list) or not metrics:
+        raise ValueError(f"{where} must be a non-empty list")
+    sets = [tuple(sorted(k)) for k in (SYNTHETIC_METRICS, LM_METRICS, *LEGACY_METRICS)]
+    for m in metrics:
+        if not isinstance(m, dict) or tuple(sorted(m)) not in sets:
+            raise ValueError(
+                f"{where}: every entry needs an int 'length' and the keys {SYNTHETIC_METRICS} or {LM_METRICS} "
+                f"(older records: {LEGACY_METRICS[0]} or {LEGACY_METRICS[1]}), got {m!r}"
+            )
+        if not _is_int(m["length"], 1):
+            raise ValueError(f"{where}: metric length must be a positive int, got {m['length']!r}")
+        for k in ("exact_match", "token_accuracy", "ppl", "ppl_sliding"):
+            if k in m and not _is_number(m[k]):
+                raise ValueError(f"{where}: metric {k} must be a number, got {m[k]!r}")
+        if "exact_hits" in m:
+            _check_synthetic_counts(m, where)
+        if "nll_segments" in m:
+            _check_lm_counts(m, where)
+
+
+def _check_synthetic_counts(m: dict[str, Any], where: str) -> None:
+    for hits, n, rate in (("exact_hits", "samples", "exact_match"), ("token_hits", "tokens", "token_accuracy")):
+        if not _is_int(m[n], 1) or not _is_int(m[hits]) or m[hits] > m[n]:
+            raise ValueError(f"{where}: {hits}={m[hits]!r} must be an int in [0, {n}={m[n]!r}]")
+        if abs(m[hits] / m[n] - m[rate]) > 1e-12:
+            raise ValueError(f"{where}: {rate}={m[rate]!r} is not {hits} / {n} = {m[hits]}/{m[n]}")
+
+
+def _check_lm_counts(m: dict[str, Any], where: str) -> None:
+    if not _is_int(m["tokens"], 1) or not _is_int(m["segment_tokens"], 1) or m["tokens"] % m["segment_tokens"]:
+        raise ValueError(
+            f"{where}: tokens={m['tokens']!r} must be a multiple of segment_tokens={m['segment_tokens']!r}"
+        )
+    k = m["tokens"] // m["segment_tokens"]
+    for key, ppl in (("nll_segments", "ppl"), ("nll_sliding_segments", "ppl_sliding")):
+        nll = m[key]
+        if not isinstance(nll, list) or len(nll) != k or not all(_is_number(v) and v >= 0 for v in nll):
+            raise ValueError(f"{where}: {key} must be {k} numbers >= 0 (one per segment), got {nll!r}")
+        if not math.isclose(math.exp(sum(nll) / m["tokens"]), m[ppl], rel_tol=1e-9):
+            raise ValueError(f"{where}: {ppl}={m[ppl]!r} is not exp(sum({key}) / tokens)")
+
+
+def _check_validation(v: Any, where: str) -> None:
+    if not isinstance(v, dict) or sorted(v) != sorted(VALIDATION_KEYS):
+        raise ValueError(f"{where}: validation must have the keys {VALIDATION_KEYS}, got {v!r}")
+    expected = {"exact_match": True, "ppl": False}
+    if v["metric"] not in expected or v["higher_is_better"] is not expected[v["metric"]]:
+        raise ValueError(
+            f"{where}: validation metric must be 'exact_match' (higher_is_better true) or 'ppl' (false), got {v!r}"
+        )
+    if not _is_number(v["value"]) or not _is_int(v["size"], 1):
+        raise ValueError(f"{where}: validation value must be a number and size a positive int, got {v!r}")
+
+
+def _check_corpus(c: Any, where: str) -> None:
+    if not isinstance(c, dict) or sorted(c) != sorted(CORPUS_KEYS):
+        raise ValueError(f"{where}: corpus must have the keys {CORPUS_KEYS}, got {c!r}")
+    for k in ("name", "sha256", "python_version"):
+        if not isinstance(c[k], str) or not c[k]:
+            raise ValueError(f"{where}: corpus {k} must be a non-empty string, got {c[k]!r}")
+    for k in ("chars", "test_tokens", "validation_tokens"):
+        if not _is_int(c[k], 1):
+            raise ValueError(f"{where}: corpus {k} must be a positive int, got {c[k]!r}")
 
 
 def read_results(run_dir: str | Path) -> list[dict[str, Any]]:

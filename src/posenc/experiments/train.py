@@ -26,6 +26,7 @@ from __future__ import annotations
 import dataclasses
 import io
 import math
+import platform
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -38,7 +39,13 @@ from posenc.data.synthetic import PAD, SyntheticTask
 from posenc.data.text import CharCorpus, load_text
 from posenc.experiments.config import RunConfig, TrainConfig, config_from_dict, default_threads, derive_seed
 from posenc.experiments.distributed import SINGLE_PROCESS, DistContext
-from posenc.experiments.evaluate import lm_metrics, synthetic_metrics
+from posenc.experiments.evaluate import (
+    lm_metrics,
+    lm_validation,
+    random_positions,
+    synthetic_metrics,
+    synthetic_validation,
+)
 from posenc.experiments.fast_step import (
     FastStep,
     ReferenceStep,
@@ -49,7 +56,6 @@ from posenc.experiments.fast_step import (
 )
 from posenc.experiments.results import append_result, atomic_write_bytes, find_result, git_commit
 from posenc.model import Transformer, TransformerConfig
-from posenc.registry import get as get_encoding
 
 CHECKPOINT_FORMAT = 1
 StepCallback = Callable[[int, int, float], None]
@@ -72,53 +78,44 @@ class Setup:
     eval_lengths: list[int]
     max_len: int  # longest position the model must represent (+1)
     max_position: int  # range of randomized positions
-    eval_tokens: int = 0
     stride: int = 0
-    length_dependent: bool = False  # the encoding's vectors depend on the sequence length
-
-
-def _default_stride(length: int) -> int:
-    """The largest divisor of ``length`` that is at most ``length // 4`` (at least 1)."""
-    return max(d for d in range(1, max(1, length // 4) + 1) if length % d == 0)
+    length_dependent: bool = False  # the built encoding's vectors depend on the sequence length
 
 
 def setup(config: RunConfig, corpus_cache: dict | None = None) -> Setup:
     """Build the data of ``config`` and the sizes derived from it (lengths to score,
-    the longest position any evaluation or randomized training uses)."""
+    the longest position any evaluation or randomized training uses). ``corpus_cache``
+    keeps corpora across the runs of a study (keyed by text and held-out layout)."""
     t = config.task
     L = t.train_length
+    task, corpus, stride = None, None, 0
     if t.is_lm:
-        key = (t.name, t.text_path, t.max_chars, t.val_fraction)
+        held = t.held_out()
+        key = (t.name, t.text_path, t.max_chars, held)
         corpus = corpus_cache.get(key) if corpus_cache is not None else None
         if corpus is None:
-            corpus = CharCorpus.from_text(load_text(t.name, t.text_path, t.max_chars), t.val_fraction)
+            corpus = CharCorpus.from_text(load_text(t.name, t.text_path, t.max_chars), **dataclasses.asdict(held))
             if corpus_cache is not None:
                 corpus_cache[key] = corpus
-        lengths = sorted({f * L for f in t.factors})
-        eval_tokens = t.eval_tokens or 2 * max(lengths)
-        stride = t.sliding_stride or _default_stride(L)
-        longest = max(lengths)
-        max_pos = config.train.max_position or longest
-        return Setup(
-            config, None, corpus, corpus.vocab_size, lengths, max(longest, max_pos), max_pos, eval_tokens, stride
-        )
-    task = SyntheticTask(t.name, t.num_symbols)
-    length_dependent = get_encoding(config.model.encoding).length_dependent
-    lengths = sorted(set(range(1, L + 1)) | {f * L for f in t.factors})
-    longest = task.sequence_length(max(lengths)) - 1  # the last token is only a target
+        lengths, stride, vocab_size = t.lm_lengths, t.stride, corpus.vocab_size
+        longest, trained = max(lengths), L
+    else:
+        task = SyntheticTask(t.name, t.num_symbols)
+        lengths, vocab_size = t.synthetic_lengths, task.vocab_size
+        longest = task.sequence_length(max(lengths)) - 1  # the last token is only a target
+        trained = task.sequence_length(L) - 1
     max_pos = config.train.max_position or longest
-    if max_pos < task.sequence_length(L) - 1:
-        raise ValueError(
-            f"max_position={max_pos} is smaller than the longest training sequence ({task.sequence_length(L) - 1})"
-        )
-    return Setup(
-        config, task, None, task.vocab_size, lengths, max(longest, max_pos), max_pos, length_dependent=length_dependent
-    )
+    if max_pos < trained:
+        raise ValueError(f"max_position={max_pos} is smaller than the longest training sequence ({trained})")
+    max_len = max(longest, max_pos)
+    length_dependent = model_config(config, vocab_size, max_len).build_encoding().length_dependent
+    return Setup(config, task, corpus, vocab_size, lengths, max_len, max_pos, stride, bool(length_dependent))
 
 
-def build_model(config: RunConfig, vocab_size: int, max_len: int) -> Transformer:
+def model_config(config: RunConfig, vocab_size: int, max_len: int) -> TransformerConfig:
+    """The ``TransformerConfig`` of a run (a causal decoder)."""
     m = config.model
-    tcfg = TransformerConfig(
+    return TransformerConfig(
         vocab_size=vocab_size,
         dim=m.dim,
         num_layers=m.num_layers,
@@ -129,16 +126,10 @@ def build_model(config: RunConfig, vocab_size: int, max_len: int) -> Transformer
         encoding_params=dict(m.encoding_params),
         max_len=max_len,
     )
-    return Transformer(tcfg)
 
 
-def random_positions(batch: int, length: int, max_position: int, generator: torch.Generator) -> torch.Tensor:
-    """Ruoss et al. 2023: ``[batch, length]`` sorted distinct positions drawn uniformly
-    from ``0..max_position-1`` (one draw per sequence)."""
-    if length > max_position:
-        raise ValueError(f"cannot draw {length} distinct positions below max_position={max_position}")
-    scores = torch.rand(batch, max_position, generator=generator)  # [b, M]
-    return scores.argsort(dim=1)[:, :length].sort(dim=1).values  # [b, length]
+def build_model(config: RunConfig, vocab_size: int, max_len: int) -> Transformer:
+    return Transformer(model_config(config, vocab_size, max_len))
 
 
 def training_batch(
@@ -214,10 +205,12 @@ def checkpoint_state(
 
 
 def result_record(
-    config: RunConfig, metrics: list[dict[str, Any]], wall_time_s: float, train_step: str = "reference"
+    config: RunConfig, evaluation: dict[str, Any], wall_time_s: float, train_step: str = "reference"
 ) -> dict[str, Any]:
-    """One ``results.jsonl`` line (the schema in ``results.py``); ``train_step`` says which
-    step trained it (``fast_step``: the same arithmetic, float32 sums in another order)."""
+    """One ``results.jsonl`` line (the schema in ``results.py``): ``evaluation`` is
+    ``evaluate_run``'s dict (``metrics``, ``validation``, and ``metrics_random``/``corpus``
+    where they apply); ``train_step`` says which step trained it (``fast_step``: the same
+    arithmetic, float32 sums in another order)."""
     return {
         "run_id": config.run_id,
         "task": config.task.label,
@@ -230,7 +223,7 @@ def result_record(
         "wall_time_s": round(wall_time_s, 3),
         "train_step": train_step,
         "cpu_capability": torch.backends.cpu.get_cpu_capability(),
-        "metrics": metrics,
+        **evaluation,
     }
 
 
@@ -269,14 +262,52 @@ def load_checkpoint(path: Path) -> dict[str, Any]:
 # -- the run ---------------------------------------------------------------------------------
 
 
-def evaluate_model(model: nn.Module, run_setup: Setup) -> list[dict[str, Any]]:
-    """The metrics of ``model`` on the task of ``run_setup`` at every evaluation length."""
-    lengths = run_setup.eval_lengths
+def evaluate_model(
+    model: nn.Module, run_setup: Setup, *, randomized: bool = False, validation: bool = False
+) -> list[dict[str, Any]] | dict[str, Any]:
+    """The metrics of ``model`` on the test set of ``run_setup`` at every evaluation
+    length (positions ``0..s-1``; ``randomized``: Ruoss et al.'s sorted random positions
+    below ``max_position``, at the lengths whose sequences fit there), or with
+    ``validation`` the in-distribution validation score (``record["validation"]``)."""
+    t, seed = run_setup.config.task, run_setup.config.train.seed
+    max_position = run_setup.max_position if randomized else None
     if run_setup.corpus is not None:
-        return lm_metrics(model, run_setup.corpus, lengths, eval_tokens=run_setup.eval_tokens, stride=run_setup.stride)
-    return synthetic_metrics(
-        model, run_setup.task, lengths, samples=run_setup.config.task.eval_samples, seed=run_setup.config.train.seed
-    )
+        if validation:
+            return lm_validation(model, run_setup.corpus, t.train_length, max_position=max_position, seed=seed)
+        lengths = [e for e in run_setup.eval_lengths if max_position is None or e <= max_position]
+        return lm_metrics(
+            model, run_setup.corpus, lengths, stride=run_setup.stride, max_position=max_position, seed=seed
+        )
+    task = run_setup.task
+    if validation:
+        return synthetic_validation(
+            model, task, t.train_length, samples=t.eval_samples, seed=seed, max_position=max_position
+        )
+    fits = [n for n in run_setup.eval_lengths if max_position is None or task.sequence_length(n) - 1 <= max_position]
+    return synthetic_metrics(model, task, fits, samples=t.eval_samples, seed=seed, max_position=max_position)
+
+
+def evaluate_run(model: nn.Module, run_setup: Setup) -> dict[str, Any]:
+    """The evaluation keys of a run's record: ``metrics``, ``validation`` (with
+    randomized positions when the run trained with them: its training distribution),
+    and ``metrics_random`` (runs trained with randomized positions) and ``corpus``
+    (corpora: the text's sha256 and the Python version, which the stdlib corpus depends on)."""
+    randomized = run_setup.config.train.randomized_positions
+    out: dict[str, Any] = {"metrics": evaluate_model(model, run_setup)}
+    if randomized:
+        out["metrics_random"] = evaluate_model(model, run_setup, randomized=True)
+    out["validation"] = evaluate_model(model, run_setup, randomized=randomized, validation=True)
+    if run_setup.corpus is not None:
+        c, t = run_setup.corpus, run_setup.config.task
+        out["corpus"] = {
+            "name": t.label,
+            "sha256": c.sha256,
+            "chars": len(c.tokens),
+            "python_version": platform.python_version(),
+            "test_tokens": c.test.scored * c.test.count,
+            "validation_tokens": c.validation.scored * c.validation.count,
+        }
+    return out
 
 
 def _without_threads(d: dict[str, Any]) -> dict[str, Any]:
@@ -408,8 +439,8 @@ def train_run(
         if on_step is not None:
             on_step(step, tc.steps, float(loss))
 
-    metrics = evaluate_model(model.cpu(), run_setup)  # every rank: identical models, no collective
-    record = result_record(config, metrics, elapsed + time.perf_counter() - start, mode)
+    evaluation = evaluate_run(model.cpu(), run_setup)  # every rank: identical models, no collective
+    record = result_record(config, evaluation, elapsed + time.perf_counter() - start, mode)
     if context.is_main:
         append_result(run_dir, record)
     return record, False
