@@ -113,7 +113,8 @@ def _validation(record: dict[str, Any]) -> tuple[float, bool]:
         raise ValueError(
             f"run {record['run_id']!r} has no validation score (record['validation']['value']), so no learning "
             "rate can be chosen for it: records written before validation existed cannot be swept; train the "
-            "sweep again with the current posenc"
+            "sweep again with the current posenc, in a run folder of its own (--out) if this one holds an older "
+            "study's records"
         )
     return float(v["value"]), bool(v["higher_is_better"])
 
