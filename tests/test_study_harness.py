@@ -366,10 +366,13 @@ def test_cli_study_end_to_end(tmp_path):
 @pytest.mark.parametrize("encoding", ["sinusoidal", "learned", "none", "normalized"])
 def test_padding_after_an_example_does_not_change_it(encoding):
     # Training mixes lengths in one right-padded batch: with the causal mask, the real
-    # tokens' logits must equal those of the example alone (normalized needs per-row positions).
+    # tokens' logits must equal those of the example alone (normalized as the study builds
+    # it: a causal model needs a fixed length, the longest training input; per-row positions).
+    from posenc.experiments.study import normalized_length
     from posenc.experiments.train import build_model
 
-    cfg = _cfg(model={"encoding": encoding})
+    params = {"length": normalized_length("copy", 4, 5)} if encoding == "normalized" else {}
+    cfg = _cfg(model={"encoding": encoding, "encoding_params": params})
     task = SyntheticTask("copy", num_symbols=4)
     torch.manual_seed(0)
     model = build_model(cfg, task.vocab_size, 64).eval()
