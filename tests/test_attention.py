@@ -123,8 +123,10 @@ def test_kv_cache_decode_equals_full_forward(name, kv_heads):
 def test_normalized_without_fixed_length_is_length_dependent():
     """The flaw, visible in decoding: earlier tokens were encoded for a shorter length.
     A plain cache keeps them stale; the exact cache recomputes the prefix every step."""
-    cfg = posenc.TransformerConfig(vocab_size=16, dim=16, num_heads=2, encoding="normalized")
-    model = posenc.Transformer(cfg).eval()
+    # A causal config refuses normalized without a length; an explicit instance (the
+    # classic definition, built non-causal) shows what the refusal prevents.
+    cfg = posenc.TransformerConfig(vocab_size=16, dim=16, num_heads=2, encoding="none")
+    model = posenc.Transformer(cfg, pe=posenc.create("normalized", dim=16)).eval()
     with torch.no_grad():  # larger value weights: the stale prefix shows in the logits
         for block in model.blocks:
             block.attn.v_proj.weight.mul_(30)

@@ -164,7 +164,7 @@ ACCEPTED = {
     "integer": {"dim": ["4096"]},
     "kerple": {"num_heads": ["4096"], "eps": ["0.5", "4096"]},
     "learned": {"dim": ["4096"], "max_len": ["4096"], "init_std": ["0", "0.5", "4096"]},
-    "normalized": {"dim": ["4096"], "length": ["None", "4096"]},
+    "normalized": {"dim": ["4096"], "length": ["4096"], "causal": ["True"]},
     "proportional": {
         "head_dim": ["4096"],
         "partial_rotary_factor": ["0", "0.5", "None"],

@@ -44,7 +44,9 @@ def train_attention(encoding: str, *, steps: int = 300, half: int = 16, seed: in
     maps on one fresh copy sequence of ``2 * half`` tokens."""
     if encoding not in posenc.available():
         raise FigureUnavailable(f"encoding {encoding!r} is not registered")
-    model, loss = train_tiny(encoding, steps=steps, half=half, seed=seed)
+    # normalized in a causal model divides by a fixed length: the longest input, 2 * half - 1 tokens
+    params = {"length": 2 * half - 1} if encoding == "normalized" else None
+    model, loss = train_tiny(encoding, steps=steps, half=half, seed=seed, encoding_params=params)
     seq = copy_batch(1, half, model.config.vocab_size, torch.Generator().manual_seed(seed + 1))[:, :-1]
     weights = attention_weights(model, seq)[:, 0]  # [layers, h, s, s]
     return TrainedAttention(encoding=encoding, steps=steps, loss=loss, weights=weights)
