@@ -88,7 +88,7 @@ def test_preset_count_task_is_not_won_by_one_constant_answer(preset):
     probability 1/8 (counts uniform over 1..8), far from certain."""
     from posenc.experiments.study import plan_study
 
-    (cfg,) = plan_study(preset, encodings=["none"], tasks=["count"], seeds=[0])[0]
+    (cfg,) = plan_study(preset, encodings=["none"], tasks=["count"], seeds=[0], lr_sweep=False)[0]
     task = SyntheticTask("count", num_symbols=cfg.task.num_symbols)
     for n in (8, 16, 64):
         ex = task.sample(n, 2000, _gen(n))

@@ -212,7 +212,7 @@ def study_hooks(progress, configs: list, runs: int, label: str, parallel: bool) 
     finished = [0]
 
     def describe(cfg) -> str:
-        return f"{cfg.task.label} / {cfg.encoding_label} / seed {cfg.train.seed}"
+        return f"{cfg.task.label} / {cfg.encoding_label} / seed {cfg.train.seed} / lr {cfg.train.lr:g}"
 
     def start(i, cfg):
         if parallel:
