@@ -28,7 +28,7 @@ from posenc.experiments.evaluate import (
 )
 from posenc.experiments.results import validate_record
 from posenc.experiments.stats import RESAMPLES, pooled_ci, pooled_ppl_ci, ppl_ci, proportion_ci, wilson_ci
-from posenc.experiments.train import setup, train_run
+from posenc.experiments.train import checkpoint_path, evaluate_checkpoint, setup, train_run
 
 TINY = {
     "task": {"name": "copy", "train_length": 3, "num_symbols": 4, "eval_samples": 16, "eval_factors": [2]},
@@ -172,6 +172,12 @@ def test_lm_record_corpus_and_segments(tmp_path):
     n = len(text)
     unit = (32 + 64) + (8 + 16)
     assert s.corpus.test.starts.tolist() == [j * n // 4 + (n // 4 - unit) // 2 for j in range(4)]
+    # Re-evaluation scores the run's own test segments; longer lengths would need text it trained on.
+    ckpt = checkpoint_path(tmp_path / "run", cfg.run_id)
+    again = evaluate_checkpoint(ckpt, (1, 2))["metrics"]
+    assert again == [m for m in rec["metrics"] if m["length"] in (8, 16)]
+    with pytest.raises(ValueError, match="held out 32 tokens of context .* length 64"):
+        evaluate_checkpoint(ckpt, (1, 8))
 
 
 # -- synthetic records, validation and randomized test positions ----------------------------

@@ -464,9 +464,20 @@ def load_trained(checkpoint: str | Path) -> tuple[RunConfig, Transformer, Setup]
 def evaluate_checkpoint(checkpoint: str | Path, eval_factors: tuple[int, ...] | None = None) -> dict[str, Any]:
     """Re-evaluate a finished run's checkpoint, at ``eval_factors`` x L when given (else
     the run's own lengths): a record with ``task``, ``encoding``, ``seed``,
-    ``train_length`` and ``metrics``, as the tables read it."""
+    ``train_length`` and ``metrics``, as the tables read it. Corpora are scored on the
+    run's own test segments (a longer layout would reach into its training text), so a
+    length needs at most the context the run held out and must tile its segments."""
     config, model, run_setup = load_trained(checkpoint)
-    if eval_factors is not None:
+    if eval_factors is not None and run_setup.corpus is not None:
+        L, test = config.task.train_length, run_setup.corpus.test
+        lengths = sorted({f * L for f in eval_factors})
+        if max(lengths) > test.context:
+            raise ValueError(
+                f"the run held out {test.context} tokens of context before each test segment; length "
+                f"{max(lengths)} needs as many (train with eval_factors up to {max(lengths) // L} to score it)"
+            )
+        run_setup = dataclasses.replace(run_setup, eval_lengths=lengths)
+    elif eval_factors is not None:
         config = dataclasses.replace(config, task=dataclasses.replace(config.task, eval_factors=tuple(eval_factors)))
         longer = setup(config)
         if longer.max_len > run_setup.max_len and config.model.encoding == "learned":
