@@ -1,5 +1,7 @@
-"""posenc extend: rule swaps give exactly rope_frequencies' frequencies, the fine-tune
-hook starts from the base weights, the command writes its outputs, bad input is one line."""
+"""posenc extend: rule swaps give exactly rope_frequencies' frequencies, the factor that
+covers a length, the fine-tune hook starts from the base weights and never trains on
+its base run's test set, dynamic NTK is scored prefix by prefix, the command writes its
+outputs, bad input is one line."""
 
 from __future__ import annotations
 
@@ -12,17 +14,22 @@ from typer.testing import CliRunner
 
 import posenc
 from posenc.cli import app
-from posenc.experiments.config import config_from_dict
+from posenc.data.synthetic import SyntheticTask
+from posenc.experiments.config import config_from_dict, replace
+from posenc.experiments.evaluate import lm_metrics, synthetic_metrics
 from posenc.experiments.extend import (
     RULES,
     Finetune,
     check_rules,
     finetune_config,
+    plan_base,
     rule_parameters,
     swap_rule,
     trained_context,
     validate_extension,
 )
+from posenc.experiments.extend_rules import covering_factor, has_factor
+from posenc.experiments.extend_score import check_disjoint, score
 from posenc.experiments.extend_summary import ordering_tables, orderings
 from posenc.experiments.train import build_model, checkpoint_path, load_checkpoint, setup, train_run
 from posenc.pipeline.extension import extension_report_section
@@ -107,6 +114,66 @@ def test_swap_changes_outputs_only_past_the_rule():
     torch.testing.assert_close(dyn(short), model(short), rtol=1e-6, atol=1e-6)
 
 
+def test_covering_factor_by_hand():
+    """ceil(positions / C), at least the minimum: corpus positions = length; copy reads
+    2n + 1 positions (BOS, n symbols, SEP, n - 1 answers) and C = 2L + 1."""
+    lm = config_from_dict({"task": {"name": "shakespeare", "train_length": 32}, "model": {"encoding": "rope"}})
+    assert [covering_factor(lm, n) for n in (32, 64, 100, 128, 256)] == [1, 2, 4, 4, 8]
+    assert [covering_factor(lm, n, 4) for n in (32, 64, 128, 256)] == [4, 4, 4, 8]
+    copy = config_from_dict({**TINY, "task": {**TINY["task"], "train_length": 8}})
+    assert trained_context(copy) == 17
+    assert [covering_factor(copy, n) for n in (8, 16, 32, 64)] == [1, 2, 4, 8]  # 17, 33, 65, 129 positions
+    cfg = config_from_dict(TINY)  # L = 3, C = 7: n = 24 reads 49 positions = 7 * 7
+    assert covering_factor(cfg, 24) == 7 and covering_factor(cfg, 25) == 8
+    assert [has_factor(r) for r in RULES] == [r != "none" for r in RULES]
+    with pytest.raises(ValueError, match="minimum must be >= 1"):
+        covering_factor(cfg, 8, 0)
+
+
+def test_dynamic_is_scored_prefix_by_prefix():
+    """The extension scores through the evaluation functions, which score a
+    length-dependent encoding (dynamic NTK) prefix by prefix: its metrics are the
+    prefix-consistent ones, not the teacher-forced full window's."""
+    cfg, model = _model()
+    for p in model.parameters():
+        torch.nn.init.normal_(p, std=0.5)
+    task = SyntheticTask("copy", 4)
+    n = 12  # 25 positions, past C = 7: dynamic NTK's frequencies change along the sequence
+    _, dyn = swap_rule(model, cfg, "dynamic", 4)
+    assert dyn.pe.length_dependent
+    kwargs = {"samples": cfg.task.eval_samples, "seed": cfg.train.seed}
+    assert score(dyn, cfg, [n], {}) == synthetic_metrics(dyn, task, [n], prefix_consistent=True, **kwargs)
+    _, yarn = swap_rule(model, cfg, "yarn", 4)  # a static rule: one forward is already prefix-consistent
+    assert score(yarn, cfg, [n], {}) == synthetic_metrics(yarn, task, [n], prefix_consistent=False, **kwargs)
+    # on a corpus the two scorings give different perplexities, and the extension's is the prefix one
+    lm_task = {"name": "shakespeare", "train_length": 8, "max_chars": 20_000, "eval_factors": [1, 4]}
+    lm = config_from_dict({**TINY, "task": lm_task | {"eval_segments": 2, "eval_tokens": 128, "sliding_stride": 8}})
+    run_setup = setup(lm)
+    torch.manual_seed(0)
+    base = build_model(lm, run_setup.vocab_size, run_setup.max_len)
+    for p in base.parameters():
+        torch.nn.init.normal_(p, std=0.5)
+    _, dyn = swap_rule(base, lm, "dynamic", 4)
+    got = score(dyn, lm, [32], {})
+    prefix, full = (lm_metrics(dyn, run_setup.corpus, [32], stride=8, prefix_consistent=flag) for flag in (True, False))
+    assert got == prefix and got[0]["ppl"] != pytest.approx(full[0]["ppl"], rel=1e-6)
+
+
+def test_finetune_never_trains_on_the_base_test_set():
+    """The quick preset's corpus fine-tune holds out units that cover its base run's,
+    so no scored test token of the base lies in the fine-tune's training text."""
+    (base,) = plan_base("quick", tasks=["shakespeare"], seeds=[0])
+    ft = finetune_config(base, "yarn", Finetune(factor=4, steps=1), "unused.pt")
+    b, f = setup(base).corpus, setup(ft).corpus
+    check_disjoint(f, b)
+    lo, hi = b.test.starts, b.validation.starts + b.validation.tokens.shape[1]  # [k] each base unit
+    unit = f.test.tokens.shape[1] + f.validation.tokens.shape[1]
+    assert bool(((f.test.starts <= lo) & (hi <= f.test.starts + unit)).all())  # fine-tune units cover the base's
+    # 8 segments sit at the boundaries of the 16 blocks: in the base's training text
+    with pytest.raises(ValueError, match="overlaps 8 test segment"):
+        check_disjoint(b, setup(replace(base, task={"eval_segments": 8})).corpus)
+
+
 def test_finetune_starts_from_the_base_weights(tmp_path):
     cfg = config_from_dict(TINY)
     train_run(cfg, tmp_path / "base")
@@ -139,7 +206,7 @@ def test_cli_extend_tiny_writes_outputs(tmp_path):
         "--rules",
         "none,linear,yarn",
         "--factors",
-        "2",
+        "2,4",
         "--finetune-steps",
         "2",
         "--baselines",
@@ -151,7 +218,7 @@ def test_cli_extend_tiny_writes_outputs(tmp_path):
     assert code == 0, text
     assert str(out / "extension.json") in text.replace("\n", "")
     data = validate_extension(json.loads((out / "extension.json").read_text()))
-    assert data["rules"] == ["none", "linear", "yarn"] and data["factors"] == [2]
+    assert data["rules"] == ["none", "linear", "yarn"] and data["factors"] == [2, 4]
     assert data["baselines"] == ["alibi"] and data["finetune"]["factor"] == 2
     stages = [(r["rule"], r["stage"]) for r in data["records"]]
     assert stages == [
@@ -160,14 +227,26 @@ def test_cli_extend_tiny_writes_outputs(tmp_path):
         ("yarn", "zero-shot"),
         ("none", "fine-tuned"),
         ("linear", "fine-tuned"),
+        ("linear", "fine-tuned-covering"),
         ("yarn", "fine-tuned"),
+        ("yarn", "fine-tuned-covering"),
         ("alibi", "baseline"),
     ]
-    for r in data["records"]:
-        assert [m["length"] for m in r["metrics"]] == [3, 6]
-        expected = {"zero-shot": [1, 2], "fine-tuned": [2, 2], "baseline": [None, None]}[r["stage"]]
-        assert [m["factor"] for m in r["metrics"]] == expected
+    for r in data["records"]:  # L = 3, factors 2 and 4 (finetune factor 2)
+        assert [m["length"] for m in r["metrics"]] == [3, 6, 12]
+        expected = {"zero-shot": [1, 2, 4], "fine-tuned": [2, 2, 2], "fine-tuned-covering": [2, 2, 4]}
+        assert [m["factor"] for m in r["metrics"]] == expected.get(r["stage"], [None] * 3)
         assert all(0.0 <= m["token_accuracy"] <= 1.0 for m in r["metrics"])
+        assert r["run_id"] in data["runs"] and r["length_dependent"] is False
+        for m in r["metrics"]:
+            if m["factor"] is not None:
+                assert m["rope_parameters"] == rule_parameters(r["rule"], m["factor"], 7, rotary_dim=8)
+    by = {(r["rule"], r["stage"]): r for r in data["records"]}
+    for rule in ("linear", "yarn"):  # up to the fine-tuning length the covering factor is the fine-tune's
+        fixed, covering = by[(rule, "fine-tuned")]["metrics"], by[(rule, "fine-tuned-covering")]["metrics"]
+        assert covering[:2] == fixed[:2] and covering[2]["factor"] == 4
+    assert {run["role"] for run in data["runs"].values()} == {"base", "fine-tune", "baseline"}
+    assert data["cpu_capability"] and data["python_version"] and data["threads"] >= 1
     # at L every rule is plain RoPE (factor 1), so the zero-shot scores agree there
     at_L = {r["metrics"][0]["token_accuracy"] for r in data["records"] if r["stage"] == "zero-shot"}
     assert len(at_L) == 1
@@ -177,7 +256,8 @@ def test_cli_extend_tiny_writes_outputs(tmp_path):
     # the HTML report's section (posenc.pipeline.report.write_report(extra_sections=[...]))
     sec = extension_report_section(out / "extension.json")
     assert set(sec) == {"title", "text", "tables", "figures"} and "posenc extend" in sec["text"]
-    assert sec["tables"][0]["columns"] == ["rule / stage", "3 (1L)", "6 (2L)"] and len(sec["tables"][0]["rows"]) == 7
+    assert sec["tables"][0]["columns"] == ["rule / stage", "3 (1L)", "6 (2L)", "12 (4L)"]
+    assert len(sec["tables"][0]["rows"]) == 7  # 3 zero-shot, 3 fine-tuned (covering where a factor exists), alibi
     assert [cap for cap, _ in sec["figures"]] == ["copy: each rule against evaluation length"]
     with pytest.raises(ValueError, match="does not exist"):
         extension_report_section(tmp_path / "nope.json")
@@ -275,5 +355,6 @@ def test_a_tie_is_not_agreement():
     got = {c["claim"][:2]: c for c in orderings({"records": records}, "t")}
     assert (got["1."]["holds"], got["1."]["ties"]) == (0, 1)
     assert (got["5."]["holds"], got["5."]["ties"]) == (0, 1)
-    (table,) = ordering_tables({"records": records})
-    assert "0/1, 1 tied" in " ".join(" ".join(row) for row in table.rows)
+    tables = ordering_tables({"records": records})  # by ppl and by ppl_sliding (the same values here)
+    assert [t.title.split(" by ")[1].split(",")[0] for t in tables] == ["ppl", "ppl_sliding"]
+    assert all("0/1, 1 tied" in " ".join(" ".join(row) for row in t.rows) for t in tables)

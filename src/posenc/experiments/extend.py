@@ -4,13 +4,17 @@ A RoPE model is trained at length ``L`` with the study harness (``train_run``). 
 for every rule (Hugging Face ``rope_parameters``, see ``posenc.rope_frequencies``):
 
 * **zero-shot**: the model's encoding is swapped for the rule's (same weights, a new
-  ``rope`` module built from the rule's parameters) with ``factor = s`` and scored at
-  length ``s * L`` for every ``s`` in ``factors`` (and at ``L`` with factor 1, where
-  every rule equals plain RoPE);
+  ``rope`` module built from the rule's parameters) and scored at ``L`` and at ``s * L``
+  for every ``s`` in ``factors`` with the factor that covers the length
+  (``covering_factor``: ``s`` for both presets' tasks; 1 at ``L``, where every rule
+  equals plain RoPE);
 * **fine-tuned**: the swapped model (factor ``f = finetune_factor``) is trained for
   ``finetune_steps`` more steps at length ``f * L`` with the harness (``train_run``
   with ``train.init_from`` = the base checkpoint; same steps, batch, lr for every rule),
-  then scored at ``L`` and every ``s * L`` with that one encoding.
+  then scored at ``L`` and every ``s * L`` twice: with factor ``f`` at every length
+  (stage ``fine-tuned``; past ``f * L`` that is factor ``f`` judged past its factor) and
+  with the factor covering each length, at least ``f`` (stage ``fine-tuned-covering``,
+  Peng et al.'s extrapolation setting; rules with a factor only).
 
 Training-free baselines that need no RoPE (ALiBi, T5, when registered) are trained at
 ``L`` with the same harness settings and scored at the same lengths.
@@ -35,20 +39,30 @@ llama3     Llama 3.1 rule: ``factor = s``, ``low_freq_factor = 1``,
 =========  =====================================================================
 
 Outputs (``posenc.pipeline.extension.write_extension_outputs``): ``<out>/extension.json``
-(schema below, read by the HTML report), ``<out>/extension.md`` (tables) and
-``<out>/plots/extension_<task>.png``::
+(schema below, read by the HTML report and, committed as ``docs/data/extension.json``,
+by docs/extension.md), ``<out>/extension.md`` (tables) and ``<out>/plots/extension_<task>.png``::
 
-    {"format": 1, "kind": "posenc-extension", "command": str, "git_commit": str,
-     "torch_version": str, "rules": [...], "factors": [...], "baselines": [...],
-     "baselines_missing": [...], "finetune": {"factor", "steps", "batch_size", "lr", "warmup"},
+    {"format": 2, "kind": "posenc-extension", "command": str, "git_commit": str,
+     "torch_version": str, "cpu_capability": str, "python_version": str, "threads": int,
+     "rules": [...], "factors": [...], "baselines": [...], "baselines_missing": [...],
+     "finetune": {"factor", "steps", "batch_size", "lr", "warmup"} | null,
      "base_runs": [{"task", "seed", "run_id", "checkpoint", "train_length", "context",
                     "wall_time_s"}],
+     "runs": {run_id: {"role", "config", "git_commit", "torch_version", "train_step",
+                       "cpu_capability", "wall_time_s"}},
      "records": [{"task", "seed", "rule", "stage", "train_length", "context",
-                  "finetune_length", "metrics": [{"length", "factor", <metric>...}]}]}
+                  "finetune_length", "run_id", "length_dependent",
+                  "metrics": [{"length", "factor", "rope_parameters", <metric>...}]}]}
 
-``stage`` is ``zero-shot``, ``fine-tuned`` or ``baseline``; ``<metric>`` is ``ppl`` and
-``ppl_sliding`` (corpora) or ``exact_match`` and ``token_accuracy`` (synthetic tasks);
-``factor`` is the rule's factor at that length (``null`` for baselines).
+The top-level provenance (command, commit, torch, CPU capability, threads) is that of the
+scoring process; ``runs`` holds that of each trained model (``role``: ``base``,
+``fine-tune`` or ``baseline``), and each record names the run whose weights it scored.
+``stage`` is ``zero-shot``, ``fine-tuned``, ``fine-tuned-covering`` or ``baseline``
+(``posenc.experiments.extend_score``); ``<metric>`` are the harness's metrics
+(``posenc.experiments.evaluate``: ``ppl`` and ``ppl_sliding`` for corpora, ``exact_match``
+and ``token_accuracy`` for synthetic tasks, with their counts); ``factor`` and
+``rope_parameters`` are the rule's at that length (``null`` for baselines);
+``length_dependent`` is the scored encoding's (dynamic NTK: scored prefix by prefix).
 """
 
 from __future__ import annotations
@@ -56,52 +70,57 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
-from collections.abc import Callable
+import platform
 from pathlib import Path
 from typing import Any
 
 import torch
 
-from posenc.data.synthetic import SYNTHETIC_TASKS, SyntheticTask
+from posenc.data.synthetic import SYNTHETIC_TASKS
 from posenc.experiments.config import TASKS, RunConfig, config_from_dict, replace
-from posenc.experiments.evaluate import lm_metrics, synthetic_metrics
 from posenc.experiments.extend_rules import (  # noqa: F401 (re-exported)
     RULES,
+    Finetune,
     base_rope,
     check_factor,
     check_factors,
     check_rules,
+    covering_factor,
     rule_config,
     rule_parameters,
     swap_rule,
     trained_context,
 )
+from posenc.experiments.extend_score import (  # noqa: F401 (re-exported)
+    Progress,
+    base_entry,
+    baseline_record,
+    check_lengths,
+    extend_one,
+    finetune_config,
+    load_base,
+    run_entry,
+)
 from posenc.experiments.extend_summary import FORMAT, STAGES, validate_extension  # noqa: F401
 from posenc.experiments.results import atomic_write_bytes, git_commit
-from posenc.experiments.train import (
-    StepCallback,
-    build_model,
-    checkpoint_path,
-    load_checkpoint,
-    setup,
-    train_run,
-)
+from posenc.experiments.train import StepCallback, checkpoint_path, load_checkpoint, train_run
 from posenc.functional.checks import did_you_mean
-from posenc.model import Transformer
 from posenc.registry import available
 
 BASELINES: tuple[str, ...] = ("alibi", "t5")
 # -- presets --------------------------------------------------------------------------------
 # Sized for 2 CPU cores: 2 tasks x 3 seeds, 6 rules, 2 baselines, 300 fine-tuning steps
-# per rule. See docs/extension.md for the measured time.
+# per rule. The test sets are the harness's (held-out corpus segments of at least 65536
+# scored characters; 256 copy examples per length). A corpus base run's eval_factors must
+# include every extension factor: its test set is the one the extension scores.
 _QUICK_TASKS = {
     "shakespeare": {
-        "task": {"train_length": 32, "eval_factors": [1, 2, 4, 8], "eval_tokens": 2048, "sliding_stride": 32},
+        "task": {"train_length": 32, "eval_factors": [1, 2, 4, 8]},  # the harness's stride L/4
         "model": {"dim": 64, "num_layers": 2, "num_heads": 4},
         "train": {"steps": 600, "batch_size": 32, "lr": 3e-3, "warmup": 50},
     },
     "copy": {  # the study's quick copy setting, where RoPE learns copy (exact match 1.0 in range)
-        "task": {"train_length": 8, "num_symbols": 32, "eval_samples": 64},
+        "task": {"train_length": 8, "num_symbols": 32, "eval_samples": 256},
         "model": {"dim": 64, "num_layers": 2, "num_heads": 4},
         "train": {"steps": 4000, "batch_size": 64, "lr": 3e-3, "warmup": 100},
     },
@@ -111,7 +130,8 @@ _SMOKE_TASKS = {
         "task": {
             "train_length": 8,
             "max_chars": 100_000,
-            "eval_factors": [1, 2, 4],
+            "eval_factors": [1, 2, 4, 8],
+            "eval_segments": 2,
             "eval_tokens": 256,
             "sliding_stride": 8,
         },
@@ -124,30 +144,6 @@ _SMOKE_TASKS = {
         "train": {"steps": 10, "batch_size": 8, "lr": 3e-3, "warmup": 2},
     },
 }
-
-
-@dataclasses.dataclass(frozen=True)
-class Finetune:
-    """The fine-tuning budget, the same for every rule: ``steps`` at length
-    ``factor * L`` with ``batch_size`` (default: the base batch divided by ``factor``,
-    so a step sees as many tokens as a base step), ``lr`` and ``warmup``."""
-
-    factor: int = 4
-    steps: int = 200
-    batch_size: int | None = None
-    lr: float = 1e-3
-    warmup: int = 15
-
-    def __post_init__(self) -> None:
-        check_factor("finetune_factor", self.factor)
-        for name in ("steps", "batch_size"):
-            v = getattr(self, name)
-            if v is not None and (isinstance(v, bool) or not isinstance(v, int) or v < 1):
-                raise ValueError(f"finetune {name} must be an int >= 1, got {v!r}")
-        if isinstance(self.lr, bool) or not isinstance(self.lr, (int, float)) or not self.lr > 0:
-            raise ValueError(f"finetune lr must be > 0, got {self.lr!r}")
-        if isinstance(self.warmup, bool) or not isinstance(self.warmup, int) or self.warmup < 0:
-            raise ValueError(f"finetune warmup must be an int >= 0, got {self.warmup!r}")
 
 
 PRESETS: dict[str, tuple[dict[str, dict], tuple[int, ...], Finetune]] = {
@@ -198,162 +194,6 @@ def plan_base(
     return configs
 
 
-# -- evaluation --------------------------------------------------------------------------------
-
-
-def _evaluate(
-    model: torch.nn.Module, config: RunConfig, lengths: list[int], cache: dict, max_factor: int
-) -> list[dict[str, Any]]:
-    t = config.task
-    if t.is_lm:
-        factors = sorted({1, max_factor, *(n // t.train_length for n in lengths)})
-        s = setup(dataclasses.replace(config, task=dataclasses.replace(t, eval_factors=tuple(factors))), cache)
-        return lm_metrics(model, s.corpus, lengths, eval_tokens=s.eval_tokens, stride=s.stride)
-    task = SyntheticTask(t.name, t.num_symbols)
-    return synthetic_metrics(model, task, lengths, samples=t.eval_samples, seed=config.train.seed)
-
-
-def _load_weights(model: Transformer, checkpoint: Path) -> Transformer:
-    model.load_state_dict(load_checkpoint(checkpoint)["model"])
-    return model.eval()
-
-
-def _tag(metrics: list[dict[str, Any]], factor: int | None) -> list[dict[str, Any]]:
-    return [{"length": m["length"], "factor": factor, **{k: v for k, v in m.items() if k != "length"}} for m in metrics]
-
-
-def load_base(checkpoint: str | Path) -> tuple[RunConfig, Transformer]:
-    """The config and model of a finished run checkpoint of a plain RoPE model."""
-    state = load_checkpoint(Path(checkpoint))
-    config = config_from_dict(state["config"])
-    if state["step"] < config.train.steps:
-        raise ValueError(
-            f"checkpoint {str(checkpoint)!r} is of an unfinished run (step {state['step']} of {config.train.steps})"
-        )
-    base_rope(config)
-    s = setup(config)
-    model = build_model(config, s.vocab_size, s.max_len)
-    model.load_state_dict(state["model"])
-    return config, model.eval()
-
-
-Progress = Callable[[str], None]
-
-
-def extend_one(
-    checkpoint: str | Path,
-    out_dir: str | Path,
-    *,
-    rules: tuple[str, ...] = RULES,
-    factors: tuple[int, ...] = (2, 4, 8),
-    finetune: Finetune | None = Finetune(),
-    baselines: tuple[str, ...] = (),
-    cache: dict | None = None,
-    on_stage: Progress | None = None,
-    on_step: StepCallback | None = None,
-    threads: int | None = None,
-) -> list[dict[str, Any]]:
-    """Every record of one base checkpoint: zero-shot and fine-tuned per rule, baselines.
-    ``threads``: torch threads of evaluation and fine-tuning (default: the harness's)."""
-    rules, factors = check_rules(rules), check_factors(factors)
-    if threads is not None:
-        torch.set_num_threads(threads)
-    out_dir = Path(out_dir)
-    cache = {} if cache is None else cache
-    config, model = load_base(checkpoint)
-    L, C = config.task.train_length, trained_context(config)
-    lengths = sorted({L, *(f * L for f in factors)})
-    top = max(factors)
-    common = {"task": config.task.label, "seed": config.train.seed, "train_length": L, "context": C}
-    stage = on_stage or (lambda _msg: None)
-    records = []
-    for rule in rules:
-        stage(f"zero-shot {rule}")
-        metrics = []
-        for n in lengths:
-            _, swapped = swap_rule(model, config, rule, n // L)
-            metrics += _tag(_evaluate(swapped, config, [n], cache, top), n // L)
-        records.append({**common, "rule": rule, "stage": "zero-shot", "finetune_length": None, "metrics": metrics})
-    if finetune is not None:
-        f = finetune.factor
-        for rule in rules:
-            stage(f"fine-tune {rule} at {f * L}")
-            ft_cfg = finetune_config(config, rule, finetune, checkpoint)
-            if threads is not None:
-                ft_cfg = replace(ft_cfg, train={"threads": threads})
-            train_run(ft_cfg, out_dir / "finetune", on_step=on_step, corpus_cache=cache)
-            tuned = swap_rule(model, config, rule, f)[1]
-            _load_weights(tuned, checkpoint_path(out_dir / "finetune", ft_cfg.run_id))
-            metrics = _tag(_evaluate(tuned, config, lengths, cache, top), f)
-            records.append(
-                {**common, "rule": rule, "stage": "fine-tuned", "finetune_length": f * L, "metrics": metrics}
-            )
-    for name in baselines:
-        stage(f"baseline {name}")
-        records.append(baseline_record(config, name, out_dir, factors=factors, cache=cache, on_step=on_step))
-    return records
-
-
-def baseline_record(
-    config: RunConfig,
-    encoding: str,
-    out_dir: str | Path,
-    *,
-    factors: tuple[int, ...],
-    cache: dict | None = None,
-    on_step: StepCallback | None = None,
-) -> dict[str, Any]:
-    """Train ``encoding`` with the base run's config (harness, ``<out>/base``) and score
-    it at ``L`` and every ``s * L``: the reference row of a training-free encoding."""
-    cache = {} if cache is None else cache
-    L, C, top = config.task.train_length, trained_context(config), max(factors)
-    b_cfg = replace(config, model={"encoding": encoding, "encoding_params": {}})
-    train_run(b_cfg, Path(out_dir) / "base", on_step=on_step, corpus_cache=cache)
-    s = setup(b_cfg, cache)
-    b_model = _load_weights(
-        build_model(b_cfg, s.vocab_size, max(s.max_len, top * C + 1)),
-        checkpoint_path(Path(out_dir) / "base", b_cfg.run_id),
-    )
-    metrics = _tag(_evaluate(b_model, b_cfg, sorted({L, *(f * L for f in factors)}), cache, top), None)
-    return {
-        "task": config.task.label,
-        "seed": config.train.seed,
-        "train_length": L,
-        "context": C,
-        "rule": encoding,
-        "stage": "baseline",
-        "finetune_length": None,
-        "metrics": metrics,
-    }
-
-
-def finetune_config(config: RunConfig, rule: str, finetune: Finetune, checkpoint: str | Path) -> RunConfig:
-    """The harness config that fine-tunes ``checkpoint`` with ``rule`` at ``factor * L``."""
-    f = finetune.factor
-    swapped = rule_config(config, rule, f)
-    batch = finetune.batch_size or max(1, config.train.batch_size // f)
-    task: dict[str, Any] = {"train_length": f * config.task.train_length, "eval_factors": [1]}
-    if config.task.is_lm:
-        task["sliding_stride"] = None  # the harness default for the longer length
-        if config.task.eval_tokens is not None:
-            task["eval_tokens"] = max(config.task.eval_tokens, f * config.task.train_length)
-            task["eval_tokens"] += -task["eval_tokens"] % (f * config.task.train_length)
-    else:
-        task["eval_samples"] = 8  # the harness's own end-of-run score; extend scores separately
-    return replace(
-        swapped,
-        task=task,
-        train={
-            "steps": finetune.steps,
-            "batch_size": batch,
-            "lr": float(finetune.lr),
-            "warmup": finetune.warmup,
-            "checkpoint_every": finetune.steps,
-            "init_from": str(checkpoint),
-        },
-    )
-
-
 def _saved(out_dir: Path, name: str, key: str) -> Path:
     return out_dir / "records" / f"{name}__{hashlib.sha256(key.encode()).hexdigest()[:10]}.json"
 
@@ -380,10 +220,11 @@ def check_request(
             raise ValueError(f"baseline {b!r} must be a non-RoPE encoding (e.g. {list(BASELINES)})")
     registered = available()
     if checkpoints:
-        for c in checkpoints:
-            load_base(c)  # a missing, unfinished or non-RoPE checkpoint fails here
+        configs = [load_base(c)[0] for c in checkpoints]  # a missing, unfinished or non-RoPE checkpoint fails here
     else:
-        plan_base(preset, tasks=tasks, seeds=seeds)
+        configs = plan_base(preset, tasks=tasks, seeds=seeds)
+    for cfg in configs:  # a corpus's test set must hold every extension length
+        check_lengths(cfg, [f * cfg.task.train_length for f in (1, *factors)])
     return rules, factors, tuple(b for b in wanted if b in registered), [b for b in wanted if b not in registered]
 
 
@@ -426,7 +267,8 @@ def run_extension(
             stage(f"base rope {cfg.task.label} seed {cfg.train.seed}")
             train_run(cfg, base_dir, on_step=on_step, corpus_cache=cache)
             ckpts.append(checkpoint_path(base_dir, cfg.run_id))
-    base_runs, records = [], []
+    base_runs, records, runs = [], [], {}
+    commit = git_commit()
     for c in ckpts:
         state = load_checkpoint(c)
         cfg = config_from_dict(state["config"])
@@ -441,23 +283,19 @@ def run_extension(
                 "wall_time_s": round(float(state["elapsed"]), 1),
             }
         )
+        run_id, entry = base_entry(c)
+        runs[run_id] = entry
         # One base run's records are kept in <out>/records/, keyed by everything that
-        # determines them, so running the command again (or with more seeds) reuses them.
+        # determines them (the source commit included: scores of other code are not
+        # reused), so running the command again (or with more seeds) reuses them.
         # Baselines are kept apart, so adding one later reuses the rules' records.
-        key = json.dumps(
-            [
-                state["run_id"],
-                list(rules),
-                list(factors),
-                [],
-                None if finetune is None else dataclasses.asdict(finetune),
-            ]
-        )
+        ft = None if finetune is None else dataclasses.asdict(finetune)
+        key = json.dumps([FORMAT, commit, state["run_id"], list(rules), list(factors), ft])
         saved = _saved(out_dir, state["run_id"], key)
         if saved.is_file():
-            records += json.loads(saved.read_text(encoding="utf-8"))
+            new, new_runs = json.loads(saved.read_text(encoding="utf-8"))
         else:
-            new = extend_one(
+            new, new_runs = extend_one(
                 c,
                 out_dir,
                 rules=rules,
@@ -468,29 +306,41 @@ def run_extension(
                 on_step=on_step,
                 threads=threads,
             )
-            atomic_write_bytes(saved, json.dumps(new).encode())
-            records += new
+            atomic_write_bytes(saved, json.dumps([new, new_runs]).encode())
+        records += new
+        runs.update(new_runs)
         for name in present:
-            saved = _saved(out_dir, f"{state['run_id']}__{name}", json.dumps([state["run_id"], name, list(factors)]))
+            key = json.dumps([FORMAT, commit, state["run_id"], name, list(factors)])
+            saved = _saved(out_dir, f"{state['run_id']}__{name}", key)
             if saved.is_file():
-                records.append(json.loads(saved.read_text(encoding="utf-8")))
-                continue
-            stage(f"baseline {name}")
-            b_cfg = cfg if threads is None else replace(cfg, train={"threads": threads})
-            rec = baseline_record(b_cfg, name, out_dir, factors=factors, cache=cache, on_step=on_step)
-            atomic_write_bytes(saved, json.dumps(rec).encode())
+                rec, b_run = json.loads(saved.read_text(encoding="utf-8"))
+            else:
+                stage(f"baseline {name}")
+                b_cfg = cfg if threads is None else replace(cfg, train={"threads": threads})
+                rec, b_run = baseline_record(b_cfg, name, out_dir, factors=factors, cache=cache, on_step=on_step)
+                atomic_write_bytes(saved, json.dumps([rec, b_run]).encode())
             records.append(rec)
+            runs[rec["run_id"]] = b_run
     return {
         "format": FORMAT,
         "kind": "posenc-extension",
         "command": command,
-        "git_commit": git_commit(),
+        "git_commit": commit,
         "torch_version": torch.__version__,
+        "cpu_capability": torch.backends.cpu.get_cpu_capability(),
+        "python_version": platform.python_version(),
+        "threads": torch.get_num_threads(),
         "rules": list(rules),
         "factors": list(factors),
         "baselines": list(present),
         "baselines_missing": missing,
-        "finetune": None if finetune is None else dataclasses.asdict(finetune),
+        "finetune": ft_settings(finetune),
         "base_runs": base_runs,
+        "runs": runs,
         "records": records,
     }
+
+
+def ft_settings(finetune: Finetune | None) -> dict[str, Any] | None:
+    """The fine-tune budget as ``extension.json`` stores it (``None``: no fine-tune)."""
+    return None if finetune is None else dataclasses.asdict(finetune)

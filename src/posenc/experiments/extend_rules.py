@@ -13,6 +13,7 @@ is in ``posenc.experiments.extend``'s docstring and docs/extension.md.
 from __future__ import annotations
 
 import dataclasses
+import math
 from typing import Any
 
 from posenc.data.synthetic import SyntheticTask
@@ -33,6 +34,36 @@ def check_factor(name: str, value: Any) -> int:
     if value < 1:
         raise ValueError(f"{name} must be >= 1 (rules only stretch the context), got {value}")
     return value
+
+
+def has_factor(rule: str) -> bool:
+    """Whether ``rule``'s parameters depend on its factor (every rule but ``none``)."""
+    stretch = extension_rule(rule).stretch
+    return stretch(1.0, 64, 16, 10000.0) != stretch(2.0, 64, 16, 10000.0)
+
+
+@dataclasses.dataclass(frozen=True)
+class Finetune:
+    """The fine-tuning budget, the same for every rule: ``steps`` at length
+    ``factor * L`` with ``batch_size`` (default: the base batch divided by ``factor``,
+    so a step sees as many tokens as a base step), ``lr`` and ``warmup``."""
+
+    factor: int = 4
+    steps: int = 200
+    batch_size: int | None = None
+    lr: float = 1e-3
+    warmup: int = 15
+
+    def __post_init__(self) -> None:
+        check_factor("finetune_factor", self.factor)
+        for name in ("steps", "batch_size"):
+            v = getattr(self, name)
+            if v is not None and (isinstance(v, bool) or not isinstance(v, int) or v < 1):
+                raise ValueError(f"finetune {name} must be an int >= 1, got {v!r}")
+        if isinstance(self.lr, bool) or not isinstance(self.lr, (int, float)) or not self.lr > 0:
+            raise ValueError(f"finetune lr must be > 0, got {self.lr!r}")
+        if isinstance(self.warmup, bool) or not isinstance(self.warmup, int) or self.warmup < 0:
+            raise ValueError(f"finetune warmup must be an int >= 0, got {self.warmup!r}")
 
 
 def check_rules(rules: list[str] | tuple[str, ...]) -> tuple[str, ...]:
@@ -56,10 +87,31 @@ def check_factors(factors: list[int] | tuple[int, ...]) -> tuple[int, ...]:
 def trained_context(config: RunConfig) -> int:
     """``C``: positions the model saw in training (``L`` for corpora; the longest
     training input ``sequence_length(L) - 1`` for synthetic tasks)."""
+    return positions_at(config, config.task.train_length)
+
+
+def positions_at(config: RunConfig, length: int) -> int:
+    """Positions a model reads at evaluation length ``length``: ``length`` for corpora,
+    the input of one example (``sequence_length(n) - 1``) for synthetic tasks."""
     t = config.task
     if t.is_lm:
-        return t.train_length
-    return SyntheticTask(t.name, t.num_symbols).sequence_length(t.train_length) - 1
+        return length
+    return SyntheticTask(t.name, t.num_symbols).sequence_length(length) - 1
+
+
+def covering_factor(config: RunConfig, length: int, minimum: int = 1) -> int:
+    """The smallest integer factor ``s >= minimum`` whose stretched context ``s * C``
+    covers the positions read at ``length``: ``max(minimum, ceil(positions / C))``.
+
+    Peng et al. 2023 (YaRN) judge a model at a length inside its factor's context
+    (``factor = length / C``): with ``minimum`` = the fine-tune's factor this is that
+    setting for a fine-tuned model. A corpus at ``s * L`` gives ``s``; copy at ``n = s * L``
+    (``2n + 1`` input positions, ``C = 2L + 1``) also gives ``s``.
+    """
+    check_factor("minimum", minimum)
+    if isinstance(length, bool) or not isinstance(length, int) or length < 1:
+        raise ValueError(f"length must be an int >= 1, got {length!r}")
+    return max(minimum, math.ceil(positions_at(config, length) / trained_context(config)))
 
 
 def base_rope(config: RunConfig) -> tuple[dict[str, Any], dict[str, Any], int]:

@@ -10,6 +10,7 @@ from typing import Any
 from posenc.experiments.extend_summary import (
     extension_tables,
     ordering_tables,
+    past_factor_tables,
     primary_metric,
     read_extension,
     series,
@@ -17,7 +18,7 @@ from posenc.experiments.extend_summary import (
     validate_extension,
 )
 from posenc.experiments.results import atomic_write_bytes
-from posenc.experiments.summary import to_markdown
+from posenc.experiments.summary import TableData, to_markdown
 from posenc.viz.extension import ExtensionCurves, figure_task, plot_task
 from posenc.viz.study import safe_filename
 
@@ -42,6 +43,12 @@ def curves(data: dict[str, Any], task: str, metric: str | None = None) -> Extens
     )
 
 
+def all_tables(data: dict[str, Any]) -> list[TableData]:
+    """Every table of an ``extension.json`` dict, in the order ``extension.md`` shows them:
+    the metrics, the fine-tuned models past their fine-tuning length, the orderings."""
+    return extension_tables(data) + past_factor_tables(data) + ordering_tables(data)
+
+
 def plot_extension(data: dict[str, Any], out_dir: str | Path) -> list[Path]:
     """``extension_<task>.png`` for every task of an ``extension.json`` dict."""
     out_dir = Path(out_dir)
@@ -61,7 +68,7 @@ def write_extension_outputs(data: dict[str, Any], out_dir: str | Path) -> dict[s
         md += ["Command:", "", "```", data["command"], "```", ""]
     if data["baselines_missing"]:
         md += [f"Baselines not registered in this installation (left out): {', '.join(data['baselines_missing'])}", ""]
-    md += [to_markdown(extension_tables(data)), to_markdown(ordering_tables(data))]
+    md += [to_markdown(all_tables(data))]
     md += [f"![{p.stem}](plots/{p.name})" for p in plots]
     md_path = out_dir / "extension.md"
     md_path.write_text("\n".join(md) + "\n", encoding="utf-8")
@@ -78,14 +85,13 @@ def extension_report_section(extension: str | Path | dict[str, Any]) -> dict[str
         ...              extra_sections=[extension_report_section("runs/extend/extension.json")])
     """
     data = validate_extension(extension) if isinstance(extension, dict) else read_extension(extension)
-    tables = [
-        {"caption": t.title, "columns": t.columns, "rows": t.rows}
-        for t in extension_tables(data) + ordering_tables(data)
-    ]
+    tables = [{"caption": t.title, "columns": t.columns, "rows": t.rows} for t in all_tables(data)]
     ft = data["finetune"]
     text = (
         f"RoPE models trained at L, scored at {', '.join(f'{f}L' for f in data['factors'])} with each scaling "
-        f"rule zero-shot (factor = length / L) and after {ft['steps']} fine-tuning steps at {ft['factor']}L "
+        f"rule zero-shot (the factor covering the length) and after {ft['steps']} fine-tuning steps at "
+        f"{ft['factor']}L with factor {ft['factor']} (scored with the factor covering each length, and with "
+        f"factor {ft['factor']} judged past its factor) "
         if ft
         else "RoPE models trained at L, scored zero-shot with each scaling rule "
     )

@@ -1,6 +1,8 @@
 """Plots of a context-extension run (``posenc extend``): per task, one panel per RoPE
 rule with the metric against the evaluation length, zero-shot (solid) and after the
-short fine-tune (dashed), seeds as a band (min..max), the training-free baselines
+short fine-tune (dashed: with the factor covering each length; dash-dot: with the
+fine-tune's factor at every length, judged past its factor beyond the fine-tuning
+length), seeds as a band (min..max), the training-free baselines
 (ALiBi, T5) in grey in every panel. Draws an ``ExtensionCurves`` (the numbers of one
 task, filled by ``posenc.pipeline.extension``). matplotlib is imported lazily (Agg backend).
 """
@@ -8,6 +10,8 @@ task, filled by ``posenc.pipeline.extension``). matplotlib is imported lazily (A
 from __future__ import annotations
 
 import dataclasses
+import hashlib
+import json
 import math
 import statistics
 from pathlib import Path
@@ -20,7 +24,7 @@ class ExtensionCurves:
     """What one task's figure draws.
 
     ``series[(rule, stage)][seed][length]`` is the metric's value (stage ``zero-shot``,
-    ``fine-tuned`` or ``baseline``); ``rules`` are the RoPE rules with a zero-shot series
+    ``fine-tuned``, ``fine-tuned-covering`` or ``baseline``); ``rules`` are the RoPE rules with a zero-shot series
     (one panel each, in order), ``baselines`` the encodings drawn in grey in every panel,
     ``finetune_length[rule]`` the length each rule was fine-tuned at."""
 
@@ -69,8 +73,12 @@ def figure_task(curves: ExtensionCurves):
         for j, b in enumerate(baselines):
             _line(ax, s[(b, "baseline")], ":", str(0.35 + 0.25 * j), b)
         _line(ax, s[(rule, "zero-shot")], "-", cmap(0), "zero-shot")
-        if (rule, "fine-tuned") in s:
-            _line(ax, s[(rule, "fine-tuned")], "--", cmap(1), f"fine-tuned at {ft[rule]}")
+        if (rule, "fine-tuned-covering") in s:
+            _line(ax, s[(rule, "fine-tuned-covering")], "--", cmap(1), "fine-tuned, factor covers E")
+            _line(ax, s[(rule, "fine-tuned")], "-.", cmap(2), "fine-tuned, fine-tune's factor")
+            ax.axvline(ft[rule], color=cmap(1), lw=0.8, ls=":")
+        elif (rule, "fine-tuned") in s:
+            _line(ax, s[(rule, "fine-tuned")], "--", cmap(1), "fine-tuned, factor covers E")
             ax.axvline(ft[rule], color=cmap(1), lw=0.8, ls=":")
         ax.axvline(L, color="grey", lw=1, ls=":")
         ax.set_title(rule, fontsize=10)
@@ -78,6 +86,9 @@ def figure_task(curves: ExtensionCurves):
         ax.xaxis.set_major_formatter(matplotlib.ticker.FuncFormatter(lambda v, _: f"{v:g}"))
         if metric.startswith("ppl"):
             ax.set_yscale("log")
+            plain = matplotlib.ticker.FuncFormatter(lambda v, _: f"{v:g}")
+            ax.yaxis.set_major_formatter(plain)
+            ax.yaxis.set_minor_formatter(plain)
         ax.grid(alpha=0.3)
     for ax in axes[-1]:
         ax.set_xlabel("evaluation length")
@@ -86,30 +97,46 @@ def figure_task(curves: ExtensionCurves):
     seeds = curves.seeds
     fig.suptitle(
         f"{task}: RoPE trained at L={L}, extended by each rule ({seeds} seed{'s' if seeds > 1 else ''}; "
-        "zero-shot factor = length/L)",
+        "factor covering the length E)",
         fontsize=10,
     )
-    handles, labels = axes.flat[0].get_legend_handles_labels()
+    legend = {}
+    for ax in axes.flat:  # every label once, the first panel's order first
+        for h, lb in zip(*ax.get_legend_handles_labels(), strict=True):
+            legend.setdefault(lb, h)
     fig.legend(
-        handles,
-        [lb if not lb.startswith("fine-tuned") else "fine-tuned" for lb in labels],
+        list(legend.values()),
+        list(legend),
         fontsize=8,
         loc="upper left",
-        bbox_to_anchor=(0.87, 0.9),
+        bbox_to_anchor=(0.83, 0.9),
         frameon=False,
     )
-    fig.tight_layout(rect=(0, 0, 0.87, 0.95))
+    fig.tight_layout(rect=(0, 0, 0.83, 0.95))
     return fig
 
 
+def curves_digest(curves: ExtensionCurves) -> str:
+    """SHA-256 of the numbers a figure draws (``plot_task`` stores it in the PNG's
+    ``Description`` text chunk, so a test can tell which records drew a committed figure)."""
+    payload = dataclasses.asdict(curves)
+    payload["series"] = sorted(
+        [list(key), sorted([seed, sorted(v.items())] for seed, v in by_seed.items())]
+        for key, by_seed in curves.series.items()
+    )
+    payload["finetune_length"] = sorted(curves.finetune_length.items())
+    return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()
+
+
 def plot_task(curves: ExtensionCurves, path: str | Path) -> Path:
-    """One PNG of one task: a panel per rule. Returns the path written."""
+    """One PNG of one task: a panel per rule, ``curves_digest`` in its ``Description``
+    text chunk. Returns the path written."""
     # matplotlib is a heavy import: only when drawing
     import matplotlib.pyplot as plt
 
     fig = figure_task(curves)
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=110)
+    fig.savefig(path, dpi=110, metadata={"Description": f"posenc-extension {curves_digest(curves)}"})
     plt.close(fig)
     return path
