@@ -279,14 +279,12 @@ def finetune_config(config: RunConfig, rule: str, finetune: Finetune, checkpoint
     if t.is_lm:
         # The fine-tune trains around held-out units that cover its base run's, so it
         # never trains on the test set the extension scores (check_disjoint verifies it):
-        # the same segments, scored tokens and stride, the same longest length where fL
-        # divides it, and validation segments long enough to make up the difference.
+        # the same segments, scored tokens and stride, and validation segments long enough
+        # to make up the difference. Its own end-of-run score is at fL only (extend
+        # scores it separately).
         base = t.held_out()
-        top = max(t.lm_lengths)
-        task["eval_factors"] = [1, top // fL] if top % fL == 0 and top > fL else [1]
-        ft_context = max(fL * e for e in task["eval_factors"])
         base_unit = base.test_context + base.test_scored + base.val_context + base.val_scored
-        short = base_unit - ft_context - base.test_scored - fL
+        short = base_unit - fL - base.test_scored - fL
         val = max(fL, -(-short // fL) * fL)  # per segment: a multiple of fL, at least fL
         task |= {"eval_segments": base.segments, "eval_tokens": base.segments * base.test_scored}
         task |= {"val_tokens": base.segments * val, "sliding_stride": t.stride}
