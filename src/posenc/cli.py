@@ -392,7 +392,7 @@ def report(
 @app.command("extend")
 def extend(
     preset: str = typer.Option(
-        "quick", "--preset", help="quick (2 tasks x 2 seeds; ~1 h serially on 2 busy cores) or smoke (seconds)"
+        "quick", "--preset", help="quick (2 tasks x 3 seeds; hours on 2 cores) or smoke (seconds)"
     ),
     tasks: str = typer.Option(None, "--tasks", help="comma-separated, default shakespeare,copy"),
     seeds: str = typer.Option(None, "--seeds", help="comma-separated ints (default: the preset's)"),
@@ -421,7 +421,7 @@ def extend(
     from pathlib import Path
 
     from posenc.experiments.extend import check_request, finetune_settings, run_extension
-    from posenc.experiments.extend_summary import extension_tables, ordering_tables
+    from posenc.pipeline.extension import all_tables
     from posenc.experiments.summary import to_rich
     from posenc.pipeline.extension import write_extension_outputs
 
@@ -463,7 +463,7 @@ def extend(
     except KeyboardInterrupt:
         console.print("[yellow]interrupted[/yellow]: run the same command again (finished runs are kept)")
         raise typer.Exit(130) from None
-    for t in extension_tables(data) + ordering_tables(data):
+    for t in all_tables(data):
         console.print(to_rich(t))
     if data["baselines_missing"]:
         console.print(f"[yellow]note:[/yellow] not registered, left out: {', '.join(data['baselines_missing'])}")
