@@ -421,9 +421,8 @@ def extend(
     from pathlib import Path
 
     from posenc.experiments.extend import check_request, finetune_settings, run_extension
-    from posenc.pipeline.extension import all_tables
     from posenc.experiments.summary import to_rich
-    from posenc.pipeline.extension import write_extension_outputs
+    from posenc.pipeline.extension import all_tables, write_extension_outputs
 
     try:
         finetune = finetune_settings(preset, factor=finetune_factor, steps=finetune_steps)
