@@ -30,7 +30,8 @@ LAYERS = {
     "posenc.viz": 9,
     "posenc.pipeline": 10,
     "posenc.cli_output": 11,
-    "posenc.cli": 12,
+    "posenc.cli_diagnose": 12,  # a command's function, registered by posenc.cli
+    "posenc.cli": 13,
 }
 #: Downward imports that the layers still refuse: viz draws plain tables and dataclasses
 #: and never runs or reads experiments (the pipeline passes it their results).

@@ -13,15 +13,22 @@ Per forward:
     order as reading them in attention).
     q, k = pe.rotate(q, k, q_positions, k_positions)
     scores = q kᵀ / sqrt(d) + pe.bias(q_positions, k_positions, q=q, k=k) + mask
+
+Evaluation-time interventions (``Intervention``: a sliding window, a temperature, an
+observer of the probabilities) change every backend the same way and never branch on
+the encoding: the window is a mask, the temperature multiplies the whole score.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import math
+from collections.abc import Callable
+from numbers import Real
 
 import torch
 import torch.nn.functional as F
-from einops import rearrange
+from einops import rearrange, repeat
 from torch import nn
 
 from posenc.base import PositionalEncoding
@@ -29,11 +36,91 @@ from posenc.functional.checks import (
     check_hidden,
     check_positions,
     check_positions_match,
+    nonnegative_int,
     one_of,
     positive_int,
 )
 
 BACKENDS = ("sdpa", "flex")
+
+
+@dataclasses.dataclass(frozen=True)
+class Intervention:
+    """An evaluation-time change of attention, identical for every encoding and backend
+    (the mechanism probes of ``posenc.experiments.diagnose``).
+
+    Attributes:
+        window: every query attends only to its last ``window`` keys by sequence index,
+            itself included: key ``j`` is visible from query ``i`` iff
+            ``i - window < j <= i`` (a bidirectional model also needs
+            ``j < i + window``). A mask: every query-key distance is below ``window``.
+            ``None``: no window.
+        temperature: the whole pre-softmax score is multiplied by it,
+            ``softmax(temperature * (q kᵀ / sqrt(d) + bias))``: the bias of a bias
+            encoding (ALiBi, T5, ...) is scaled with the dot product; masked scores stay
+            ``-inf``. SDPA gets ``scale = temperature / sqrt(d)`` and ``temperature *
+            bias``; FlexAttention a ``score_mod`` that multiplies the encoding's score.
+        offset: added to every position by ``Transformer.forward`` (to the positions it
+            is given or to its default ``arange``): the tokens are unchanged. An
+            ``Attention`` called directly takes its positions as given.
+        observe: ``observe(attention_module, probs)`` with the softmax probabilities
+            ``[b, h, s_q, s_k]`` (float32) of every layer it passes; setting it runs
+            the explicit path on either backend (scores materialized, softmax,
+            ``probs @ v``; ``attention_probabilities``).
+    """
+
+    window: int | None = None
+    temperature: float = 1.0
+    offset: int = 0
+    observe: Callable[[nn.Module, torch.Tensor], None] | None = dataclasses.field(
+        default=None, compare=False, repr=False
+    )
+
+    def __post_init__(self) -> None:
+        if self.window is not None:
+            positive_int("window", self.window)
+        if isinstance(self.temperature, bool) or not isinstance(self.temperature, Real):
+            raise TypeError(f"temperature must be a number, got {self.temperature!r}")
+        if not (math.isfinite(self.temperature) and self.temperature > 0):
+            raise ValueError(f"temperature must be a finite number > 0 (1.0 leaves the scores), got {self.temperature}")
+        nonnegative_int("offset", self.offset)
+        if self.observe is not None and not callable(self.observe):
+            raise TypeError(f"observe must be a callable (module, probs) or None, got {type(self.observe).__name__}")
+
+    @property
+    def changes_attention(self) -> bool:
+        """Whether the attention itself differs from the default path (the offset is the model's)."""
+        return self.window is not None or self.temperature != 1.0 or self.observe is not None
+
+
+def attention_probabilities(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    *,
+    bias: torch.Tensor | None = None,
+    mask: torch.Tensor | None = None,
+    temperature: float = 1.0,
+) -> torch.Tensor:
+    """``softmax(temperature * (q kᵀ / sqrt(d) + bias))`` over the keys visible in ``mask``
+    (Vaswani et al. 2017, eq. 1, with a score bias and a temperature), in float32.
+
+    Args:
+        q: ``[b, h, s_q, d]``; k: ``[b, h_kv, s_k, d]`` (``h_kv`` divides ``h``: GQA).
+        bias: ``[h, s_q, s_k]`` or ``[b|1, h, s_q, s_k]``, or ``None``.
+        mask: bool ``[b|1, 1, s_q, s_k]`` (True = attend, ``build_mask``), or ``None``.
+
+    Returns:
+        ``[b, h, s_q, s_k]`` float32; each row sums to 1 over its visible keys.
+    """
+    if q.shape[1] != k.shape[1]:
+        k = repeat(k, "b g s d -> b (g r) s d", r=q.shape[1] // k.shape[1])  # GQA: [b, h, s_k, d]
+    # temperature * q kᵀ / sqrt(d), scaling q ([.., s_q, d]) rather than the scores ([.., s_q, s_k])
+    scores = (q.float() * (temperature / math.sqrt(q.shape[-1]))) @ k.float().transpose(-1, -2)  # [b, h, s_q, s_k]
+    if bias is not None:
+        scores += bias.float() * temperature if temperature != 1.0 else bias.float()
+    if mask is not None:
+        scores.masked_fill_(~mask, float("-inf"))
+    return scores.softmax(-1)
 
 
 @dataclasses.dataclass
@@ -119,20 +206,27 @@ def build_mask(
     padding: torch.Tensor | None,
     segment_ids: torch.Tensor | None,
     device: torch.device,
+    window: int | None = None,
 ) -> torch.Tensor | None:
     """Boolean mask (True = attend) ``[b|1, 1, s_q, s_k]``, or ``None`` when all attend.
 
     Causality is by sequence index (query i sees keys 0..past+i), not by position
     value, so packed sequences whose positions restart still mask correctly.
+    ``window`` (``Intervention.window``) keeps only keys ``j > past + i - window``
+    (and ``j < past + i + window`` when not causal).
     Rows with no visible key (left padding) are opened fully: their output is
     ignored, and this keeps SDPA from returning NaN.
     """
     mask = None
-    if causal and not (s_q == 1):
+    if (causal and not (s_q == 1)) or window is not None:
         past = s_k - s_q
         qi = torch.arange(past, past + s_q, device=device)[:, None]  # [s_q, 1]
         kj = torch.arange(s_k, device=device)[None, :]  # [1, s_k]
-        mask = (kj <= qi)[None, None]  # [1, 1, s_q, s_k]
+        if causal and not (s_q == 1):
+            mask = (kj <= qi)[None, None]  # [1, 1, s_q, s_k]
+        if window is not None:
+            near = qi - kj < window if causal else (qi - kj).abs() < window  # [s_q, s_k]
+            mask = near[None, None] if mask is None else mask & near
     if padding is not None:
         pad = padding[:, None, None, :]  # [b, 1, 1, s_k]
         mask = pad if mask is None else mask & pad
@@ -211,6 +305,7 @@ class Attention(nn.Module):
         padding_mask: torch.Tensor | None = None,
         segment_ids: torch.Tensor | None = None,
         bias: torch.Tensor | None = None,
+        intervention: Intervention | None = None,
     ) -> torch.Tensor:
         """Attend over ``x [b, s, dim]`` (plus the cache) -> ``[b, s, dim]``.
 
@@ -222,6 +317,8 @@ class Attention(nn.Module):
             segment_ids: ``[b, s]`` int document ids for packed sequences (no cache).
             bias: a precomputed ``pe.bias`` shared across layers (the model builds it
                 once per forward); computed here when ``None``.
+            intervention: an evaluation-time ``Intervention`` (window, temperature,
+                observer); its ``offset`` is the caller's (positions are taken as given).
         """
         check_hidden(x, self.dim)
         b, s, _ = x.shape
@@ -229,6 +326,10 @@ class Attention(nn.Module):
         positions = default_positions(positions, s, past, x.device)
         check_positions(positions)
         check_positions_match(positions, b, s)
+        if intervention is not None and not isinstance(intervention, Intervention):
+            raise TypeError(f"intervention must be a posenc.attention.Intervention, got {type(intervention).__name__}")
+        if intervention is not None and not intervention.changes_attention:
+            intervention = None  # the default path, untouched
         if padding_mask is not None:
             padding_mask = _check_bool_mask(padding_mask, b, s, "padding_mask")
         if segment_ids is not None:
@@ -258,27 +359,39 @@ class Attention(nn.Module):
                 v = torch.cat([cache.v, v], dim=2)
             cache.k, cache.v, cache.positions, cache.padding = k, v, k_positions, padding
 
-        if self.backend == "flex":
-            out = self._attend_flex(q, k, v, positions, k_positions, bias, padding, segment_ids)  # [b, h, s, d]
+        observed = intervention is not None and intervention.observe is not None
+        if self.backend == "flex" and not observed:
+            out = self._attend_flex(
+                q, k, v, positions, k_positions, bias, padding, segment_ids, intervention
+            )  # [b, h, s, d]
             return self.out_proj(rearrange(out, "b h s d -> b s (h d)"))
         if self.pe is not None:
             q, k = self.pe.rotate(q, k, positions, k_positions)
             if bias is None:
                 bias = self.pe.bias(positions, k_positions, q=q, k=k)
-        out = self._attend(q, k, v, bias, padding, segment_ids)  # [b, h, s, d]
+        if observed:
+            out = self._attend_explicit(q, k, v, bias, padding, segment_ids, intervention)  # [b, h, s, d]
+        else:
+            out = self._attend(q, k, v, bias, padding, segment_ids, intervention)  # [b, h, s, d]
         return self.out_proj(rearrange(out, "b h s d -> b s (h d)"))
 
-    def _attend(self, q, k, v, bias, padding, segment_ids) -> torch.Tensor:
+    def _attend(self, q, k, v, bias, padding, segment_ids, intervention=None) -> torch.Tensor:
         b, h, s_q, _ = q.shape
         s_k = k.shape[2]
         gqa = self.num_kv_heads != self.num_heads
         dropout = self.dropout if self.training else 0.0
-        plain = bias is None and padding is None and segment_ids is None
+        window = None if intervention is None else intervention.window
+        temperature = 1.0 if intervention is None else intervention.temperature
+        # SDPA scales q kᵀ by `scale` (default 1/sqrt(d)); the bias is scaled below.
+        scale = None if temperature == 1.0 else temperature / math.sqrt(q.shape[-1])
+        plain = bias is None and padding is None and segment_ids is None and window is None
         if plain and (s_q == 1 or not self.causal):
-            return F.scaled_dot_product_attention(q, k, v, dropout_p=dropout, enable_gqa=gqa)
+            return F.scaled_dot_product_attention(q, k, v, dropout_p=dropout, enable_gqa=gqa, scale=scale)
         if plain and s_q == s_k:
             # The kernel's own causal mask: no [s, s] tensor.
-            return F.scaled_dot_product_attention(q, k, v, is_causal=True, dropout_p=dropout, enable_gqa=gqa)
+            return F.scaled_dot_product_attention(
+                q, k, v, is_causal=True, dropout_p=dropout, enable_gqa=gqa, scale=scale
+            )
         mask = build_mask(
             b,
             s_q,
@@ -287,17 +400,46 @@ class Attention(nn.Module):
             padding=padding,
             segment_ids=segment_ids,
             device=q.device,
+            window=window,
         )
         if bias is not None:
             _check_bias(bias, b, h, s_q, s_k)
             attn = bias.to(q.dtype)
+            if temperature != 1.0:
+                attn = attn * temperature
             if mask is not None:
                 attn = attn.masked_fill(~mask, float("-inf"))
         else:
             attn = mask
-        return F.scaled_dot_product_attention(q, k, v, attn_mask=attn, dropout_p=dropout, enable_gqa=gqa)
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=attn, dropout_p=dropout, enable_gqa=gqa, scale=scale)
 
-    def _attend_flex(self, q, k, v, positions, k_positions, bias, padding, segment_ids) -> torch.Tensor:
+    def _attend_explicit(self, q, k, v, bias, padding, segment_ids, intervention) -> torch.Tensor:
+        """The explicit path: ``attention_probabilities`` (handed to
+        ``intervention.observe``), then ``probs @ v`` -> ``[b, h, s_q, d]``."""
+        b, h, s_q, _ = q.shape
+        s_k = k.shape[2]
+        if bias is not None:
+            _check_bias(bias, b, h, s_q, s_k)
+        mask = build_mask(
+            b,
+            s_q,
+            s_k,
+            causal=self.causal,
+            padding=padding,
+            segment_ids=segment_ids,
+            device=q.device,
+            window=intervention.window,
+        )
+        probs = attention_probabilities(q, k, bias=bias, mask=mask, temperature=intervention.temperature)
+        intervention.observe(self, probs)
+        probs = F.dropout(probs, self.dropout, training=self.training)  # [b, h, s_q, s_k]
+        if h != self.num_kv_heads:
+            v = repeat(v, "b g s d -> b (g r) s d", r=h // self.num_kv_heads)  # GQA: [b, h, s_k, d]
+        return (probs @ v.float()).to(v.dtype)
+
+    def _attend_flex(
+        self, q, k, v, positions, k_positions, bias, padding, segment_ids, intervention=None
+    ) -> torch.Tensor:
         """FlexAttention with ``pe.score_mod`` inside the kernel (see ``posenc.flex``)."""
         from posenc import flex
 
@@ -311,6 +453,8 @@ class Attention(nn.Module):
         n_keys = k.shape[2]
         k, v, k_positions = flex.pad_keys(k, v, k_positions, s_q)  # [b, h_kv, s_pad, d]; the mask hides padding
         score_mod = None if self.pe is None else self.pe.score_mod(positions, k_positions, q=q, k=k)
+        if intervention is not None and intervention.temperature != 1.0:
+            score_mod = flex.temperature_score_mod(score_mod, intervention.temperature, device=q.device)
         mask = flex.block_mask(
             b,
             s_q,
@@ -320,6 +464,7 @@ class Attention(nn.Module):
             padding=padding,
             segment_ids=segment_ids,
             device=q.device,
+            window=None if intervention is None else intervention.window,
         )
         return flex.flex_attend(q, k, v, score_mod, mask, gqa=self.num_kv_heads != self.num_heads)
 

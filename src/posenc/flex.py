@@ -91,15 +91,17 @@ def block_mask(
     padding: torch.Tensor | None,
     segment_ids: torch.Tensor | None,
     device: torch.device,
+    window: int | None = None,
 ):
     """BlockMask over ``s_q`` queries and ``s_k`` (possibly padded) keys, of which the
     first ``n_keys`` are real; the queries are the last ``s_q`` real keys (KV cache),
     so causal query ``i`` sees keys ``<= n_keys - s_q + i``. ``padding`` ``[b, n_keys]``
-    (True = real token) and ``segment_ids`` ``[b, s]`` add their masks. ``None`` when
-    every key is visible."""
+    (True = real token) and ``segment_ids`` ``[b, s]`` add their masks; ``window``
+    (``posenc.attention.Intervention``) keeps keys ``> n_keys - s_q + i - window`` (and
+    ``< n_keys - s_q + i + window`` when not causal). ``None`` when every key is visible."""
     past = torch.tensor(n_keys - s_q, device=device)
     n_real = torch.tensor(n_keys, device=device)
-    if padding is None and segment_ids is None:
+    if padding is None and segment_ids is None and window is None:
         if (not causal or s_q == 1) and n_keys == s_k:
             return None
         return _tile_mask(s_q, s_k, n_keys=n_keys, causal=causal, past=past, n_real=n_real, device=device)
@@ -116,9 +118,30 @@ def block_mask(
             ok = ok & padding[b, kv_idx]
         if segment_ids is not None:
             ok = ok & (segment_ids[b, q_idx] == segment_ids[b, kv_idx])
+        if window is not None:
+            ok = ok & (q_idx + past - kv_idx < window)
+            if not causal:
+                ok = ok & (kv_idx - q_idx - past < window)
         return ok
 
-    return create_block_mask(mask_mod, batch, None, s_q, s_k, device=device, BLOCK_SIZE=BLOCK_SIZE)
+    rows = batch if padding is not None or segment_ids is not None else None  # a window is the same for every row
+    return create_block_mask(mask_mod, rows, None, s_q, s_k, device=device, BLOCK_SIZE=BLOCK_SIZE)
+
+
+def temperature_score_mod(score_mod, temperature: float, *, device: torch.device):
+    """A ``score_mod`` that multiplies the whole score by ``temperature``:
+    ``temperature * score_mod(score, ...)`` (``temperature * score`` without one), so
+    FlexAttention computes ``softmax(temperature * (q kᵀ / sqrt(d) + bias))`` like the
+    other backends (``posenc.attention.Intervention``). The factor is a captured 0-d
+    tensor, so another temperature does not recompile the kernel."""
+    factor = torch.tensor(float(temperature), device=device)
+
+    def scaled(score, b, h, q_idx, kv_idx):
+        if score_mod is not None:
+            score = score_mod(score, b, h, q_idx, kv_idx)
+        return score * factor
+
+    return scaled
 
 
 def _tile_mask(s_q: int, s_k: int, *, n_keys: int, causal: bool, past, n_real, device):

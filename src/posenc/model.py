@@ -2,6 +2,9 @@
 positional encoding is injected by name or instance and shared by every layer.
 
 Shapes: tokens ``[b, s]`` -> logits ``[b, s, vocab_size]``; hidden ``[b, s, dim]``.
+
+``forward(..., intervention=Intervention(window, temperature, offset))`` evaluates the
+same weights under the mechanism probes' interventions (``posenc.attention.Intervention``).
 """
 
 from __future__ import annotations
@@ -13,7 +16,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from posenc.attention import Attention, KVCache, default_positions, key_positions
+from posenc.attention import Attention, Intervention, KVCache, default_positions, key_positions
 from posenc.base import PositionalEncoding
 from posenc.functional.checks import check_positions, check_positions_match, one_of, positive_int
 from posenc.registry import create_for_model, get
@@ -108,7 +111,7 @@ class Block(nn.Module):
         self.norm2 = nn.RMSNorm(config.dim)
         self.mlp = MLP(config.dim, int(config.mlp_ratio * config.dim), config.dropout)
 
-    def forward(self, x, positions, *, cache, padding_mask, segment_ids, bias):
+    def forward(self, x, positions, *, cache, padding_mask, segment_ids, bias, intervention=None):
         x = x + self.attn(
             self.norm1(x),
             positions,
@@ -116,6 +119,7 @@ class Block(nn.Module):
             padding_mask=padding_mask,
             segment_ids=segment_ids,
             bias=bias,
+            intervention=intervention,
         )
         return x + self.mlp(self.norm2(x))
 
@@ -174,6 +178,7 @@ class Transformer(nn.Module):
         segment_ids: torch.Tensor | None = None,
         return_hidden: bool = False,
         check_tokens: bool = True,
+        intervention: Intervention | None = None,
     ) -> torch.Tensor:
         """Logits ``[b, s, vocab_size]`` (or final hidden states ``[b, s, dim]``).
 
@@ -186,6 +191,10 @@ class Transformer(nn.Module):
             check_tokens: check that every id is in ``[0, vocab_size)`` (reads the
                 values: a host sync, and no graph can be traced through it); the fast
                 training step passes False for batches its task built.
+            intervention: an evaluation-time ``Intervention``: ``offset`` is added to
+                ``positions`` (given or default) before anything reads them; ``window``
+                and ``temperature`` go to every layer's attention (``None``: the default
+                path, unchanged).
         """
         if not isinstance(tokens, torch.Tensor) or tokens.dtype.is_floating_point or tokens.dim() != 2:
             raise TypeError("tokens must be an integer tensor [b, s]")
@@ -198,6 +207,14 @@ class Transformer(nn.Module):
         b, s = tokens.shape
         past = 0 if cache is None else cache.length
         positions = default_positions(positions, s, past, tokens.device)
+        if intervention is not None:
+            if not isinstance(intervention, Intervention):
+                raise TypeError(
+                    f"intervention must be a posenc.attention.Intervention, got {type(intervention).__name__}"
+                )
+            if intervention.offset:
+                positions = positions + intervention.offset  # [s] or [b, s], same shape
+            intervention = dataclasses.replace(intervention, offset=0) if intervention.changes_attention else None
         check_positions(positions)
         check_positions_match(positions, b, s)
 
@@ -205,7 +222,7 @@ class Transformer(nn.Module):
             k_positions = key_positions(positions, cache[0])
             state = self.pe.frequency_state(int(k_positions.max()) + 1 if k_positions.numel() else 0)
             if cache.exact and cache.length and state != cache.state:
-                return self._recompute(tokens, k_positions, cache, padding_mask, return_hidden)
+                return self._recompute(tokens, k_positions, cache, padding_mask, return_hidden, intervention)
             cache.state = state
         if cache is not None and cache.exact:
             cache.tokens = tokens if cache.tokens is None else torch.cat([cache.tokens, tokens], dim=1)
@@ -226,11 +243,12 @@ class Transformer(nn.Module):
                 padding_mask=padding_mask,
                 segment_ids=segment_ids,
                 bias=bias,
+                intervention=intervention,
             )
         x = self.norm(x)
         return x if return_hidden else self.head(x)
 
-    def _recompute(self, tokens, k_positions, cache, padding_mask, return_hidden) -> torch.Tensor:
+    def _recompute(self, tokens, k_positions, cache, padding_mask, return_hidden, intervention) -> torch.Tensor:
         """The encoding's vectors for earlier positions changed with the length: run the
         whole prefix again into a fresh cache and return the new tokens' outputs."""
         s = tokens.shape[1]
@@ -244,5 +262,12 @@ class Transformer(nn.Module):
         recomputations = cache.recomputations + 1
         cache.reset()
         cache.recomputations = recomputations
-        out = self.forward(all_tokens, k_positions, cache=cache, padding_mask=padding, return_hidden=return_hidden)
+        out = self.forward(
+            all_tokens,
+            k_positions,
+            cache=cache,
+            padding_mask=padding,
+            return_hidden=return_hidden,
+            intervention=intervention,  # its offset is already in k_positions
+        )
         return out[:, -s:]

@@ -1,0 +1,227 @@
+"""The mechanism probes' records -> tables: how much of the drop past ``L`` each
+intervention recovers, an attribution per encoding, and the attention statistics.
+
+A record is any dict with ``task``, ``encoding``, ``seed``, ``train_length`` and
+``probes`` (``posenc.experiments.diagnose.probe_metrics``). The score ``s`` is exact
+match (or token accuracy) for synthetic tasks and the mean NLL per token, ``log ppl``,
+for corpora (perplexity itself is dominated by its blow-ups). At each test length ``E``:
+
+    recovery(c) = (s_c - s_E) / (s_L - s_E)
+
+with ``s_L`` the in-distribution score (no intervention, length ``L``), ``s_E`` the score
+at ``E`` without intervention, ``s_c`` under condition ``c``: 1 = back to the score at
+``L``, 0 = no better than without the intervention. For ``shifted`` (length ``L``,
+positions of the end of length ``E``), ``1 - recovery`` is the share of the drop that
+unseen positions alone reproduce. A run whose score at ``E`` is not worse than at ``L``
+by at least ``min_drop`` has no drop to explain and no recovery.
+"""
+
+from __future__ import annotations
+
+import statistics
+from typing import Any
+
+from posenc.experiments.summary import TableData, group
+
+#: The interventions, in the tables' order, and their column names.
+INTERVENTIONS = {
+    "shifted": "shifted",
+    "window": "window",
+    "temperature": "temperature",
+    "window_temperature": "window+temp",
+}
+#: Smallest drop from ``L`` to ``E`` that a recovery is computed for: exact match or
+#: token accuracy (absolute), or nats per token for corpora.
+MIN_DROP = {"synthetic": 0.1, "lm": 0.05}
+#: An intervention explains a cause when it recovers (or reproduces) at least this share.
+BAR = 0.5
+
+
+def attribution_legend(bar: float = BAR) -> str:
+    """What each attribution label of ``attribution(..., bar)`` means."""
+    return (
+        f"positions: unseen positions alone (shifted) reproduce >= {bar:g} of the drop; "
+        f"dilution: the temperature alone recovers >= {bar:g}; "
+        f"distances+dilution: the window recovers >= {bar:g} and the temperature does not; "
+        "unexplained: none of these; no drop: the score at E is not worse than at L by the minimum drop"
+    )
+
+
+def score(metrics: dict[str, Any], kind: str, metric: str = "exact_match") -> float:
+    """A condition's score: ``metric`` (synthetic) or the mean NLL per token (corpora)."""
+    if kind == "lm":
+        return metrics["nll"] / metrics["tokens"]
+    return metrics[metric]
+
+
+def recoveries(
+    probes: dict[str, Any], *, metric: str = "exact_match", min_drop: float | None = None
+) -> dict[int, dict[str, float] | None]:
+    """``{E: {intervention: recovery}}`` of one run; ``None`` at a length without a drop
+    (the score at ``E`` is not worse than at ``L`` by ``min_drop``, default ``MIN_DROP``)."""
+    kind = probes["kind"]
+    if min_drop is None:
+        min_drop = MIN_DROP[kind]
+    sign = -1.0 if kind == "lm" else 1.0  # lower NLL is better
+    ref = score(probes["reference"], kind, metric)
+    out: dict[int, dict[str, float] | None] = {}
+    for entry in probes["lengths"]:
+        at_e = score(entry["none"], kind, metric)
+        drop = ref - at_e
+        if sign * drop < min_drop:
+            out[entry["length"]] = None
+            continue
+        out[entry["length"]] = {c: (score(entry[c], kind, metric) - at_e) / drop for c in INTERVENTIONS}
+    return out
+
+
+def attribution(recovery: dict[str, float] | None, bar: float = BAR) -> str:
+    """The causes that ``recovery`` (one length, one run or a mean over seeds) supports
+    (``attribution_legend``), joined by ``+``."""
+    if recovery is None:
+        return "no drop"
+    causes = []
+    if 1.0 - recovery["shifted"] >= bar:
+        causes.append("positions")
+    if recovery["temperature"] >= bar:
+        causes.append("dilution")
+    elif recovery["window"] >= bar:
+        causes.append("distances+dilution")
+    return " + ".join(causes) or "unexplained"
+
+
+def _fmt(values: list[float]) -> str:
+    if not values:
+        return "-"
+    mean = statistics.fmean(values)
+    if len(values) == 1:
+        return f"{mean:.2f}"
+    return f"{mean:.2f} [{min(values):.2f}, {max(values):.2f}]"
+
+
+def _display(metrics: dict[str, Any], kind: str, metric: str) -> float:
+    return metrics["ppl"] if kind == "lm" else metrics[metric]
+
+
+def _mean_recovery(per_seed: list[dict[str, float] | None]) -> dict[str, float] | None:
+    ok = [r for r in per_seed if r is not None]
+    if not ok:
+        return None
+    return {c: statistics.fmean(r[c] for r in ok) for c in INTERVENTIONS}
+
+
+def recovery_tables(
+    records: list[dict[str, Any]], *, metric: str = "exact_match", min_drop: float | None = None, bar: float = BAR
+) -> list[TableData]:
+    """One table per task and test length ``E``: per encoding, the seeds with a drop,
+    the score at ``L`` and at ``E`` (mean over seeds; perplexity for corpora), each
+    intervention's recovery (mean over the seeds with a drop, then ``[min, max]`` over
+    them: no brackets in the title, which rich would read as markup)
+    and the attribution of the mean. Records without ``probes`` are left out."""
+    out = []
+    for task, by_enc in group([r for r in records if r.get("probes")]).items():
+        first = next(iter(by_enc.values()))[0]["probes"]
+        kind, L = first["kind"], first["train_length"]
+        name = "perplexity" if kind == "lm" else metric.replace("_", " ")
+        for e in [entry["length"] for entry in first["lengths"]]:
+            rows = []
+            for enc, recs in by_enc.items():
+                per_seed, ref, at_e = [], [], []
+                for r in recs:
+                    entry = {x["length"]: x for x in r["probes"]["lengths"]}.get(e)
+                    if entry is None:
+                        continue
+                    per_seed.append(recoveries(r["probes"], metric=metric, min_drop=min_drop)[e])
+                    ref.append(_display(r["probes"]["reference"], kind, metric))
+                    at_e.append(_display(entry["none"], kind, metric))
+                if not per_seed:
+                    continue
+                ok = [p for p in per_seed if p is not None]
+                cells = [_fmt([p[c] for p in ok]) for c in INTERVENTIONS]
+                rows.append(
+                    [
+                        enc,
+                        f"{len(ok)}/{len(per_seed)}",
+                        f"{statistics.fmean(ref):.2f}",
+                        f"{statistics.fmean(at_e):.2f}",
+                        *cells,
+                        attribution(_mean_recovery(per_seed), bar),
+                    ]
+                )
+            title = (
+                f"{task}: share of the drop from L={L} to E={e} ({e // L}L) recovered by each intervention, "
+                f"(s_c - s_E) / (s_L - s_E) on {'log ' if kind == 'lm' else ''}{name}; "
+                "mean, and the range over the seeds with a drop"
+            )
+            cols = ["encoding", "seeds with a drop", f"{name} at L", f"{name} at E", *INTERVENTIONS.values()]
+            out.append(TableData(title, [*cols, "attribution"], rows, task=task, metric=metric))
+    return out
+
+
+def attribution_table(
+    records: list[dict[str, Any]], *, metric: str = "exact_match", min_drop: float | None = None, bar: float = BAR
+) -> TableData | None:
+    """Per encoding and task, the attribution at every test length (``attribution_legend``,
+    from the mean recovery over seeds). ``None`` without probes."""
+    by_task = group([r for r in records if r.get("probes")])
+    if not by_task:
+        return None
+    encodings: list[str] = []
+    for by_enc in by_task.values():
+        encodings += [e for e in by_enc if e not in encodings]
+    rows = []
+    for enc in encodings:
+        row = [enc]
+        for by_enc in by_task.values():
+            recs = by_enc.get(enc, [])
+            if not recs:
+                row.append("-")
+                continue
+            L = recs[0]["probes"]["train_length"]
+            parts = []
+            for entry in recs[0]["probes"]["lengths"]:
+                e = entry["length"]
+                per_seed = [recoveries(r["probes"], metric=metric, min_drop=min_drop).get(e) for r in recs]
+                parts.append(f"{e // L}L: {attribution(_mean_recovery(per_seed), bar)}")
+            row.append("; ".join(parts))
+        rows.append(row)
+    return TableData("attribution of the drop past L, per encoding and task", ["encoding", *by_task], rows)
+
+
+def attention_table(records: list[dict[str, Any]]) -> list[TableData]:
+    """Per task: per encoding the attention entropy (nats) and the mass on the nearest
+    ``W`` keys at ``L`` and at each ``E``, averaged over layers, heads and seeds (the
+    records keep them per layer and head), and the entropy of uniform attention."""
+    out = []
+    for task, by_enc in group([r for r in records if r.get("probes")]).items():
+        first = next(iter(by_enc.values()))[0]["probes"]
+        L = first["train_length"]
+        lengths = [a["length"] for a in first["attention"]]
+        rows = []
+        for enc, recs in by_enc.items():
+            cells = []
+            for key in ("entropy", "uniform_entropy", "near_mass"):
+                for n in lengths:
+                    vals = []
+                    for r in recs:
+                        a = {x["length"]: x for x in r["probes"]["attention"]}.get(n)
+                        if a is not None:
+                            v = a[key]
+                            vals.append(
+                                v if key == "uniform_entropy" else statistics.fmean(x for row in v for x in row)
+                            )
+                    cells.append(f"{statistics.fmean(vals):.2f}" if vals else "-")
+            rows.append([enc, *cells])
+        names = [f"{n // L}L" for n in lengths]
+        cols = [
+            "encoding",
+            *(f"entropy {x}" for x in names),
+            *(f"uniform {x}" for x in names),
+            *(f"near mass {x}" for x in names),
+        ]
+        title = (
+            f"{task}: attention entropy (nats) and mass on the nearest W={first['window']} keys of the scored "
+            "queries, mean over layers, heads and seeds; uniform: the entropy of uniform attention"
+        )
+        out.append(TableData(title, cols, rows, task=task))
+    return out
