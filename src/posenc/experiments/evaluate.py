@@ -53,7 +53,7 @@ VALIDATION_STREAM = 11
 #: ``derive_seed(seed, n, stream, POSITION_STREAM)`` seeds the randomized test positions.
 POSITION_STREAM = 13
 #: Tokens per forward when scoring a corpus (rows = BATCH_TOKENS // E).
-BATCH_TOKENS = 4096
+BATCH_TOKENS = 1024
 #: Rows per draw of randomized positions (the draws do not depend on the forward batch).
 _DRAW_ROWS = 256
 

@@ -262,41 +262,42 @@ def load_checkpoint(path: Path) -> dict[str, Any]:
 # -- the run ---------------------------------------------------------------------------------
 
 
-def evaluate_model(
-    model: nn.Module, run_setup: Setup, *, randomized: bool = False, validation: bool = False
-) -> list[dict[str, Any]] | dict[str, Any]:
+def evaluate_model(model: nn.Module, run_setup: Setup, *, randomized: bool = False) -> list[dict[str, Any]]:
     """The metrics of ``model`` on the test set of ``run_setup`` at every evaluation
-    length (positions ``0..s-1``; ``randomized``: Ruoss et al.'s sorted random positions
-    below ``max_position``, at the lengths whose sequences fit there), or with
-    ``validation`` the in-distribution validation score (``record["validation"]``)."""
+    length: positions ``0..s-1``, or with ``randomized`` Ruoss et al.'s sorted random
+    positions below ``max_position`` (at the lengths whose sequences fit there)."""
     t, seed = run_setup.config.task, run_setup.config.train.seed
-    max_position = run_setup.max_position if randomized else None
+    top = run_setup.max_position if randomized else None
     if run_setup.corpus is not None:
-        if validation:
-            return lm_validation(model, run_setup.corpus, t.train_length, max_position=max_position, seed=seed)
-        lengths = [e for e in run_setup.eval_lengths if max_position is None or e <= max_position]
-        return lm_metrics(
-            model, run_setup.corpus, lengths, stride=run_setup.stride, max_position=max_position, seed=seed
-        )
+        lengths = [e for e in run_setup.eval_lengths if top is None or e <= top]
+        return lm_metrics(model, run_setup.corpus, lengths, stride=run_setup.stride, max_position=top, seed=seed)
     task = run_setup.task
-    if validation:
-        return synthetic_validation(
-            model, task, t.train_length, samples=t.eval_samples, seed=seed, max_position=max_position
-        )
-    fits = [n for n in run_setup.eval_lengths if max_position is None or task.sequence_length(n) - 1 <= max_position]
-    return synthetic_metrics(model, task, fits, samples=t.eval_samples, seed=seed, max_position=max_position)
+    fits = [n for n in run_setup.eval_lengths if top is None or task.sequence_length(n) - 1 <= top]
+    return synthetic_metrics(model, task, fits, samples=t.eval_samples, seed=seed, max_position=top)
+
+
+def validate_model(model: nn.Module, run_setup: Setup) -> dict[str, Any]:
+    """The in-distribution validation score (``record["validation"]``, for choosing the
+    learning rate, never the test set): held-out validation segments at ``L`` (corpora)
+    or fresh examples at lengths ``1..L`` (synthetic), with randomized positions when
+    the run trained with them (its training distribution)."""
+    t, tc = run_setup.config.task, run_setup.config.train
+    top = run_setup.max_position if tc.randomized_positions else None
+    if run_setup.corpus is not None:
+        return lm_validation(model, run_setup.corpus, t.train_length, max_position=top, seed=tc.seed)
+    return synthetic_validation(
+        model, run_setup.task, t.train_length, samples=t.eval_samples, seed=tc.seed, max_position=top
+    )
 
 
 def evaluate_run(model: nn.Module, run_setup: Setup) -> dict[str, Any]:
-    """The evaluation keys of a run's record: ``metrics``, ``validation`` (with
-    randomized positions when the run trained with them: its training distribution),
-    and ``metrics_random`` (runs trained with randomized positions) and ``corpus``
-    (corpora: the text's sha256 and the Python version, which the stdlib corpus depends on)."""
-    randomized = run_setup.config.train.randomized_positions
+    """The evaluation keys of a run's record: ``metrics``, ``validation``,
+    ``metrics_random`` (runs trained with randomized positions) and ``corpus`` (corpora:
+    the text's sha256 and the Python version, which the stdlib corpus depends on)."""
     out: dict[str, Any] = {"metrics": evaluate_model(model, run_setup)}
-    if randomized:
+    if run_setup.config.train.randomized_positions:
         out["metrics_random"] = evaluate_model(model, run_setup, randomized=True)
-    out["validation"] = evaluate_model(model, run_setup, randomized=randomized, validation=True)
+    out["validation"] = validate_model(model, run_setup)
     if run_setup.corpus is not None:
         c, t = run_setup.corpus, run_setup.config.task
         out["corpus"] = {
