@@ -12,7 +12,6 @@ import typer
 from rich.markup import escape
 
 from posenc.cli_output import console, fail, progress_bars
-from posenc.experiments.diagnose_runs import checkpoint_probes, study_probes
 from posenc.experiments.diagnose_summary import (
     BAR,
     attention_table,
@@ -49,6 +48,9 @@ def diagnose(
     seeds. Records that carry probes are read; the others are probed from their
     checkpoints and kept in probes.jsonl.
     """
+    # Imported here, as posenc.cli's commands do: the training modules stay out of `posenc --help`.
+    from posenc.experiments.diagnose_runs import checkpoint_probes, study_probes
+
     if metric not in METRICS:
         raise fail(ValueError(f"--metric must be one of {', '.join(METRICS)}, got {metric!r}"))
     options = {"samples": samples}
