@@ -47,7 +47,7 @@ from torch import nn
 from posenc.attention import Intervention
 from posenc.data.synthetic import Example, SyntheticTask
 from posenc.experiments.config import derive_seed
-from posenc.experiments.evaluate import TEST_STREAM
+from posenc.experiments.evaluate import BATCH_TOKENS, TEST_STREAM
 from posenc.functional.checks import positive_int
 
 #: Version of the ``probes`` dict; bumped when its keys or their meaning change.
@@ -56,10 +56,6 @@ PROBES_VERSION = 1
 CONDITIONS = ("none", "shifted", "window", "temperature", "window_temperature")
 #: Examples are drawn this many at a time, as in ``synthetic_metrics`` (same stream, same examples).
 EVAL_BATCH = 64
-#: Corpora: tokens per forward (rows = BATCH_TOKENS // E), and per forward whose
-#: attention probabilities are materialized for the statistics.
-BATCH_TOKENS = 16384
-ATTENTION_BATCH_TOKENS = 2048
 _DIGITS = 6  # attention statistics
 _NLL_DIGITS = 4  # summed NLLs (nats): an error below 5e-5 nats per segment
 
@@ -331,7 +327,7 @@ def score_segments(
     With ``stats``, only the first ``limit`` chunks of the first segment, in one plain
     forward each, feed it (the attention statistics)."""
     iv = intervention or Intervention()
-    rows = max(1, (ATTENTION_BATCH_TOKENS if stats is not None else BATCH_TOKENS) // length)
+    rows = max(1, BATCH_TOKENS // length)  # chunks per forward, as the main evaluation
     sums = []
     for seg in segments:
         t = len(seg) - 1
