@@ -9,6 +9,7 @@ from rich.markup import escape
 
 import posenc
 from posenc.analysis.contract import CHECKS, check_encoding
+from posenc.cli_diagnose import diagnose
 from posenc.cli_output import (
     NoProgress,
     console,
@@ -32,9 +33,7 @@ from posenc.functional.rope_scaling import extension_rules
 app = typer.Typer(help="posenc: a positional-encoding laboratory for PyTorch.", no_args_is_help=True)
 
 
-LR_SWEEP_HELP = (
-    "the first seed at lr 1e-3, 3e-3, 1e-2, the others at the best on in-distribution validation (default: on in full)"
-)
+LR_SWEEP_HELP = "the first seed at lr 1e-3, 3e-3, 1e-2, the others at the best in-distribution validation lr (full: on)"
 PLUGIN_OPTION = typer.Option(
     None, "--plugin", help="a .py file or module that registers encodings (repeatable; or POSENC_PLUGINS)"
 )
@@ -487,6 +486,9 @@ def check(
         raise fail(err) from None
     if not print_check(name, results):
         raise typer.Exit(1)
+
+
+app.command("diagnose")(diagnose)
 
 
 def main() -> None:  # pragma: no cover
