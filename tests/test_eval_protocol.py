@@ -406,3 +406,54 @@ def test_pooled_intervals():
     assert both[0] < math.exp((sum(segs) + 238.0) / 160) < both[1]
     with pytest.raises(ValueError, match=r"runs\[1\]"):
         pooled_ci([(1, 2), (3, 2)])
+
+
+# -- the record schema ------------------------------------------------------------------------
+
+
+def _record(metrics, **extra):
+    base = {
+        "run_id": "r",
+        "task": "copy",
+        "encoding": "rope",
+        "seed": 0,
+        "train_length": 2,
+        "config": {},
+        "git_commit": "x",
+        "torch_version": "x",
+        "wall_time_s": 1.0,
+        "metrics": metrics,
+    }
+    return {**base, **extra}
+
+
+def test_schema_checks_counts_against_rates_and_accepts_older_records():
+    syn = {"length": 2, "exact_match": 0.5, "token_accuracy": 0.75}
+    validate_record(_record([syn]))  # an older record: rates only
+    counts = {"samples": 4, "exact_hits": 2, "tokens": 8, "token_hits": 6}
+    val = {"metric": "exact_match", "value": 0.5, "higher_is_better": True, "size": 8}
+    validate_record(_record([{**syn, **counts}], validation=val, metrics_random=[{**syn, **counts}]))
+    nll = [10.0, 12.0]
+    lm = {"length": 4, "ppl": math.exp(22 / 16), "ppl_sliding": math.exp(22 / 16), "tokens": 16, "segment_tokens": 8}
+    corpus = {
+        "name": "text:t",
+        "sha256": "ab",
+        "chars": 100,
+        "python_version": "3.11.7",
+        "test_tokens": 16,
+        "validation_tokens": 8,
+    }
+    validate_record(_record([{**lm, "nll_segments": nll, "nll_sliding_segments": nll}], corpus=corpus))
+    bad = [
+        (_record([{**syn, **counts, "exact_hits": 3}]), r"exact_match=0.5 is not exact_hits / samples"),
+        (_record([{**syn, **counts, "token_hits": 9}]), r"token_hits=9 must be an int in \[0, tokens=8\]"),
+        (_record([{**lm, "nll_segments": nll[:1], "nll_sliding_segments": nll}]), "nll_segments must be 2 numbers"),
+        (_record([{**lm, "nll_segments": [11.0, 12.0], "nll_sliding_segments": nll}]), "ppl=.* is not exp"),
+        (_record([syn], validation={**val, "higher_is_better": False}), "validation metric must be"),
+        (_record([syn], validation={**val, "size": 0}), "size a positive int"),
+        (_record([syn], corpus={**corpus, "chars": 0}), "corpus chars must be a positive int"),
+        (_record([syn], metrics_random=[]), "metrics_random must be a non-empty list"),
+    ]
+    for record, match in bad:
+        with pytest.raises(ValueError, match=match):
+            validate_record(record)

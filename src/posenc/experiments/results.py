@@ -123,9 +123,9 @@ def validate_record(record: Any, where: str = "record") -> dict[str, Any]:
         ok = isinstance(value, (int, float)) if typ is float else isinstance(value, typ)
         if not ok or (typ is int and isinstance(value, bool)):
             raise ValueError(f"{where}: {key!r} must be {typ.__name__}, got {value!r}")
-    _check_metrics(record["metrics"], f"{where}: metrics")
+    _check_metrics(record["metrics"], where, "metrics")
     if "metrics_random" in record:
-        _check_metrics(record["metrics_random"], f"{where}: metrics_random")
+        _check_metrics(record["metrics_random"], where, "metrics_random")
     if "validation" in record:
         _check_validation(record["validation"], where)
     if "corpus" in record:
@@ -141,15 +141,15 @@ def _is_number(v: Any) -> bool:
     return isinstance(v, (int, float)) and not isinstance(v, bool) and not math.isnan(v)
 
 
-def _check_metrics(metrics: Any, where: str) -> None:
-    """Every entry has one of the key sets and counts consistent with its rates."""
+def _check_metrics(metrics: Any, where: str, key: str) -> None:
+    """Every entry of ``record[key]`` has one of the key sets and counts consistent with its rates."""
     if not isinstance(metrics, list) or not metrics:
-        raise ValueError(f"{where} must be a non-empty list")
+        raise ValueError(f"{where}: {key} must be a non-empty list")
     sets = [tuple(sorted(k)) for k in (SYNTHETIC_METRICS, LM_METRICS, *LEGACY_METRICS)]
     for m in metrics:
         if not isinstance(m, dict) or tuple(sorted(m)) not in sets:
             raise ValueError(
-                f"{where}: every entry needs an int 'length' and the keys {SYNTHETIC_METRICS} or {LM_METRICS} "
+                f"{where}: every {key} entry needs an int 'length' and the keys {SYNTHETIC_METRICS} or {LM_METRICS} "
                 f"(older records: {LEGACY_METRICS[0]} or {LEGACY_METRICS[1]}), got {m!r}"
             )
         if not _is_int(m["length"], 1):
