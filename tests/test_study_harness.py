@@ -62,52 +62,20 @@ class CopyOracle(nn.Module):
         return nn.functional.one_hot(pred, self.vocab).float()
 
 
+def _row(n, exact, tokens, token_hits, samples=10):
+    """A metrics entry: rates from the counts."""
+    counts = {"samples": samples, "exact_hits": exact, "tokens": tokens, "token_hits": token_hits}
+    return {"length": n, "exact_match": exact / samples, "token_accuracy": token_hits / tokens, **counts}
+
+
 def test_synthetic_metrics_exact_and_token_accuracy():
     task = SyntheticTask("copy", num_symbols=4)
     good = synthetic_metrics(CopyOracle(task.vocab_size), task, [1, 4], samples=10)
-    counts = {"samples": 10}
-    assert good == [
-        {
-            "length": 1,
-            "exact_match": 1.0,
-            "token_accuracy": 1.0,
-            **counts,
-            "exact_hits": 10,
-            "tokens": 10,
-            "token_hits": 10,
-        },
-        {
-            "length": 4,
-            "exact_match": 1.0,
-            "token_accuracy": 1.0,
-            **counts,
-            "exact_hits": 10,
-            "tokens": 40,
-            "token_hits": 40,
-        },
-    ]
+    assert good == [_row(1, 10, 10, 10), _row(4, 10, 40, 40)]
     bad = synthetic_metrics(CopyOracle(task.vocab_size, wrong_last=True), task, [1, 4], samples=10)
     # Last of n answer tokens wrong: exact match 0, token accuracy (n - 1) / n.
-    assert bad == [
-        {
-            "length": 1,
-            "exact_match": 0.0,
-            "token_accuracy": 0.0,
-            **counts,
-            "exact_hits": 0,
-            "tokens": 10,
-            "token_hits": 0,
-        },
-        {
-            "length": 4,
-            "exact_match": 0.0,
-            "token_accuracy": 0.75,
-            **counts,
-            "exact_hits": 0,
-            "tokens": 40,
-            "token_hits": 30,
-        },
-    ]
+    assert bad == [_row(1, 0, 10, 0), _row(4, 0, 40, 30)]
+    assert bad[1]["token_accuracy"] == 0.75
 
 
 class Unigram(nn.Module):
