@@ -62,13 +62,13 @@ def test_synthetic_lengths(L, inside):
 def test_lm_held_out_defaults_and_errors():
     t = TaskConfig(name="shakespeare", train_length=64)
     held = t.held_out()
-    assert t.lm_lengths == [64, 128, 256, 512, 1024] and t.stride == 16
+    assert t.lm_lengths == [64, 128, 256, 512, 1024] and t.stride is None and t.strides == [16, 32, 64, 128, 256]
     assert (held.segments, held.test_context, held.test_scored) == (16, 1024, 4096)
     assert held.segments * held.test_scored == 65536  # >= 65536 scored test tokens
     assert (held.val_context, held.val_scored) == (64, 1024)  # a quarter of the test tokens, at L
     # The default is the smallest multiple of segments x lcm(lengths, stride) >= 65536.
     odd = TaskConfig(name="stdlib", train_length=24, eval_factors=(1, 3, 5))
-    unit = math.lcm(24, 72, 120, odd.stride)
+    unit = math.lcm(24, 72, 120, *odd.strides)  # strides E / 4: 6, 18, 30
     assert odd.held_out().test_scored % unit == 0 and odd.held_out().segments * odd.held_out().test_scored >= 65536
     assert (odd.held_out().test_scored - unit) * 16 < 65536
     with pytest.raises(ValueError, match="eval_tokens=1000 .* use a multiple of 16384"):
@@ -434,7 +434,7 @@ def test_schema_checks_counts_against_rates_and_accepts_older_records():
     val = {"metric": "exact_match", "value": 0.5, "higher_is_better": True, "size": 8}
     validate_record(_record([{**syn, **counts}], validation=val, metrics_random=[{**syn, **counts}]))
     nll = [10.0, 12.0]
-    lm = {"length": 4, "ppl": math.exp(22 / 16), "ppl_sliding": math.exp(22 / 16), "tokens": 16, "segment_tokens": 8}
+    lm = {"length": 4, "ppl": math.exp(22 / 16), "ppl_sliding": math.exp(22 / 16), "tokens": 16, "segment_tokens": 8, "sliding_stride": 1}
     corpus = {
         "name": "text:t",
         "sha256": "ab",

@@ -68,6 +68,12 @@ class HeldOut:
     val_scored: int
 
 
+def sliding_stride(length: int, stride: int | None = None) -> int:
+    """The stride of the sliding-window score at evaluation length ``length``: ``stride``
+    when given, else ``length // 4`` (at least 1)."""
+    return stride if stride is not None else max(1, length // 4)
+
+
 @dataclasses.dataclass(frozen=True)
 class TaskConfig:
     """What to learn and how to score it.
@@ -86,7 +92,9 @@ class TaskConfig:
     the longest evaluation length. ``val_tokens`` (default: a quarter of ``eval_tokens``,
     rounded up to whole windows of ``L``) are scored at ``L`` in validation segments
     disjoint from the test segments; the learning rate is chosen on them, never on the
-    test set. ``sliding_stride`` (default: the largest divisor of ``L`` up to ``L / 4``).
+    test set. ``sliding_stride``: the stride of the sliding-window score at every length
+    (default ``None``: ``E / 4`` at length ``E``, so every scored token sees at least
+    ``3E / 4`` tokens of context and each length costs four times its non-overlapping score).
     """
 
     name: str = "copy"
@@ -152,21 +160,22 @@ class TaskConfig:
         return sorted({f * self.train_length for f in self.factors})
 
     @property
-    def stride(self) -> int:
-        """The sliding-window stride: ``sliding_stride``, else the largest divisor of
-        ``L`` that is at most ``L // 4`` (at least 1)."""
-        if self.sliding_stride is not None:
-            return self.sliding_stride
-        L = self.train_length
-        return max(d for d in range(1, max(1, L // 4) + 1) if L % d == 0)
+    def stride(self) -> int | None:
+        """The configured sliding-window stride (``None``: ``E / 4`` at each length ``E``)."""
+        return self.sliding_stride
+
+    @property
+    def strides(self) -> list[int]:
+        """The sliding-window stride at each of ``lm_lengths``."""
+        return [sliding_stride(e, self.sliding_stride) for e in self.lm_lengths]
 
     def held_out(self) -> HeldOut:
         """The test and validation layout of a corpus run; ``ValueError`` naming the key
         when ``eval_tokens``/``val_tokens`` do not split into whole windows."""
         lengths, stride, k, L = self.lm_lengths, self.stride, self.eval_segments, self.train_length
-        if stride > lengths[0]:
+        if stride is not None and stride > lengths[0]:
             raise ValueError(f"sliding_stride={stride} must be <= every evaluation length, got {lengths[0]}")
-        unit = _lcm([*lengths, stride])  # scored tokens per segment: a multiple of every length and the stride
+        unit = _lcm([*lengths, *self.strides])  # scored tokens per segment: a multiple of every length and stride
         test = self.eval_tokens if self.eval_tokens is not None else -(-MIN_TEST_TOKENS // (k * unit)) * k * unit
         if test % (k * unit):
             raise ValueError(

@@ -43,7 +43,7 @@ from torch import nn
 
 from posenc.data.synthetic import SyntheticTask
 from posenc.data.text import CharCorpus, Segments
-from posenc.experiments.config import derive_seed
+from posenc.experiments.config import derive_seed, sliding_stride
 from posenc.functional.checks import positive_int
 from posenc.model import Transformer
 
@@ -279,21 +279,23 @@ def lm_metrics(
     corpus: CharCorpus,
     lengths: list[int],
     *,
-    stride: int,
+    stride: int | None = None,
     max_position: int | None = None,
     seed: int = 0,
     prefix_consistent: bool | None = None,
 ) -> list[dict[str, Any]]:
     """``[{"length", "ppl", "ppl_sliding", "tokens", "segment_tokens", "nll_segments",
     "nll_sliding_segments"}]`` on ``corpus.test`` at every length: perplexity
-    non-overlapping and with a sliding window of stride ``stride``, and each segment's
+    non-overlapping and with a sliding window of stride ``stride`` (``None``: ``E / 4`` at
+    length ``E``, ``config.sliding_stride``), and each segment's
     summed NLL (``ppl = exp(sum(nll_segments) / tokens)``).
 
     ``max_position``: randomized positions (Ruoss et al. 2023) per window, from the
     stream ``(seed, E, kind, POSITION_STREAM)``. ``prefix_consistent`` (default: the
     model's encoding is length dependent): every token from a forward of its own prefix.
     """
-    positive_int("stride", stride)
+    if stride is not None:
+        positive_int("stride", stride)
     if prefix_consistent is None:
         prefix_consistent = is_length_dependent(model)
     test = corpus.test
@@ -306,10 +308,10 @@ def lm_metrics(
     model.eval()
     out = []
     for e in lengths:
-        if e < stride:
+        if stride is not None and e < stride:
             raise ValueError(f"sliding_stride={stride} must be <= every evaluation length, got {e}")
         sums = []
-        for kind, step in enumerate((e, stride)):  # non-overlapping, then sliding
+        for kind, step in enumerate((e, sliding_stride(e, stride))):  # non-overlapping, then sliding
             gen = torch.Generator().manual_seed(derive_seed(seed, e, kind, POSITION_STREAM))
             sums.append(
                 _segment_nll(
@@ -330,6 +332,7 @@ def lm_metrics(
                 "ppl_sliding": math.exp(sum(sums[1]) / tokens),
                 "tokens": tokens,
                 "segment_tokens": test.scored,
+                "sliding_stride": sliding_stride(e, stride),
                 "nll_segments": sums[0],
                 "nll_sliding_segments": sums[1],
             }

@@ -287,7 +287,7 @@ def finetune_config(config: RunConfig, rule: str, finetune: Finetune, checkpoint
         short = base_unit - fL - base.test_scored - fL
         val = max(fL, -(-short // fL) * fL)  # per segment: a multiple of fL, at least fL
         task |= {"eval_segments": base.segments, "eval_tokens": base.segments * base.test_scored}
-        task |= {"val_tokens": base.segments * val, "sliding_stride": t.stride}
+        task |= {"val_tokens": base.segments * val, "sliding_stride": t.sliding_stride}
     else:
         task["eval_samples"] = 8  # the harness's own end-of-run score; extend scores separately
     return replace(

@@ -9,13 +9,15 @@ study's tables, plots and HTML report)::
      "metrics": [{"length": int, "exact_match": float, "token_accuracy": float,
                   "samples": int, "exact_hits": int, "tokens": int, "token_hits": int}, ...]
                  # or [{"length": int, "ppl": float, "ppl_sliding": float, "tokens": int,
-                 #      "segment_tokens": int, "nll_segments": [float], "nll_sliding_segments": [float]}, ...]
+                 #      "segment_tokens": int, "sliding_stride": int, "nll_segments": [float],
+                 #      "nll_sliding_segments": [float]}, ...]
                  # for LM; records written before the counts existed hold only the first three keys
      "validation": {"metric": "exact_match" | "ppl", "value": float, "higher_is_better": bool, "size": int},
      "metrics_random": [...],   # runs with randomized positions: metrics at Ruoss et al.'s test positions
      "corpus": {"name": str, "sha256": str, "chars": int, "python_version": str,
-                "test_tokens": int, "validation_tokens": int}}   # corpora
-    # validation, metrics_random and corpus are optional: absent in older records
+                "test_tokens": int, "validation_tokens": int},   # corpora
+     "probes": {...}}   # posenc.experiments.diagnose.probe_metrics: the mechanism probes past L
+    # validation, metrics_random, corpus and probes are optional: absent in older records
 
 The counts let every interval be recomputed from the record: ``exact_hits / samples``
 is ``exact_match`` and ``exp(sum(nll_segments) / tokens)`` is ``ppl``
@@ -55,7 +57,9 @@ KEYS = (
 PROVENANCE_KEYS = ("train_step", "cpu_capability")
 #: Evaluation keys that older records lack; ``metrics_random`` only with randomized
 #: positions, ``corpus`` only for corpora.
-EVALUATION_KEYS = ("validation", "metrics_random", "corpus")
+EVALUATION_KEYS = ("validation", "metrics_random", "corpus", "probes")
+#: The keys of ``record["probes"]`` (``posenc.experiments.diagnose.probe_metrics``).
+PROBES_KEYS = ("version", "kind", "train_length", "window", "conditions", "reference", "lengths", "attention")
 OPTIONAL_KEYS = PROVENANCE_KEYS + EVALUATION_KEYS
 SYNTHETIC_METRICS = ("length", "exact_match", "token_accuracy", "samples", "exact_hits", "tokens", "token_hits")
 LM_METRICS = (
@@ -64,6 +68,7 @@ LM_METRICS = (
     "ppl_sliding",
     "tokens",
     "segment_tokens",
+    "sliding_stride",
     "nll_segments",
     "nll_sliding_segments",
 )
@@ -130,6 +135,8 @@ def validate_record(record: Any, where: str = "record") -> dict[str, Any]:
         _check_validation(record["validation"], where)
     if "corpus" in record:
         _check_corpus(record["corpus"], where)
+    if "probes" in record and (not isinstance(record["probes"], dict) or not set(PROBES_KEYS) <= set(record["probes"])):
+        raise ValueError(f"{where}: probes must be probe_metrics's dict with the keys {PROBES_KEYS}")
     return record
 
 

@@ -78,7 +78,7 @@ _SMOKE_SYNTHETIC = {
     "train": {"steps": 20, "batch_size": 8, "lr": 3e-3, "warmup": 5},
 }
 _SMOKE_LM = {
-    "task": {"train_length": 8, "max_chars": 100_000, "eval_factors": [1, 2, 4]},
+    "task": {"train_length": 8, "max_chars": 100_000, "eval_factors": [1, 2, 4], "eval_tokens": 8192},
     "model": {"dim": 16, "num_layers": 1, "num_heads": 2},
     "train": {"steps": 20, "batch_size": 8, "lr": 3e-3, "warmup": 5},
 }

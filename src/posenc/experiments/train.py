@@ -38,6 +38,7 @@ from torch import nn
 from posenc.data.synthetic import PAD, SyntheticTask
 from posenc.data.text import CharCorpus, load_text
 from posenc.experiments.config import RunConfig, TrainConfig, config_from_dict, default_threads, derive_seed
+from posenc.experiments.diagnose import probe_metrics
 from posenc.experiments.distributed import SINGLE_PROCESS, DistContext
 from posenc.experiments.evaluate import (
     lm_metrics,
@@ -78,7 +79,7 @@ class Setup:
     eval_lengths: list[int]
     max_len: int  # longest position the model must represent (+1)
     max_position: int  # range of randomized positions
-    stride: int = 0
+    stride: int | None = None  # the sliding-window stride (None: E / 4 at length E)
     length_dependent: bool = False  # the built encoding's vectors depend on the sequence length
 
 
@@ -88,7 +89,7 @@ def setup(config: RunConfig, corpus_cache: dict | None = None) -> Setup:
     keeps corpora across the runs of a study (keyed by text and held-out layout)."""
     t = config.task
     L = t.train_length
-    task, corpus, stride = None, None, 0
+    task, corpus, stride = None, None, None
     if t.is_lm:
         held = t.held_out()
         key = (t.name, t.text_path, t.max_chars, held)
@@ -292,8 +293,9 @@ def validate_model(model: nn.Module, run_setup: Setup) -> dict[str, Any]:
 
 def evaluate_run(model: nn.Module, run_setup: Setup) -> dict[str, Any]:
     """The evaluation keys of a run's record: ``metrics``, ``validation``,
-    ``metrics_random`` (runs trained with randomized positions) and ``corpus`` (corpora:
-    the text's sha256 and the Python version, which the stdlib corpus depends on)."""
+    ``metrics_random`` (runs trained with randomized positions), ``corpus`` (corpora:
+    the text's sha256 and the Python version, which the stdlib corpus depends on) and
+    ``probes`` (``diagnose.probe_metrics``: scores past L under the mechanism interventions)."""
     out: dict[str, Any] = {"metrics": evaluate_model(model, run_setup)}
     if run_setup.config.train.randomized_positions:
         out["metrics_random"] = evaluate_model(model, run_setup, randomized=True)
@@ -308,6 +310,7 @@ def evaluate_run(model: nn.Module, run_setup: Setup) -> dict[str, Any]:
             "test_tokens": c.test.scored * c.test.count,
             "validation_tokens": c.validation.scored * c.validation.count,
         }
+    out["probes"] = probe_metrics(model, run_setup)
     return out
 
 

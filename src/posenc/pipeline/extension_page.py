@@ -89,7 +89,8 @@ def protocol_table(data: dict[str, Any]) -> TableData:
             "trained context C": f"{C} positions",
             "test set": (
                 f"{first['tokens']} scored characters in {len(first['nll_segments'])} held-out segments, the same "
-                f"at every length; non-overlapping windows and a sliding window of stride {t.stride}"
+                f"at every length; non-overlapping windows and a sliding window of stride "
+                f"{t.stride if t.stride is not None else 'E/4 at length E'}"
                 if t.is_lm
                 else f"{first['samples']} examples per length, answers scored with teacher forcing"
             ),
