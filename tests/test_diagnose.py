@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import math
+import shutil
 import warnings
 
 import pytest
@@ -384,15 +385,25 @@ def study(tmp_path_factory):
 
 
 @pytest.mark.slow
-def test_study_probes_are_saved_and_read_back(study):
+def test_study_probes_are_saved_and_read_back(study, tmp_path):
     folder, configs = study
-    records, skipped = study_probes(folder, samples=64)
+    own, skipped = study_probes(folder)  # every record carries its probes: read, nothing written
+    assert skipped == [] and not (folder / PROBES_FILE).exists()
+    # Records written before probes existed: computed from the checkpoints, saved, read back.
+    old = tmp_path / "old"
+    shutil.copytree(folder, old)
+    lines = [json.loads(line) for line in (old / "results.jsonl").read_text().splitlines()]
+    (old / "results.jsonl").write_text(
+        "".join(json.dumps({k: v for k, v in r.items() if k != "probes"}) + "\n" for r in lines)
+    )
+    records, skipped = study_probes(old)
     assert skipped == [] and len(records) == len(configs)
-    saved = [json.loads(line) for line in (folder / PROBES_FILE).read_text().splitlines()]
+    assert [r["probes"] for r in records] == [r["probes"] for r in own]  # the same as at the end of training
+    saved = [json.loads(line) for line in (old / PROBES_FILE).read_text().splitlines()]
     assert [s["run_id"] for s in saved] == [r["run_id"] for r in records]
-    again, _ = study_probes(folder, samples=64)  # read from probes.jsonl, not recomputed
+    again, _ = study_probes(old, samples=64)  # read from probes.jsonl, not recomputed
     assert [r["probes"] for r in again] == [r["probes"] for r in records]
-    single = checkpoint_probes(checkpoint_path(folder, configs[2].run_id), samples=64)
+    single = checkpoint_probes(checkpoint_path(old, configs[2].run_id))
     assert single["probes"] == records[2]["probes"] and single["encoding"] == "alibi"
 
 

@@ -132,7 +132,7 @@ def test_train_resume_identical_and_skip(tmp_path):
     cfg = _cfg()
     full, skipped = train_run(cfg, tmp_path / "a")
     assert not skipped
-    assert set(full) == {*KEYS, *PROVENANCE_KEYS, "validation"}
+    assert set(full) == {*KEYS, *PROVENANCE_KEYS, "validation", "probes"}
     assert full["train_step"] == "reference"  # 30 steps: "auto" compiles only runs of AUTO_MIN_STEPS or more
     assert full["cpu_capability"] == torch.backends.cpu.get_cpu_capability()
     assert [m["length"] for m in full["metrics"]] == [1, 2, 3, 4, 5, 6]  # 1..L, inside (L, 2L), 2L

@@ -24,7 +24,7 @@ from typing import Any
 
 import yaml
 
-from posenc.data.synthetic import SYNTHETIC_TASKS
+from posenc.data.synthetic import DEFAULT_MAX_COUNT, SYNTHETIC_TASKS, SyntheticTask
 from posenc.data.text import CORPORA
 from posenc.functional.checks import did_you_mean, positive_float, positive_int
 from posenc.registry import get as get_encoding
@@ -129,6 +129,11 @@ class TaskConfig:
             raise ValueError(f"text_path is only for task 'text', got it with task {self.name!r}")
         if self.is_lm:
             self.held_out()  # the divisibility checks, with errors that name the key to change
+
+    def synthetic_task(self) -> SyntheticTask:
+        """The generator of a synthetic task; ``count`` counts up to ``min(8, L)``, so
+        every answer at every test length is an answer of training (``L = train_length``)."""
+        return SyntheticTask(self.name, self.num_symbols, max_count=min(DEFAULT_MAX_COUNT, self.train_length))
 
     @property
     def is_lm(self) -> bool:

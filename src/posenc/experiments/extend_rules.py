@@ -16,7 +16,6 @@ import dataclasses
 import math
 from typing import Any
 
-from posenc.data.synthetic import SyntheticTask
 from posenc.experiments.config import RunConfig, replace
 from posenc.functional.rope_scaling import extension_rule, extension_rules
 from posenc.model import Transformer
@@ -96,7 +95,7 @@ def positions_at(config: RunConfig, length: int) -> int:
     t = config.task
     if t.is_lm:
         return length
-    return SyntheticTask(t.name, t.num_symbols).sequence_length(length) - 1
+    return t.synthetic_task().sequence_length(length) - 1
 
 
 def covering_factor(config: RunConfig, length: int, minimum: int = 1) -> int:

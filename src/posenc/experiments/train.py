@@ -101,7 +101,7 @@ def setup(config: RunConfig, corpus_cache: dict | None = None) -> Setup:
         lengths, stride, vocab_size = t.lm_lengths, t.stride, corpus.vocab_size
         longest, trained = max(lengths), L
     else:
-        task = SyntheticTask(t.name, t.num_symbols)
+        task = t.synthetic_task()
         lengths, vocab_size = t.synthetic_lengths, task.vocab_size
         longest = task.sequence_length(max(lengths)) - 1  # the last token is only a target
         trained = task.sequence_length(L) - 1
