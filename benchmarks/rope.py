@@ -18,7 +18,7 @@ Side by side in one run, on the same q and k:
 
 Each peer is compared with posenc in the peer's own layout. Timings: median of
 ``--reps`` repetitions after warm-up (compilation happens there), implementations
-interleaved round-robin inside each repetition so that a change in machine load hits
+interleaved inside each repetition in a new seeded order each time, so that a change in machine load hits
 all of them alike; ``torch.set_num_threads`` fixed and printed.
 
     PYTHONPATH=src python benchmarks/rope.py            # full run (minutes)
@@ -32,6 +32,7 @@ import gc
 import importlib.util
 import os
 import platform
+import random
 import statistics
 import sys
 import time
@@ -152,8 +153,8 @@ def peers(case: Case, q: torch.Tensor, k: torch.Tensor, notes: list[str]) -> dic
 
 # -- timing ------------------------------------------------------------------------------------
 def measure(fns: dict[str, Callable[[], object]], reps: int, warmup: int) -> dict[str, float]:
-    """Median seconds per call; implementations interleaved within each repetition, in an
-    order that rotates by one every repetition."""
+    """Median seconds per call; implementations interleaved within each repetition, in a
+    new order every repetition (a seeded shuffle)."""
     for name, fn in fns.items():
         # posenc's "auto" compiles a shape once it has come AUTO_COMPILE_AFTER times:
         # warm up past that, so the timed calls are the steady state of a training loop.
@@ -164,10 +165,12 @@ def measure(fns: dict[str, Callable[[], object]], reps: int, warmup: int) -> dic
     gc.disable()
     items = list(fns.items())
     try:
-        for rep in range(reps):
-            # Rotate the starting implementation every repetition: whichever runs first after
-            # the previous repetition's last one was measured slower on this machine.
-            for name, fn in items[rep % len(items) :] + items[: rep % len(items)]:
+        order = random.Random(0)
+        for _ in range(reps):
+            # A new order every repetition: a call is slowed by the one before it (a peer
+            # that runs for milliseconds evicts the caches), so no implementation may keep
+            # the same predecessor (rotating the list would keep every predecessor).
+            for name, fn in order.sample(items, len(items)):
                 t0 = time.perf_counter()
                 fn()
                 times[name].append(time.perf_counter() - t0)

@@ -253,11 +253,13 @@ def _small_tables(cos, sin, layout: str, rotary_dim: int, d: int, dtype) -> tupl
     """Per-dimension multipliers ``[..., d]`` for the small path: ``cos`` on every rotated
     dimension and ``sin`` signed ``-`` on the first member of each pair; 1 and 0 on the
     pass-through dimensions."""
-    c = cos if cos.dtype == dtype else cos.to(dtype)  # [..., s, r/2] (no dispatch when it already is)
-    s = sin if sin.dtype == dtype else sin.to(dtype)
-    if layout == "half":
-        cw, sw = torch.cat([c, c], -1), torch.cat([-s, s], -1)  # [..., s, r]
+    if layout == "half":  # one concatenation and at most one cast for both: few dispatched ops
+        both = torch.cat([cos, cos, -sin, sin], -1)  # [..., s, 2r]
+        both = both if both.dtype == dtype else both.to(dtype)
+        cw, sw = both[..., :rotary_dim], both[..., rotary_dim:]  # [..., s, r] each
     else:
+        c = cos if cos.dtype == dtype else cos.to(dtype)  # [..., s, r/2] (no dispatch when it already is)
+        s = sin if sin.dtype == dtype else sin.to(dtype)
         cw, sw = torch.stack([c, c], -1).flatten(-2), torch.stack([-s, s], -1).flatten(-2)  # [..., s, r]
     if rotary_dim < d:
         cw = torch.nn.functional.pad(cw, (0, d - rotary_dim), value=1.0)  # [..., s, d]
