@@ -14,14 +14,18 @@ at ``E`` without intervention, ``s_c`` under condition ``c``: 1 = back to the sc
 positions of the end of length ``E``), ``1 - recovery`` is the share of the drop that
 unseen positions alone reproduce. A run whose score at ``E`` is not worse than at ``L``
 by at least ``min_drop`` has no drop to explain and no recovery.
+
+``counted_records`` picks the records a study's mechanism tables may use: probes, a
+complete learning-rate sweep, the sweep's chosen rate, learned in distribution.
 """
 
 from __future__ import annotations
 
 import statistics
+from collections.abc import Iterable
 from typing import Any
 
-from posenc.experiments.summary import TableData, group
+from posenc.experiments.summary import LEARNED_BAR, TableData, group, learned, run_lr, selected, sweep_seed
 
 #: The interventions, in the tables' order, and their column names.
 INTERVENTIONS = {
@@ -103,7 +107,9 @@ def _display(metrics: dict[str, Any], kind: str, metric: str) -> float:
     return metrics["ppl"] if kind == "lm" else metrics[metric]
 
 
-def _mean_recovery(per_seed: list[dict[str, float] | None]) -> dict[str, float] | None:
+def mean_recovery(per_seed: list[dict[str, float] | None]) -> dict[str, float] | None:
+    """Each intervention's recovery averaged over the seeds with a drop (the entries of
+    ``recoveries`` at one length, one per seed); ``None`` when no seed has a drop."""
     ok = [r for r in per_seed if r is not None]
     if not ok:
         return None
@@ -145,7 +151,7 @@ def recovery_tables(
                         f"{statistics.fmean(ref):.2f}",
                         f"{statistics.fmean(at_e):.2f}",
                         *cells,
-                        attribution(_mean_recovery(per_seed), bar),
+                        attribution(mean_recovery(per_seed), bar),
                     ]
                 )
             title = (
@@ -182,16 +188,32 @@ def attribution_table(
             for entry in recs[0]["probes"]["lengths"]:
                 e = entry["length"]
                 per_seed = [recoveries(r["probes"], metric=metric, min_drop=min_drop).get(e) for r in recs]
-                parts.append(f"{e // L}L: {attribution(_mean_recovery(per_seed), bar)}")
+                parts.append(f"{e // L}L: {attribution(mean_recovery(per_seed), bar)}")
             row.append("; ".join(parts))
         rows.append(row)
     return TableData("attribution of the drop past L, per encoding and task", ["encoding", *by_task], rows)
 
 
+def attention_means(records: list[dict[str, Any]]) -> dict[int, dict[str, float]]:
+    """``{length: {"entropy", "uniform_entropy", "near_mass"}}`` of the records of one task
+    and encoding: the entropy (nats) and near-key mass averaged over layers, heads and
+    records (each record keeps them per layer and head, ``[layer][head]``), and the
+    entropy of uniform attention averaged over records, at every length of
+    ``probes["attention"]`` (``L`` and each ``E``) that some record measured."""
+    sums: dict[int, dict[str, list[float]]] = {}
+    for r in records:
+        for a in r["probes"]["attention"]:
+            cell = sums.setdefault(a["length"], {"entropy": [], "uniform_entropy": [], "near_mass": []})
+            cell["uniform_entropy"].append(a["uniform_entropy"])
+            for key in ("entropy", "near_mass"):
+                cell[key].append(statistics.fmean(x for row in a[key] for x in row))  # [layer][head] -> mean
+    return {n: {k: statistics.fmean(v) for k, v in cell.items()} for n, cell in sorted(sums.items())}
+
+
 def attention_table(records: list[dict[str, Any]]) -> list[TableData]:
     """Per task: per encoding the attention entropy (nats) and the mass on the nearest
-    ``W`` keys at ``L`` and at each ``E``, averaged over layers, heads and seeds (the
-    records keep them per layer and head), and the entropy of uniform attention."""
+    ``W`` keys at ``L`` and at each ``E``, averaged over layers, heads and seeds
+    (``attention_means``), and the entropy of uniform attention."""
     out = []
     for task, by_enc in group([r for r in records if r.get("probes")]).items():
         first = next(iter(by_enc.values()))[0]["probes"]
@@ -199,18 +221,12 @@ def attention_table(records: list[dict[str, Any]]) -> list[TableData]:
         lengths = [a["length"] for a in first["attention"]]
         rows = []
         for enc, recs in by_enc.items():
-            cells = []
-            for key in ("entropy", "uniform_entropy", "near_mass"):
-                for n in lengths:
-                    vals = []
-                    for r in recs:
-                        a = {x["length"]: x for x in r["probes"]["attention"]}.get(n)
-                        if a is not None:
-                            v = a[key]
-                            vals.append(
-                                v if key == "uniform_entropy" else statistics.fmean(x for row in v for x in row)
-                            )
-                    cells.append(f"{statistics.fmean(vals):.2f}" if vals else "-")
+            means = attention_means(recs)
+            cells = [
+                f"{means[n][key]:.2f}" if n in means else "-"
+                for key in ("entropy", "uniform_entropy", "near_mass")
+                for n in lengths
+            ]
             rows.append([enc, *cells])
         names = [f"{n // L}L" for n in lengths]
         cols = [
@@ -225,3 +241,57 @@ def attention_table(records: list[dict[str, Any]]) -> list[TableData]:
         )
         out.append(TableData(title, cols, rows, task=task))
     return out
+
+
+# -- which records count --------------------------------------------------------------------------
+
+
+def counted_records(
+    records: list[dict[str, Any]], *, grid: Iterable[float] | None = None, bar: float = LEARNED_BAR
+) -> tuple[list[dict[str, Any]], dict[str, list[dict[str, Any]]]]:
+    """The records whose probes the mechanism tables use, and the others by reason.
+
+    A record counts when it has ``probes``, its (task, encoding)'s learning-rate sweep is
+    complete, it is one of the runs ``summary.selected`` keeps (the sweep's chosen rate),
+    and it learned its task in distribution (``summary.learned`` at ``bar``; corpora are
+    not gated). A sweep is complete when the pair's sweep seed (``summary.sweep_seed``)
+    has a record at every rate of ``grid`` (default: every rate of ``records``, so a
+    study without a sweep has one rate and every pair is complete): until then the
+    chosen rate, hence which runs count, is not known.
+
+    Returns:
+        ``(counted, left_out)`` in the records' order; ``left_out`` maps ``"no probes"``,
+        ``"sweep incomplete"``, ``"not chosen"`` (a sweep's other rates) and ``"did not
+        learn"`` to their records.
+    """
+    left_out: dict[str, list[dict[str, Any]]] = {
+        "no probes": [],
+        "sweep incomplete": [],
+        "not chosen": [],
+        "did not learn": [],
+    }
+    probed = []
+    for r in records:
+        (probed if r.get("probes") else left_out["no probes"]).append(r)
+    rates = {run_lr(r) for r in probed} if grid is None else {float(lr) for lr in grid}
+    pairs: dict[tuple[str, str], list[dict[str, Any]]] = {}
+    for r in probed:
+        pairs.setdefault((r["task"], r["encoding"]), []).append(r)
+    complete = set()
+    for pair, recs in pairs.items():
+        seed = sweep_seed(recs)
+        if rates <= {run_lr(r) for r in recs if r["seed"] == seed}:
+            complete.add(pair)
+    ready = []
+    for r in probed:
+        (ready if (r["task"], r["encoding"]) in complete else left_out["sweep incomplete"]).append(r)
+    chosen = {id(r) for r in selected(ready)}
+    counted = []
+    for r in ready:
+        if id(r) not in chosen:
+            left_out["not chosen"].append(r)
+        elif not learned(r, bar):
+            left_out["did not learn"].append(r)
+        else:
+            counted.append(r)
+    return counted, left_out

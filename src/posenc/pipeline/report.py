@@ -28,6 +28,7 @@ from posenc.experiments.results import RESULTS_FILE, read_results
 from posenc.experiments.summary import metric_tables
 from posenc.pipeline.conclusions import study_conclusions
 from posenc.pipeline.figures import train_attention
+from posenc.pipeline.mechanisms_page import mechanisms_report_section
 from posenc.registry import load_plugins, plugin_specs
 from posenc.viz.figures import TrainedAttention
 from posenc.viz.report import PretrainedSection, StudyResults, render_report
@@ -99,7 +100,8 @@ def write_report(
 
     Args:
         study_dir: a directory with ``results.jsonl`` (``posenc study``); adds its tables
-            and curves.
+            and curves, and when its records carry probes the mechanism section
+            (``mechanisms_report_section``) before ``extra_sections``.
         encodings: names to include (default: every registered encoding).
         extra_sections: further sections, each a dict ``{"title": str, "text": str,
             "tables": [{"caption", "columns", "rows"}], "plotly": [(caption, go.Figure)],
@@ -122,6 +124,7 @@ def write_report(
         posenc.get(n)  # unknown names list the valid ones
     config = config or analysis.CardConfig()
     study = None
+    extras = list(extra_sections or [])
     if study_dir is not None:  # read first: a bad study directory fails before the slow work
         say(f"reading study results from {study_dir}")
         runs = study_results(study_dir)
@@ -132,6 +135,9 @@ def write_report(
             conclusions=study_conclusions(runs),
             published=published_tables(runs),
         )
+        mechanisms = mechanisms_report_section(runs)
+        if mechanisms is not None:
+            extras.insert(0, mechanisms)
     chosen = tuple(attention_encodings)
     trained = [n for n in names if n in chosen] if attention_steps > 0 else []
     jobs = min(2, os.cpu_count() or 1) if jobs is None else jobs
@@ -170,6 +176,6 @@ def write_report(
         attention=attention,
         sentences=sentences,
         pretrained=section,
-        extra_sections=extra_sections,
+        extra_sections=extras,
         progress=progress,
     )
