@@ -434,7 +434,14 @@ def test_schema_checks_counts_against_rates_and_accepts_older_records():
     val = {"metric": "exact_match", "value": 0.5, "higher_is_better": True, "size": 8}
     validate_record(_record([{**syn, **counts}], validation=val, metrics_random=[{**syn, **counts}]))
     nll = [10.0, 12.0]
-    lm = {"length": 4, "ppl": math.exp(22 / 16), "ppl_sliding": math.exp(22 / 16), "tokens": 16, "segment_tokens": 8, "sliding_stride": 1}
+    lm = {
+        "length": 4,
+        "ppl": math.exp(22 / 16),
+        "ppl_sliding": math.exp(22 / 16),
+        "tokens": 16,
+        "segment_tokens": 8,
+        "sliding_stride": 1,
+    }
     corpus = {
         "name": "text:t",
         "sha256": "ab",
