@@ -47,7 +47,7 @@ from torch import nn
 from posenc.attention import Intervention
 from posenc.data.synthetic import Example, SyntheticTask
 from posenc.experiments.config import derive_seed
-from posenc.experiments.evaluate import BATCH_TOKENS, TEST_STREAM
+from posenc.experiments.evaluate import BATCH_TOKENS, TEST_STREAM, answer_hits, hit_rates
 from posenc.functional.checks import positive_int
 
 #: Version of the ``probes`` dict; bumped when its keys or their meaning change.
@@ -217,20 +217,9 @@ def score_examples(
         inputs = ex.tokens[:, :-1]  # [b, s-1]: position t predicts token t+1
         prompt = int(ex.answer_mask[0].nonzero()[0])  # index of the first answer token
         pred = _predictions(model, inputs, prompt, iv, prefix_consistent)  # [b, s-1]
-        target, mask = ex.tokens[:, 1:], ex.answer_mask[:, 1:]  # [b, s-1]
-        hit = (pred == target) | ~mask
-        exact += int(hit.all(dim=1).sum())
-        correct += int(((pred == target) & mask).sum())
-        total += int(mask.sum())
+        exact, correct, total = (a + c for a, c in zip((exact, correct, total), answer_hits(pred, ex), strict=True))
         samples += ex.tokens.shape[0]
-    return {
-        "exact_match": exact / samples,
-        "token_accuracy": correct / total,
-        "samples": samples,
-        "exact_hits": exact,
-        "tokens": total,
-        "token_hits": correct,
-    }
+    return hit_rates(exact, correct, total, samples)
 
 
 def _first(batches: list[Example], n: int) -> list[Example]:

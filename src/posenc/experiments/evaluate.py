@@ -41,7 +41,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from posenc.data.synthetic import SyntheticTask
+from posenc.data.synthetic import Example, SyntheticTask
 from posenc.data.text import CharCorpus, Segments
 from posenc.experiments.config import derive_seed, sliding_stride
 from posenc.functional.checks import positive_int
@@ -101,6 +101,27 @@ def cached_logits(
     return torch.stack(out, dim=1)
 
 
+def answer_hits(pred: torch.Tensor, ex: Example) -> tuple[int, int, int]:
+    """``(exact, correct, total)`` of predictions ``pred [b, s-1]`` (``pred[:, t]``
+    predicts token ``t + 1``) on the answers of ``ex``: examples whose every answer token
+    is right, right answer tokens, answer tokens."""
+    target, mask = ex.tokens[:, 1:], ex.answer_mask[:, 1:]  # [b, s-1]
+    hit = (pred == target) | ~mask
+    return int(hit.all(dim=1).sum()), int(((pred == target) & mask).sum()), int(mask.sum())
+
+
+def hit_rates(exact: int, correct: int, total: int, samples: int) -> dict[str, float | int]:
+    """A synthetic metrics entry's scores and the counts behind them."""
+    return {
+        "exact_match": exact / samples,
+        "token_accuracy": correct / total,
+        "samples": samples,
+        "exact_hits": exact,
+        "tokens": total,
+        "token_hits": correct,
+    }
+
+
 @torch.no_grad()
 def synthetic_metrics(
     model: nn.Module,
@@ -148,22 +169,8 @@ def synthetic_metrics(
                 pred[:, prompt - 1 :] = cached_logits(model, inputs, positions, prompt).argmax(-1)
             else:
                 pred = model(inputs, positions).argmax(-1)  # [b, s-1]
-            target, mask = ex.tokens[:, 1:], ex.answer_mask[:, 1:]  # [b, s-1]
-            hit = (pred == target) | ~mask
-            exact += int(hit.all(dim=1).sum())
-            correct += int(((pred == target) & mask).sum())
-            total += int(mask.sum())
-        out.append(
-            {
-                "length": n,
-                "exact_match": exact / samples,
-                "token_accuracy": correct / total,
-                "samples": samples,
-                "exact_hits": exact,
-                "tokens": total,
-                "token_hits": correct,
-            }
-        )
+            exact, correct, total = (a + c for a, c in zip((exact, correct, total), answer_hits(pred, ex), strict=True))
+        out.append({"length": n, **hit_rates(exact, correct, total, samples)})
     model.train(was_training)
     return out
 
