@@ -43,6 +43,11 @@ def test_records_are_unique_runs(records):
     assert {r["torch_version"] for r in records} == {"2.13.0+cpu"}
 
 
+def test_page_states_the_records_from_modified_trees(page, records):
+    dirty = sum(r["git_commit"].endswith("+dirty") for r in records)
+    assert f"| {dirty} of the {len(records)} records written from a modified tree" in page
+
+
 def test_page_states_the_number_of_runs(page, records):
     assert f"**{len(records)} of the full preset's 504 runs**" in page
     assert "{{" not in page, "a placeholder was left in docs/results.md"
