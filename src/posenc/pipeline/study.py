@@ -10,6 +10,7 @@ import importlib.util
 from pathlib import Path
 from typing import Any
 
+from posenc.experiments.intervals import interval_tables, without_counts
 from posenc.experiments.parallel import plan_jobs
 from posenc.experiments.published import published_tables
 from posenc.experiments.results import read_results
@@ -69,9 +70,9 @@ def plot_study(records: list[dict[str, Any]], out_dir: str | Path) -> list[Path]
 def write_study_outputs(
     run_dir: str | Path, records: list[dict[str, Any]] | None = None, *, report: bool = True
 ) -> dict[str, Any]:
-    """Markdown tables (``results.md``), plots (``plots/*.png``) and, when
-    ``posenc.viz.report`` exists, ``report.html``. Returns the paths written.
-    ``ValueError`` when the run folder has no results."""
+    """Markdown tables (``results.md``, with the 95% intervals of ``interval_tables``),
+    plots (``plots/*.png``) and, when ``posenc.viz.report`` exists, ``report.html``.
+    Returns the paths written. ``ValueError`` when the run folder has no results."""
     run_dir = Path(run_dir)
     records = read_results(run_dir) if records is None else records
     if not records:
@@ -94,6 +95,13 @@ def write_study_outputs(
     if unlearned:
         md += [f"**Warning:** {not_learned_note(unlearned)}", ""]
     md.append(to_markdown(tables(records)))
+    md += ["## Intervals", "", to_markdown(interval_tables(records))]
+    if without_counts(records):
+        md += [
+            f"No intervals for {', '.join(without_counts(records))}: their records carry no hit counts or segment "
+            "NLLs (written by an earlier posenc).",
+            "",
+        ]
     compared = published_tables(records)
     if compared:
         md += ["## Beside the published findings", "", to_markdown(compared)]
