@@ -11,7 +11,9 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from posenc.experiments.intervals import interval_tables, ppl_interval, rate_interval, without_counts
+from posenc.experiments.published import randpos_table
 from posenc.experiments.stats import pooled_ci, pooled_ppl_ci, wilson_ci
+from posenc.experiments.summary import judged
 
 N = 256  # test examples per length
 R = 2000  # resamples: enough for the checks, fast
@@ -120,3 +122,20 @@ def test_the_estimate_lies_inside_its_interval(runs):
     runs = [(min(h, n), n) for h, n in runs]
     est, lo, hi = rate_interval(runs, resamples=500)
     assert 0.0 <= lo <= est + 1e-12 and est - 1e-12 <= hi <= 1.0
+
+
+def test_randomized_runs_are_judged_at_ruoss_test_positions():
+    """A +randpos run is trained and validated at randomized positions, so the tables
+    score it there (metrics_random) and keep its scores at 0..s-1 as metrics_arange."""
+    rand = _syn("rope+randpos", 0, {3: 10}, inside=100)  # at 0..s-1: did not learn
+    rand["metrics_random"] = _syn("x", 0, {3: 120})["metrics"]  # at Ruoss's positions: learned
+    plain = _syn("rope", 0, {3: 20})
+    assert judged(plain) is plain
+    seen = judged(rand)
+    assert seen["metrics"] is rand["metrics_random"] and seen["metrics_arange"] is rand["metrics"]
+    (table,) = interval_tables([plain, rand], resamples=R)
+    assert _cell(table, "rope+randpos", "runs learned") == "1 of 1"
+    assert _cell(table, "rope+randpos", "3").startswith(f"{120 / N:.2f} [")
+    (ruoss,) = [t for t in [randpos_table([plain, rand], key="exact_match")] if t is not None]
+    row = dict(zip(ruoss.columns, ruoss.rows[0], strict=True))
+    assert row["(L, 2L] +randpos"] == f"{120 / N:.2f}" and row["(L, 2L] +randpos at 0..s-1"] == f"{10 / N:.2f}"

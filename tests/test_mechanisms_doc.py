@@ -289,15 +289,21 @@ def test_page_has_no_unquoted_number(page):
 
 def _counted_by_hand(records: list[dict]) -> list[dict]:
     """The counted records, recomputed: a pair counts once seed 0 has every rate of
-    LR_GRID, then the sweep's chosen rate (``selected``) and exact match over 1..L >= 0.9."""
+    LR_GRID, then the sweep's chosen rate (``selected``) and exact match over 1..L >= 0.9
+    at positions 0..s-1."""
     complete = {
         (r["task"], r["encoding"])
         for r in records
         if set(LR_GRID)
         <= {run_lr(x) for x in records if (x["task"], x["encoding"], x["seed"]) == (r["task"], r["encoding"], 0)}
     }
-    kept = selected([r for r in records if (r["task"], r["encoding"]) in complete])
-    return [r for r in kept if "exact_match" not in r["metrics"][0] or in_distribution(r) >= 0.9]
+    kept = {r["run_id"] for r in selected([r for r in records if (r["task"], r["encoding"]) in complete])}
+    # gated on the record's own metrics (positions 0..s-1, where the probes are scored)
+    return [
+        r
+        for r in records
+        if r["run_id"] in kept and ("exact_match" not in r["metrics"][0] or in_distribution(r) >= 0.9)
+    ]
 
 
 def test_quotes_recomputed_from_the_raw_probes(page, records):

@@ -285,10 +285,10 @@ def counted_records(
     ready = []
     for r in probed:
         (ready if (r["task"], r["encoding"]) in complete else left_out["sweep incomplete"]).append(r)
-    chosen = {id(r) for r in selected(ready)}
+    chosen = {r["run_id"] for r in selected(ready)}
     counted = []
-    for r in ready:
-        if id(r) not in chosen:
+    for r in ready:  # learned on the record's own metrics (positions 0..s-1), where the probes are scored
+        if r["run_id"] not in chosen:
             left_out["not chosen"].append(r)
         elif not learned(r, bar):
             left_out["did not learn"].append(r)

@@ -167,17 +167,30 @@ def choose_lr(records: list[dict[str, Any]], preferred: float = PRESET_LR) -> di
     return out
 
 
+def judged(record: dict[str, Any]) -> dict[str, Any]:
+    """``record`` as the tables judge it: a run trained with randomized positions
+    (Ruoss et al. 2023) is scored at their randomized test positions, the protocol it
+    was trained and validated under (their ``range_evaluation`` draws sorted random
+    positions at test time too): a copy whose ``metrics`` are its ``metrics_random``
+    and whose ``metrics_arange`` are its scores at positions ``0..s-1``. Every other
+    record (and an older randomized one without ``metrics_random``) is returned as is."""
+    if "metrics_random" not in record:
+        return record
+    return {**record, "metrics": record["metrics_random"], "metrics_arange": record["metrics"]}
+
+
 def selected(records: list[dict[str, Any]], preferred: float = PRESET_LR) -> list[dict[str, Any]]:
-    """``records`` without a sweep's unchosen runs: for every (task, encoding) trained at
-    more than one learning rate only its runs at ``choose_lr``'s rate (the sweep seed's
-    chosen run and the other seeds'), in the original order. Records of a (task,
-    encoding) at one rate (no sweep: the quick preset, older records) pass unchanged."""
+    """The records the tables show, each ``judged``, without a sweep's unchosen runs: for
+    every (task, encoding) trained at more than one learning rate only its runs at
+    ``choose_lr``'s rate (the sweep seed's chosen run and the other seeds'), in the
+    original order. Records of a (task, encoding) at one rate (no sweep: the quick
+    preset, older records) all pass."""
     pairs = _by_pair(records)
     swept = {pair for pair, recs in pairs.items() if len({run_lr(r) for r in recs}) > 1}
-    if not swept:
-        return list(records)
-    chosen = choose_lr([r for pair in swept for r in pairs[pair]], preferred)
-    return [r for r in records if (pair := (r["task"], r["encoding"])) not in swept or run_lr(r) == chosen[pair]]
+    chosen = choose_lr([r for pair in swept for r in pairs[pair]], preferred) if swept else {}
+    return [
+        judged(r) for r in records if (pair := (r["task"], r["encoding"])) not in swept or run_lr(r) == chosen[pair]
+    ]
 
 
 def sweep_table(records: list[dict[str, Any]], preferred: float = PRESET_LR) -> TableData | None:
