@@ -107,3 +107,44 @@ def test_t5_max_distance_row_is_the_records(page):
     ratios = [Cell.of([ratio(r, f * 64) for r in recs]).fmt(2) for f in (2, 4, 8, 16)]
     row = re.escape("| `max_distance = 64` | " + " | ".join([at_l, *ratios]) + " |")
     assert re.search(row, page)
+
+
+# -- the current protocol's section, on the first N committed records of study_results.jsonl ---------
+
+CURRENT = DOCS / "data" / "study_results.jsonl"
+
+
+def _current_section(page: str) -> str:
+    start = page.index("## Current protocol")
+    return page[start : page.index("\n## ", start + 1)]
+
+
+def test_current_section_is_the_first_n_records(page):
+    import difflib
+
+    from posenc.pipeline.mechanisms_page import read_first
+    from posenc.pipeline.results_page import render_page
+
+    found = re.findall(r"<!--q records-->(\d+)<!--/q-->", page)
+    assert len(found) == 1, "docs/results.md must state once how many current records it is built from"
+    rendered = render_page(page, read_first(CURRENT, int(found[0])))
+    if rendered != page:
+        diff = "\n".join(list(difflib.unified_diff(page.splitlines(), rendered.splitlines(), lineterm=""))[:40])
+        pytest.fail(f"docs/results.md's current section differs from its records (write_results_page):\n{diff}")
+
+
+def test_current_section_prose_has_no_unquoted_number(page):
+    from posenc.pipeline.extension_page import BLOCK, QUOTE
+
+    text = QUOTE.sub("", BLOCK.sub("", _current_section(page)))
+    text = re.sub(r"`[^`]*`", "", re.sub(r"\]\([^)]*\)", "]", text))
+    assert re.findall(r"\d+\.\d{2,}|\b\d+/\d+\b|\[\d", text) == [], "a score in the current section is typed by hand"
+
+
+def test_a_cell_quote_is_the_interval_table(page):
+    from posenc.pipeline.results_page import quote
+
+    with pytest.raises(ValueError, match="unknown kind"):
+        quote([], "cells copy rope 16")
+    with pytest.raises(ValueError, match="not shown"):
+        quote([], "cell copy rope 16")

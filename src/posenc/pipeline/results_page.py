@@ -1,0 +1,161 @@
+"""The current protocol's section of docs/results.md, from the first ``N`` records of
+``docs/data/study_results.jsonl`` (the full preset's re-run appends to that file as its
+runs finish).
+
+Only tasks whose full-preset runs are all in the records are shown (``complete_tasks``:
+both phases of ``plan_phases("full", tasks=[task])``), so a shown number never changes
+when later runs arrive. The generated text, between ``<!-- generated:NAME -->`` and
+``<!-- /generated:NAME -->`` lines (``BLOCKS``) and in quotes
+``<!--q KIND-->value<!--/q-->`` (``quote``), is rewritten by ``render_page`` and checked
+by ``tests/test_results_doc.py`` (any difference fails).
+
+Regenerate it from the committed records::
+
+    python -c "from posenc.pipeline.results_page import write_results_page; \\
+write_results_page(count=$(git show HEAD:docs/data/study_results.jsonl | wc -l))"
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+from posenc.experiments.config import TASKS
+from posenc.experiments.intervals import interval_tables
+from posenc.experiments.published import published_tables
+from posenc.experiments.study import StudyPlan, plan_phases, presets
+from posenc.experiments.summary import TableData, not_learned, not_learned_note, sweep_table, to_markdown
+from posenc.pipeline.extension_page import BLOCK, QUOTE
+from posenc.pipeline.mechanisms_page import RECORDS, provenance, read_first
+
+PAGE = Path(__file__).resolve().parents[3] / "docs" / "results.md"
+BLOCKS = (
+    "current-provenance",
+    "current-progress",
+    "current-sweep",
+    "current-learned",
+    "current-intervals",
+    "current-papers",
+)
+#: The preset whose records the section shows.
+PRESET = "full"
+
+
+def _plans() -> dict[str, StudyPlan]:
+    """The full preset's plan of each of its tasks, in ``TASKS`` order."""
+    tasks = sorted(presets()[PRESET].tasks, key=TASKS.index)
+    return {t: plan_phases(PRESET, tasks=[t]) for t in tasks}
+
+
+def _progress(plan: StudyPlan, done: set[str], records: list[dict[str, Any]]) -> tuple[int, int | None]:
+    """``(phase 1 finished, phase 2 finished or None while phase 1 is not)``."""
+    first = sum(c.run_id in done for c in plan.first)
+    if first < len(plan.first):
+        return first, None
+    return first, sum(c.run_id in done for c in plan.second_phase(records))
+
+
+def complete_tasks(records: list[dict[str, Any]]) -> list[str]:
+    """The tasks of the full preset all of whose runs (both phases) are in ``records``."""
+    done = {r["run_id"] for r in records}
+    out = []
+    for task, plan in _plans().items():
+        first, second = _progress(plan, done, records)
+        if second is not None and second == len(plan.later):
+            out.append(task)
+    return out
+
+
+def progress_table(records: list[dict[str, Any]]) -> TableData:
+    """Per task of the full preset: runs of phase 1 (the sweep) and phase 2 (the other
+    seeds at the chosen rate) finished of planned, and whether the task is shown."""
+    done = {r["run_id"] for r in records}
+    rows = []
+    for task, plan in _plans().items():
+        first, second = _progress(plan, done, records)
+        shown = second is not None and second == len(plan.later)
+        rows.append(
+            [
+                task,
+                f"{first} of {len(plan.first)}",
+                "after phase 1" if second is None else f"{second} of {len(plan.later)}",
+                "yes" if shown else "not yet",
+            ]
+        )
+    return TableData(
+        "Runs of the full preset in the records read, per task (a task is shown once both phases are in)",
+        ["task", "phase 1 (sweep, seed 0)", "phase 2 (seeds 1, 2)", "shown"],
+        rows,
+    )
+
+
+def page_blocks(records: list[dict[str, Any]]) -> dict[str, str]:
+    """The text of every generated block (``BLOCKS``) from the records read."""
+    tasks = complete_tasks(records)
+    shown = [r for r in records if r["task"] in tasks]
+    none = "No task has all its runs in the records yet.\n"
+    sweep = sweep_table(shown) if shown else None
+    unlearned = not_learned(shown)
+    papers = published_tables(shown) if shown else []
+    return {
+        "current-provenance": provenance(records),
+        "current-progress": to_markdown([progress_table(records)]),
+        "current-sweep": to_markdown([sweep]) if sweep is not None else none,
+        "current-learned": (
+            (not_learned_note(unlearned) if unlearned else "Every shown run learned its task in distribution.") + "\n"
+            if shown
+            else none
+        ),
+        "current-intervals": to_markdown(interval_tables(shown)) if shown else none,
+        "current-papers": to_markdown(papers) if papers else "No comparison with a paper yet.\n",
+    }
+
+
+def quote(records: list[dict[str, Any]], spec: str) -> str:
+    """The text of the quote ``spec`` (``KIND ARGS``):
+
+    * ``records``: how many records were read (the page's ``N``);
+    * ``complete``: the shown tasks, comma-separated, or "none";
+    * ``cell TASK ENCODING COLUMN``: that cell of ``TASK``'s interval table (a shown task).
+    """
+    kind, *args = spec.split()
+    if kind == "records" and not args:
+        return str(len(records))
+    if kind == "complete" and not args:
+        return ", ".join(complete_tasks(records)) or "none"
+    if kind == "cell" and len(args) == 3:
+        task, encoding, column = args
+        if task not in complete_tasks(records):
+            raise ValueError(f"quote {spec!r}: task {task!r} is not shown (not all its runs are in the records)")
+        shown = [r for r in records if r["task"] == task]
+        (table,) = [t for t in interval_tables(shown) if t.task == task]
+        if column not in table.columns:
+            raise ValueError(f"quote {spec!r}: no column {column!r} (columns {table.columns})")
+        row = next((r for r in table.rows if r[0] == encoding), None)
+        if row is None:
+            raise ValueError(f"quote {spec!r}: no row {encoding!r}")
+        return row[table.columns.index(column)]
+    raise ValueError(f"quote {spec!r}: unknown kind or arguments (records, complete, cell TASK ENCODING COLUMN)")
+
+
+def render_page(page: str, records: list[dict[str, Any]]) -> str:
+    """``page`` with every generated block and quote recomputed from ``records``; a
+    ``ValueError`` names a block that is missing, repeated or unknown."""
+    blocks = page_blocks(records)
+    found = [m.group(2) for m in BLOCK.finditer(page)]
+    if sorted(found) != sorted(BLOCKS):
+        raise ValueError(f"the page's generated blocks are {found}; it needs each of {list(BLOCKS)} once")
+    page = BLOCK.sub(lambda m: m.group(1) + blocks[m.group(2)].rstrip("\n") + "\n" + m.group(4), page)
+    return QUOTE.sub(lambda m: f"<!--q {m.group(1)}-->{quote(records, m.group(1))}<!--/q-->", page)
+
+
+def write_results_page(count: int | None = None, records: str | Path = RECORDS, page: str | Path = PAGE) -> Path:
+    """Rewrite ``page``'s generated blocks and quotes from the first ``count`` lines of
+    ``records`` (default: every line; give the committed count, so that the page's test
+    finds them in a clean checkout). Returns the page's path."""
+    if count is None:
+        with Path(records).open(encoding="utf-8") as fh:
+            count = sum(1 for line in fh if line.endswith("\n"))
+    page = Path(page)
+    page.write_text(render_page(page.read_text(encoding="utf-8"), read_first(records, count)), encoding="utf-8")
+    return page
