@@ -36,6 +36,7 @@ BLOCKS = (
     "current-learned",
     "current-intervals",
     "current-papers",
+    "current-time",
 )
 #: The preset whose records the section shows.
 PRESET = "full"
@@ -89,6 +90,46 @@ def progress_table(records: list[dict[str, Any]]) -> TableData:
     )
 
 
+def time_table(records: list[dict[str, Any]]) -> TableData:
+    """The run time of the records read, per task: each record's ``wall_time_s``
+    (training and evaluation, one thread per run, so core-seconds), and the full
+    preset's planned runs at the task's mean."""
+    rows = []
+    total_h, planned_h = 0.0, 0.0
+    plans = _plans()
+    for task, plan in plans.items():
+        times = [float(r["wall_time_s"]) for r in records if r["task"] == task]
+        if not times:
+            continue
+        runs = len(plan.first) + len(plan.later)
+        mean = sum(times) / len(times)
+        total_h += sum(times) / 3600
+        planned_h += mean * runs / 3600
+        rows.append(
+            [
+                task,
+                str(len(times)),
+                f"{mean:.0f} s",
+                f"{min(times):.0f}–{max(times):.0f} s",
+                f"{sum(times) / 3600:.2f}",
+                f"{mean * runs / 3600:.2f}",
+            ]
+        )
+    rows.append(["all read", str(sum(int(r[1]) for r in rows)), "", "", f"{total_h:.2f}", f"{planned_h:.2f}"])
+    return TableData(
+        "Run time per task (wall_time_s: training and evaluation, one thread per run, so core time)",
+        [
+            "task",
+            "runs read",
+            "mean per run",
+            "min–max",
+            "core-hours read",
+            "core-hours of the task's planned runs at that mean",
+        ],
+        rows,
+    )
+
+
 def page_blocks(records: list[dict[str, Any]]) -> dict[str, str]:
     """The text of every generated block (``BLOCKS``) from the records read."""
     tasks = complete_tasks(records)
@@ -108,6 +149,7 @@ def page_blocks(records: list[dict[str, Any]]) -> dict[str, str]:
         ),
         "current-intervals": to_markdown(interval_tables(shown)) if shown else none,
         "current-papers": to_markdown(papers) if papers else "No comparison with a paper yet.\n",
+        "current-time": to_markdown([time_table(records)]) if records else "No record yet.\n",
     }
 
 
