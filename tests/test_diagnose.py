@@ -23,7 +23,13 @@ from posenc.cli_diagnose import diagnose
 from posenc.experiments import diagnose as dg
 from posenc.experiments.config import config_from_dict
 from posenc.experiments.diagnose_runs import PROBES_FILE, checkpoint_probes, study_probes
-from posenc.experiments.diagnose_summary import attribution, attribution_table, recoveries, recovery_tables
+from posenc.experiments.diagnose_summary import (
+    attribution,
+    attribution_table,
+    hypothesis_table,
+    recoveries,
+    recovery_tables,
+)
 from posenc.experiments.evaluate import lm_metrics, synthetic_metrics
 from posenc.experiments.train import build_model, checkpoint_path, setup, train_run
 
@@ -367,6 +373,14 @@ def test_recovery_is_the_share_of_the_drop():
     (table, _) = recovery_tables(records)
     assert table.rows[0][:5] == ["x", "2/2", "1.00", "0.20", "0.12 [0.12, 0.12]"]
     assert attribution_table(records).rows == [["x", "2L: positions + distances+dilution; 4L: no drop"]]
+    # the hypotheses' table: the one cell with a drop is explained by positions and by distances+dilution
+    unexplained = {**probes, "lengths": [{**probes["lengths"][0], "shifted": metrics(0.9), "window": metrics(0.2)}]}
+    records.append({"task": "copy", "encoding": "y", "seed": 0, "train_length": 4, "probes": unexplained})
+    rows = {row[0]: row[3:] for row in hypothesis_table(records).rows}
+    assert rows["unseen positions"] == ["1 of 2", "x (copy 2L)"]
+    assert rows["unseen distances (the window also removes dilution)"] == ["1 of 2", "x (copy 2L)"]
+    assert rows["attention dilution"] == ["0 of 2", "none"]
+    assert rows["none of the three"] == ["1 of 2", "y (copy 2L)"]
 
 
 @pytest.fixture(scope="module")

@@ -208,7 +208,8 @@ def test_report_section_by_hand():
     try:
         assert "2 of 9 records count" in section["text"] and "1 sweep incomplete" in section["text"]
         captions = [t["caption"] for t in section["tables"]]
-        assert len(captions) == 4 and "E=16 (2L)" in captions[0] and "attribution" in captions[2]
+        assert len(captions) == 5 and "E=16 (2L)" in captions[0] and "attribution" in captions[2]
+        assert "each hypothesis" in captions[3]
         assert [c for c, _ in section["figures"]] == ["copy: recovered share per intervention and attention entropy"]
     finally:
         for _, fig in section["figures"]:

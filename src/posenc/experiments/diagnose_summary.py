@@ -194,6 +194,60 @@ def attribution_table(
     return TableData("attribution of the drop past L, per encoding and task", ["encoding", *by_task], rows)
 
 
+#: The hypotheses of the mechanism study: attribution label, name, sources (the papers
+#: that argue it) and the encodings each source names as failing for that reason.
+HYPOTHESES = (
+    ("positions", "unseen positions", "Ruoss et al. 2023", "absolute encodings (positions past L never seen)"),
+    (
+        "distances+dilution",
+        "unseen distances (the window also removes dilution)",
+        "Press et al. 2022; Raffel et al. 2020",
+        "sinusoidal and rotary encodings (Press); T5 past its largest bucket (Raffel)",
+    ),
+    (
+        "dilution",
+        "attention dilution",
+        "Chiang & Cholak 2022; Wang et al. 2024; Peng et al. 2023",
+        "NoPE (Wang); every encoding at long lengths (Chiang & Cholak, the YaRN temperature)",
+    ),
+)
+
+
+def hypothesis_table(
+    records: list[dict[str, Any]], *, metric: str = "exact_match", min_drop: float | None = None, bar: float = BAR
+) -> TableData | None:
+    """Each hypothesis against the records: over every (task, encoding, E) with a drop
+    (mean recovery over the seeds with one), how many the hypothesis's label explains
+    (``attribution`` at ``bar``; a cell can carry two labels) and which encodings those
+    are, with their tasks and lengths. ``None`` without probes."""
+    by_task = group([r for r in records if r.get("probes")])
+    if not by_task:
+        return None
+    labels: list[tuple[str, str, str]] = []  # (encoding, task E, attribution) of each cell with a drop
+    for task, by_enc in by_task.items():
+        for enc, recs in by_enc.items():
+            L = recs[0]["probes"]["train_length"]
+            for entry in recs[0]["probes"]["lengths"]:
+                e = entry["length"]
+                rec = mean_recovery([recoveries(r["probes"], metric=metric, min_drop=min_drop).get(e) for r in recs])
+                if rec is not None:
+                    labels.append((enc, f"{task} {e // L}L", attribution(rec, bar)))
+    rows = []
+    for label, name, sources, names in (*HYPOTHESES, ("unexplained", "none of the three", "-", "-")):
+        hits = [(enc, where) for enc, where, got in labels if label in got.split(" + ")]
+        per_enc: dict[str, list[str]] = {}
+        for enc, where in hits:
+            per_enc.setdefault(enc, []).append(where)
+        found = "; ".join(f"{enc} ({', '.join(w)})" for enc, w in per_enc.items()) or "none"
+        rows.append([name, sources, names, f"{len(hits)} of {len(labels)}", found])
+    return TableData(
+        f"each hypothesis against the counted records: cells (task, encoding, E) with a drop that its label "
+        f"explains (attribution at {bar:g})",
+        ["hypothesis", "sources", "what the sources predict", "cells explained", "where (encoding: task E)"],
+        rows,
+    )
+
+
 def attention_means(records: list[dict[str, Any]]) -> dict[int, dict[str, float]]:
     """``{length: {"entropy", "uniform_entropy", "near_mass"}}`` of the records of one task
     and encoding: the entropy (nats) and near-key mass averaged over layers, heads and

@@ -42,6 +42,7 @@ from posenc.experiments.diagnose_summary import (
     attribution_legend,
     attribution_table,
     counted_records,
+    hypothesis_table,
     mean_recovery,
     recoveries,
     recovery_tables,
@@ -58,7 +59,7 @@ ROOT = Path(__file__).resolve().parents[3]
 RECORDS = ROOT / "docs" / "data" / "study_results.jsonl"
 PAGE = ROOT / "docs" / "mechanisms.md"
 RECORDS_LABEL = "docs/data/study_results.jsonl"
-BLOCKS = ("provenance", "counting", "protocol", "recovery", "attribution", "attention", "figures")
+BLOCKS = ("provenance", "counting", "protocol", "recovery", "attribution", "claims", "attention", "figures")
 #: What the recovery is computed on, per probes kind.
 SCORES = {"synthetic": "exact match", "lm": "log perplexity"}
 
@@ -275,6 +276,7 @@ def page_blocks(records: list[dict[str, Any]], img: str = "img", grid: Iterable[
     )
     legend = f"Attribution labels: {attribution_legend(BAR)}.\n"
     summary = attribution_table(counted)
+    claims = hypothesis_table(counted)
     figures = [f"![{t}]({img}/mechanisms_{safe_filename(t)}.png)" for t in tasks]
     return {
         "provenance": provenance(records),
@@ -282,6 +284,7 @@ def page_blocks(records: list[dict[str, Any]], img: str = "img", grid: Iterable[
         "protocol": to_markdown([protocol_table(counted)]) + "\n" + invariant if counted else none,
         "recovery": to_markdown(recovery_tables(counted)) if counted else none,
         "attribution": legend + "\n" + to_markdown([summary]) if summary is not None else none,
+        "claims": to_markdown([claims]) if claims is not None else none,
         "attention": to_markdown(attention_table(counted)) if counted else none,
         "figures": "\n\n".join(figures) + "\n" if figures else none,
     }
@@ -385,6 +388,8 @@ def mechanisms_report_section(
         tables = [*recovery_tables(counted)]
         summary = attribution_table(counted)
         tables += [summary] if summary is not None else []
+        claims = hypothesis_table(counted)
+        tables += [claims] if claims is not None else []
         tables += attention_table(counted)
         figures = [
             (f"{t}: recovered share per intervention and attention entropy", figure_mechanisms(figure_data(counted, t)))

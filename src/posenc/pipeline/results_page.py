@@ -153,12 +153,27 @@ def page_blocks(records: list[dict[str, Any]]) -> dict[str, str]:
     }
 
 
+def _interval_table(records: list[dict[str, Any]], task: str, spec: str) -> TableData:
+    if task not in complete_tasks(records):
+        raise ValueError(f"quote {spec!r}: task {task!r} is not shown (not all its runs are in the records)")
+    (table,) = [t for t in interval_tables([r for r in records if r["task"] == task]) if t.task == task]
+    return table
+
+
+def _column(table: TableData, column: str, spec: str) -> int:
+    if column not in table.columns:
+        raise ValueError(f"quote {spec!r}: no column {column!r} (columns {table.columns})")
+    return table.columns.index(column)
+
+
 def quote(records: list[dict[str, Any]], spec: str) -> str:
     """The text of the quote ``spec`` (``KIND ARGS``):
 
     * ``records``: how many records were read (the page's ``N``);
     * ``complete``: the shown tasks, comma-separated, or "none";
-    * ``cell TASK ENCODING COLUMN``: that cell of ``TASK``'s interval table (a shown task).
+    * ``cell TASK ENCODING COLUMN``: that cell of ``TASK``'s interval table (a shown task);
+    * ``max TASK COLUMN``: the cell with the largest estimate in that column and its
+      encoding, or the estimate and how many encodings share it.
     """
     kind, *args = spec.split()
     if kind == "records" and not args:
@@ -166,18 +181,24 @@ def quote(records: list[dict[str, Any]], spec: str) -> str:
     if kind == "complete" and not args:
         return ", ".join(complete_tasks(records)) or "none"
     if kind == "cell" and len(args) == 3:
-        task, encoding, column = args
-        if task not in complete_tasks(records):
-            raise ValueError(f"quote {spec!r}: task {task!r} is not shown (not all its runs are in the records)")
-        shown = [r for r in records if r["task"] == task]
-        (table,) = [t for t in interval_tables(shown) if t.task == task]
-        if column not in table.columns:
-            raise ValueError(f"quote {spec!r}: no column {column!r} (columns {table.columns})")
-        row = next((r for r in table.rows if r[0] == encoding), None)
+        table = _interval_table(records, args[0], spec)
+        col = _column(table, args[2], spec)
+        row = next((r for r in table.rows if r[0] == args[1]), None)
         if row is None:
-            raise ValueError(f"quote {spec!r}: no row {encoding!r}")
-        return row[table.columns.index(column)]
-    raise ValueError(f"quote {spec!r}: unknown kind or arguments (records, complete, cell TASK ENCODING COLUMN)")
+            raise ValueError(f"quote {spec!r}: no row {args[1]!r}")
+        return row[col]
+    if kind == "max" and len(args) == 2:
+        table = _interval_table(records, args[0], spec)
+        col = _column(table, args[1], spec)
+        cells = [(float(r[col].split()[0]), r[0], r[col]) for r in table.rows if r[col][:1].isdigit()]
+        if not cells:
+            raise ValueError(f"quote {spec!r}: no encoding has a number in column {args[1]!r}")
+        best = max(c[0] for c in cells)
+        top = [c for c in cells if c[0] == best]
+        return f"{top[0][2]} ({top[0][1]})" if len(top) == 1 else f"{best:.2f} ({len(top)} encodings)"
+    raise ValueError(
+        f"quote {spec!r}: unknown kind or arguments (records, complete, cell TASK ENCODING COLUMN, max TASK COLUMN)"
+    )
 
 
 def render_page(page: str, records: list[dict[str, Any]]) -> str:
