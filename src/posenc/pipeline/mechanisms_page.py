@@ -35,6 +35,7 @@ from typing import Any
 from posenc.experiments.config import RANDPOS
 from posenc.experiments.diagnose_summary import (
     BAR,
+    HYPOTHESES,
     INTERVENTIONS,
     MIN_DROP,
     attention_means,
@@ -295,6 +296,8 @@ def quote(records: list[dict[str, Any]], spec: str, grid: Iterable[float] = LR_G
 
     * ``records``: how many records were read (the page's ``N``);
     * ``counted``: how many of them count (``counted_records``);
+    * ``explained LABEL TASK``: of ``TASK``'s cells with a drop, how many the attribution
+      ``LABEL`` explains (``hypothesis_table``), e.g. ``12 of 51``;
     * ``max TASK INTERVENTION FACTOR``: the largest mean recovery (over the seeds with a
       drop) of ``INTERVENTION`` at ``E = FACTOR L`` among the counted encodings of
       ``TASK``, two decimals; ``no drop`` when no encoding has a drop there.
@@ -306,6 +309,15 @@ def quote(records: list[dict[str, Any]], spec: str, grid: Iterable[float] = LR_G
         counted, _ = counted_records(records, grid=grid)
         if kind == "counted" and not args:
             return str(len(counted))
+        if kind == "explained" and len(args) == 2:
+            label, task = args
+            names = {h[0]: h[1] for h in HYPOTHESES} | {"unexplained": "none of the three"}
+            if label not in names:
+                raise ValueError(f"unknown label {label!r} (one of {list(names)})")
+            table = hypothesis_table([r for r in counted if r["task"] == task])
+            if table is None:
+                raise ValueError(f"no counted record of task {task!r}")
+            return next(row[3] for row in table.rows if row[0] == names[label])
         if kind == "max" and len(args) == 3:
             task, intervention, factor = args
             if intervention not in INTERVENTIONS:
@@ -318,7 +330,10 @@ def quote(records: list[dict[str, Any]], spec: str, grid: Iterable[float] = LR_G
             return f"{max(values):.2f}" if values else "no drop"
     except (ValueError, KeyError) as err:
         raise ValueError(f"quote {spec!r}: {err}") from None
-    raise ValueError(f"quote {spec!r}: unknown kind or arguments (records, counted, max TASK INTERVENTION FACTOR)")
+    raise ValueError(
+        f"quote {spec!r}: unknown kind or arguments "
+        "(records, counted, explained LABEL TASK, max TASK INTERVENTION FACTOR)"
+    )
 
 
 def render_page(page: str, records: list[dict[str, Any]], grid: Iterable[float] = LR_GRID) -> str:
