@@ -139,3 +139,13 @@ def test_randomized_runs_are_judged_at_ruoss_test_positions():
     (ruoss,) = [t for t in [randpos_table([plain, rand], key="exact_match")] if t is not None]
     row = dict(zip(ruoss.columns, ruoss.rows[0], strict=True))
     assert row["(L, 2L] +randpos"] == f"{120 / N:.2f}" and row["(L, 2L] +randpos at 0..s-1"] == f"{10 / N:.2f}"
+
+
+def test_the_report_section_holds_every_interval_table():
+    from posenc.pipeline.report import intervals_section
+
+    records = [_syn("rope", 0, {3: 100}), _lm("rope", 0, {4: [200.0] * 3})]
+    tables = interval_tables(records, resamples=R)
+    section = intervals_section(tables)
+    assert section["title"] == "Scores with 95% intervals" and len(section["tables"]) == 2
+    assert [t["rows"] for t in section["tables"]] == [t.rows for t in tables]

@@ -23,9 +23,10 @@ import posenc
 from posenc import analysis
 from posenc.analysis.order import sentence_order
 from posenc.analysis.pretrained import learned_probe, load_positions, minilm_dir
+from posenc.experiments.intervals import interval_tables
 from posenc.experiments.published import published_tables
 from posenc.experiments.results import RESULTS_FILE, read_results
-from posenc.experiments.summary import metric_tables
+from posenc.experiments.summary import TableData, metric_tables
 from posenc.pipeline.conclusions import study_conclusions
 from posenc.pipeline.figures import train_attention
 from posenc.pipeline.mechanisms_page import mechanisms_report_section
@@ -83,6 +84,21 @@ def _finish_training(
     return {n: done.get(n) or train_attention(n, steps=steps) for n in names}
 
 
+def intervals_section(tables: list[TableData]) -> dict[str, Any]:
+    """The report section of ``interval_tables``: every task's scores past ``L`` with
+    95% intervals."""
+    return {
+        "title": "Scores with 95% intervals",
+        "text": (
+            "Synthetic tasks: mean exact match of the runs that learned the task in distribution (exact match over "
+            "1..L at least 0.9), with a two-stage bootstrap interval over runs and test examples. Corpora: "
+            "perplexity of all test tokens with sliding windows, block bootstrap over runs and test segments. Runs "
+            "with randomized positions are scored at randomized test positions (Ruoss et al. 2023)."
+        ),
+        "tables": [{"caption": t.title, "columns": t.columns, "rows": t.rows} for t in tables],
+    }
+
+
 def write_report(
     path: str | pathlib.Path,
     *,
@@ -138,6 +154,9 @@ def write_report(
         mechanisms = mechanisms_report_section(runs)
         if mechanisms is not None:
             extras.insert(0, mechanisms)
+        intervals = interval_tables(runs)
+        if intervals:
+            extras.insert(0, intervals_section(intervals))
     chosen = tuple(attention_encodings)
     trained = [n for n in names if n in chosen] if attention_steps > 0 else []
     jobs = min(2, os.cpu_count() or 1) if jobs is None else jobs
