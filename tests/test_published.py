@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from posenc.experiments.published import (
     kazemnejad_ranks,
+    press_sliding_table,
     press_table,
     published_tables,
     randpos_lm_table,
@@ -49,6 +50,19 @@ def test_press_table_ratios_and_paper_values():
     assert t.title == "Press et al. 2022 Table 2 vs shakespeare (L=10, 2 seeds): ppl(E) / ppl(L)"
     # 2L ratios 1.0 and 1.1 -> 1.05 ± 0.07; 4L 0.9, 1.0; 8L 0.8, 1.0; ppl at L 5, 4
     assert t.rows == [["alibi", "0.95", "1.05 ± 0.07", "0.93", "0.95 ± 0.07", "0.90 ± 0.14", "4.50 ± 0.71"]]
+
+
+def test_press_sliding_table_reads_the_sliding_perplexity():
+    recs = [
+        _lm("alibi", 0, {10: 5.0, 20: 5.0, 40: 4.5, 80: 4.0}),
+        _lm("alibi", 1, {10: 4.0, 20: 4.4, 40: 4.0, 80: 4.0}),
+    ]
+    for r in recs:  # sliding: flat at 2L and 4L, one step at 8L; non-overlapping untouched
+        for m in r["metrics"]:
+            m["ppl_sliding"] = {10: 2.0, 20: 2.0, 40: 2.0, 80: 3.0}[m["length"]]
+    (t,) = press_sliding_table(recs)
+    assert t.rows == [["alibi", "0.95", "1.00 ± 0.00", "0.93", "1.00 ± 0.00", "1.50 ± 0.00", "2.00 ± 0.00"]]
+    assert "with sliding windows" in t.title and len(published_tables(recs)) == 2
 
 
 def test_kazemnejad_ranks_only_their_encodings_with_paper_rank():
