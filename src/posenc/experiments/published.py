@@ -49,9 +49,10 @@ PRESS_TABLE2: dict[str, tuple[float, float]] = {
 KAZEMNEJAD_ORDER: tuple[str, ...] = ("none", "t5", "alibi", "rope", "sinusoidal")
 
 
-def press_table(records: list[dict[str, Any]]) -> list[TableData]:
-    """One table per language-modelling task: the paper's ratios next to ours at 2L,
-    4L and 8L (mean ± std over seeds) and our perplexity at L."""
+def _press(records: list[dict[str, Any]], key: str) -> list[tuple[str, int, int, list[list[str]]]]:
+    """Per language-modelling task with an encoding of ``PRESS_TABLE2``: ``(task, L,
+    seeds, rows)``, each row the paper's ratios beside ours, ``key(E) / key(L)`` at 2L, 4L
+    and 8L (mean ± std over seeds), and our ``key`` at L."""
     out = []
     for task, by_enc in group(selected(records)).items():
         first = next(iter(by_enc.values()))
@@ -65,14 +66,28 @@ def press_table(records: list[dict[str, Any]]) -> list[TableData]:
             recs = by_enc.get(enc)
             if not recs:
                 continue
-            ours = {f: Cell.of([ratio(r, f * L) for r in recs]).fmt(2) for f in factors}
-            at_l = Cell.of([{m["length"]: m["ppl"] for m in r["metrics"]}[L] for r in recs]).fmt(2)
+            ours = {f: Cell.of([ratio(r, f * L, key=key) for r in recs]).fmt(2) for f in factors}
+            at_l = Cell.of([{m["length"]: m[key] for m in r["metrics"]}[L] for r in recs]).fmt(2)
             rows.append([enc, f"{p2:g}", ours.get(2, "-"), f"{p5:g}", ours.get(4, "-"), ours.get(8, "-"), at_l])
-        seeds = max(len(v) for v in by_enc.values())
-        cols = ["encoding", "paper ~2L", "ours 2L", "paper ~5L", "ours 4L", "ours 8L", "ours ppl at L"]
-        title = f"Press et al. 2022 Table 2 vs {task} (L={L}, {seeds} seed{'s' * (seeds != 1)}): ppl(E) / ppl(L)"
-        out.append(TableData(title, cols, rows))
+        out.append((task, L, max(len(v) for v in by_enc.values()), rows))
     return out
+
+
+_PRESS_COLUMNS = ["encoding", "paper ~2L", "ours 2L", "paper ~5L", "ours 4L", "ours 8L"]
+
+
+def press_table(records: list[dict[str, Any]]) -> list[TableData]:
+    """One table per language-modelling task: the paper's ratios next to ours at 2L,
+    4L and 8L (mean ± std over seeds), non-overlapping evaluation as in the paper, and
+    our perplexity at L."""
+    return [
+        TableData(
+            f"Press et al. 2022 Table 2 vs {task} (L={L}, {n} seed{'s' * (n != 1)}): ppl(E) / ppl(L)",
+            [*_PRESS_COLUMNS, "ours ppl at L"],
+            rows,
+        )
+        for task, L, n, rows in _press(records, "ppl")
+    ]
 
 
 def press_sliding_table(records: list[dict[str, Any]]) -> list[TableData]:
@@ -82,30 +97,15 @@ def press_sliding_table(records: list[dict[str, Any]]) -> list[TableData]:
     non-overlapping evaluation as the early-token curse (a longer chunk has a smaller share
     of tokens with little context); sliding windows give every scored token at least
     ``3E/4`` tokens of context, so an encoding that extrapolates is flat here (ratio 1)."""
-    out = []
-    for task, by_enc in group(selected(records)).items():
-        first = next(iter(by_enc.values()))
-        if not is_lm(first) or not any(e in by_enc for e in PRESS_TABLE2):
-            continue
-        L = first[0]["train_length"]
-        lengths = {m["length"] for m in first[0]["metrics"]}
-        factors = [f for f in (2, 4, 8) if f * L in lengths]
-        rows = []
-        for enc, (p2, p5) in PRESS_TABLE2.items():
-            recs = by_enc.get(enc)
-            if not recs:
-                continue
-            ours = {f: Cell.of([ratio(r, f * L, key="ppl_sliding") for r in recs]).fmt(2) for f in factors}
-            at_l = Cell.of([{m["length"]: m["ppl_sliding"] for m in r["metrics"]}[L] for r in recs]).fmt(2)
-            rows.append([enc, f"{p2:g}", ours.get(2, "-"), f"{p5:g}", ours.get(4, "-"), ours.get(8, "-"), at_l])
-        seeds = max(len(v) for v in by_enc.values())
-        cols = ["encoding", "paper ~2L", "ours 2L", "paper ~5L", "ours 4L", "ours 8L", "ours sliding ppl at L"]
-        title = (
-            f"Press et al. 2022 Table 2 vs {task} with sliding windows (L={L}, {seeds} seed{'s' * (seeds != 1)}): "
-            "ppl_sliding(E) / ppl_sliding(L); the paper's ratios are non-overlapping"
+    return [
+        TableData(
+            f"Press et al. 2022 Table 2 vs {task} with sliding windows (L={L}, {n} seed{'s' * (n != 1)}): "
+            "ppl_sliding(E) / ppl_sliding(L); the paper's ratios are non-overlapping",
+            [*_PRESS_COLUMNS, "ours sliding ppl at L"],
+            rows,
         )
-        out.append(TableData(title, cols, rows))
-    return out
+        for task, L, n, rows in _press(records, "ppl_sliding")
+    ]
 
 
 def kazemnejad_ranks(records: list[dict[str, Any]], factor: int = 2) -> TableData | None:

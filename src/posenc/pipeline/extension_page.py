@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import re
 import statistics
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -229,15 +230,22 @@ def page_blocks(data: dict[str, Any], img: str = "img") -> dict[str, str]:
     }
 
 
+def fill_page(page: str, blocks: dict[str, str], quoted: Callable[[str], str]) -> str:
+    """``page`` with the text of every generated block (``BLOCK``) taken from ``blocks``
+    and every quote (``QUOTE``) from ``quoted(spec)``: the one way the generated pages
+    (docs/extension.md, docs/mechanisms.md, docs/results.md) are rewritten. A
+    ``ValueError`` names a block that is missing, repeated or not in ``blocks``."""
+    found = [m.group(2) for m in BLOCK.finditer(page)]
+    if sorted(found) != sorted(blocks):
+        raise ValueError(f"the page's generated blocks are {found}; it needs each of {list(blocks)} once")
+    page = BLOCK.sub(lambda m: m.group(1) + blocks[m.group(2)].rstrip("\n") + "\n" + m.group(4), page)
+    return QUOTE.sub(lambda m: f"<!--q {m.group(1)}-->{quoted(m.group(1))}<!--/q-->", page)
+
+
 def render_page(page: str, data: dict[str, Any]) -> str:
     """``page`` with every generated block and quote recomputed from ``data``; a
     ``ValueError`` names a block that is missing, repeated or unknown, or a bad quote."""
-    blocks = page_blocks(data)
-    found = [m.group(2) for m in BLOCK.finditer(page)]
-    if sorted(found) != sorted(BLOCKS):
-        raise ValueError(f"the page's generated blocks are {found}; it needs each of {list(BLOCKS)} once")
-    page = BLOCK.sub(lambda m: m.group(1) + blocks[m.group(2)].rstrip("\n") + "\n" + m.group(4), page)
-    return QUOTE.sub(lambda m: f"<!--q {m.group(1)}-->{quote(data, m.group(1))}<!--/q-->", page)
+    return fill_page(page, page_blocks(data), lambda spec: quote(data, spec))
 
 
 def write_extension_page(

@@ -51,7 +51,7 @@ from posenc.experiments.diagnose_summary import (
 from posenc.experiments.results import validate_record
 from posenc.experiments.study import LR_GRID
 from posenc.experiments.summary import LEARNED_BAR, TableData, group, in_distribution, run_lr, to_markdown
-from posenc.pipeline.extension_page import BLOCK, QUOTE
+from posenc.pipeline.extension_page import fill_page
 from posenc.registry import get
 from posenc.viz.mechanisms import MechanismFigure, figure_mechanisms, plot_mechanisms
 from posenc.viz.study import safe_filename
@@ -341,12 +341,7 @@ def render_page(page: str, records: list[dict[str, Any]], grid: Iterable[float] 
     first ``N`` lines); a ``ValueError`` names a block that is missing, repeated or
     unknown, or a bad quote."""
     grid = tuple(grid)
-    blocks = page_blocks(records, grid=grid)
-    found = [m.group(2) for m in BLOCK.finditer(page)]
-    if sorted(found) != sorted(BLOCKS):
-        raise ValueError(f"the page's generated blocks are {found}; it needs each of {list(BLOCKS)} once")
-    page = BLOCK.sub(lambda m: m.group(1) + blocks[m.group(2)].rstrip("\n") + "\n" + m.group(4), page)
-    return QUOTE.sub(lambda m: f"<!--q {m.group(1)}-->{quote(records, m.group(1), grid)}<!--/q-->", page)
+    return fill_page(page, page_blocks(records, grid=grid), lambda spec: quote(records, spec, grid))
 
 
 def write_mechanisms_page(

@@ -25,7 +25,7 @@ from posenc.experiments.intervals import interval_tables
 from posenc.experiments.published import published_tables
 from posenc.experiments.study import StudyPlan, plan_phases, presets
 from posenc.experiments.summary import TableData, not_learned, not_learned_note, sweep_table, to_markdown
-from posenc.pipeline.extension_page import BLOCK, QUOTE
+from posenc.pipeline.extension_page import fill_page
 from posenc.pipeline.mechanisms_page import RECORDS, provenance, read_first
 
 PAGE = Path(__file__).resolve().parents[3] / "docs" / "results.md"
@@ -204,12 +204,7 @@ def quote(records: list[dict[str, Any]], spec: str) -> str:
 def render_page(page: str, records: list[dict[str, Any]]) -> str:
     """``page`` with every generated block and quote recomputed from ``records``; a
     ``ValueError`` names a block that is missing, repeated or unknown."""
-    blocks = page_blocks(records)
-    found = [m.group(2) for m in BLOCK.finditer(page)]
-    if sorted(found) != sorted(BLOCKS):
-        raise ValueError(f"the page's generated blocks are {found}; it needs each of {list(BLOCKS)} once")
-    page = BLOCK.sub(lambda m: m.group(1) + blocks[m.group(2)].rstrip("\n") + "\n" + m.group(4), page)
-    return QUOTE.sub(lambda m: f"<!--q {m.group(1)}-->{quote(records, m.group(1))}<!--/q-->", page)
+    return fill_page(page, page_blocks(records), lambda spec: quote(records, spec))
 
 
 def write_results_page(count: int | None = None, records: str | Path = RECORDS, page: str | Path = PAGE) -> Path:
