@@ -149,3 +149,15 @@ def test_the_report_section_holds_every_interval_table():
     section = intervals_section(tables)
     assert section["title"] == "Scores with 95% intervals" and len(section["tables"]) == 2
     assert [t["rows"] for t in section["tables"]] == [t.rows for t in tables]
+
+
+def test_a_conclusion_gives_the_interval_of_its_single_best_encoding():
+    from posenc.pipeline.conclusions import task_sentence
+
+    by_enc = {"rope": [_syn("rope", 0, {4: 100}), _syn("rope", 1, {4: 120})], "t5": [_syn("t5", 0, {4: 10})]}
+    _, lo, hi = rate_interval([(100, N), (120, N)])
+    assert f"at 4 (2L): rope 0.43 best, t5 0.04 worst (95% interval of rope: [{lo:.2f}, {hi:.2f}])" in task_sentence(
+        "copy", by_enc
+    )
+    tie = {"rope": [_syn("rope", 0, {4: 100})], "t5": [_syn("t5", 0, {4: 100})]}
+    assert "95% interval" not in task_sentence("copy", tie)  # no single best

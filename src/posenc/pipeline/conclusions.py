@@ -15,6 +15,7 @@ from __future__ import annotations
 import statistics
 from typing import Any
 
+from posenc.experiments.intervals import ppl_interval, rate_interval
 from posenc.experiments.published import KAZEMNEJAD_ORDER
 from posenc.experiments.summary import (
     LEARNED_BAR,
@@ -53,6 +54,29 @@ def _ends(scores: list[tuple[str, float]]) -> str:
         return f"{', '.join(g)} {v:.2f}" if len(g) <= 2 else f"{len(g)} encodings tie at {v:.2f}"
 
     return f"{say(best, top)} best, {say(worst, low)} worst"
+
+
+def _interval(recs: list[dict[str, Any]], length: int, lm: bool) -> str:
+    """`` [lo, hi]``: the 95% interval of ``recs``' score at ``length`` (exact match of
+    the runs, or non-overlapping perplexity; ``posenc.experiments.intervals``), or ""
+    where a record lacks the counts."""
+    entries = [next((m for m in r["metrics"] if m["length"] == length), None) for r in recs]
+    need = ("nll_segments", "segment_tokens") if lm else ("exact_hits", "samples")
+    if any(m is None or any(k not in m for k in need) for m in entries):
+        return ""
+    if lm:
+        _, lo, hi = ppl_interval([(m["nll_segments"], m["segment_tokens"]) for m in entries])
+    else:
+        _, lo, hi = rate_interval([(m["exact_hits"], m["samples"]) for m in entries])
+    return f" [{lo:.2f}, {hi:.2f}]"
+
+
+def _best_interval(scores: list[tuple[str, float]], by_enc: dict[str, list[dict[str, Any]]], n: int, lm: bool) -> str:
+    """The 95% interval of the single best of ``scores`` at length ``n``, as a clause."""
+    if len(scores) < 2 or round(scores[0][1], 2) == round(scores[1][1], 2):
+        return ""
+    ci = _interval(by_enc[scores[0][0]], n, lm)
+    return f" (95% interval of {scores[0][0]}:{ci})" if ci else ""
 
 
 def _unlearned_note(records: list[dict[str, Any]], unlearned: list[dict[str, Any]]) -> str:
@@ -94,7 +118,8 @@ def task_sentence(task: str, by_enc: dict[str, list[dict[str, Any]]]) -> str | N
                 ratios.append((e, v / base))
         ratios.sort(key=lambda x: x[1])
         return (
-            head + f"perplexity at L from {_listing(at_l[:1])} (best) to {_listing(at_l[-1:])} (worst); at {far} "
+            head + f"perplexity at L from {_listing(at_l[:1])} (best){_best_interval(at_l, by_enc, L, True)} to "
+            f"{_listing(at_l[-1:])} (worst); at {far} "
             f"tokens ({far // L}L) it is multiplied by {_listing(ratios[:3])} for the best and "
             f"{_listing(ratios[-2:])} for the worst (ppl({far}) / ppl(L))."
         )
@@ -109,15 +134,16 @@ def task_sentence(task: str, by_enc: dict[str, list[dict[str, Any]]]) -> str | N
             key=lambda x: -x[1],
         )
         if scores:
-            parts.append(f"at {n} ({n / L:g}L): {_ends(scores)}")
+            parts.append(f"at {n} ({n / L:g}L): {_ends(scores)}{_best_interval(scores, ok, n, False)}")
     failed = [(e, v) for e, v in inside if e not in ok]
     tail = f" Did not learn in distribution (not compared past L): {_listing(failed)}." if failed else ""
     return head + "; ".join(parts) + "." + tail
 
 
 def study_conclusions(records: list[dict[str, Any]]) -> list[str]:
-    """The study's conclusions as sentences (numbers: means over seeds), after the
-    learning-rate sweep's choice when the study swept."""
+    """The study's conclusions as sentences (numbers: means over seeds; the single best
+    encoding past L, or at L on a corpus, with its 95% interval where the records carry
+    counts), after the learning-rate sweep's choice when the study swept."""
     sweep = sweep_table(records)
     records = selected(records)
     out = [s for task, by_enc in group(records).items() if (s := task_sentence(task, by_enc))]
