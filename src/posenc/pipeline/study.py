@@ -94,6 +94,13 @@ def write_study_outputs(
     unlearned = not_learned(records)
     if unlearned:
         md += [f"**Warning:** {not_learned_note(unlearned)}", ""]
+    if any("metrics_random" in r for r in records):
+        md += [
+            "Runs with randomized positions (`+randpos`) are scored, gated and ranked at randomized test positions, "
+            "as Ruoss et al. 2023 evaluate them; their scores at positions 0..s-1 are in the Ruoss table's last "
+            "columns and in each record's `metrics`.",
+            "",
+        ]
     md.append(to_markdown(tables(records)))
     md += ["## Intervals", "", to_markdown(interval_tables(records))]
     if without_counts(records):
