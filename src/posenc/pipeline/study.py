@@ -97,8 +97,8 @@ def write_study_outputs(
     if any("metrics_random" in r for r in records):
         md += [
             "Runs with randomized positions (`+randpos`) are scored, gated and ranked at randomized test positions, "
-            "as Ruoss et al. 2023 evaluate them; their scores at positions 0..s-1 are in the Ruoss table's last "
-            "columns and in each record's `metrics`.",
+            "as Ruoss et al. 2023 evaluate them; their scores at positions 0..s-1 are in the Ruoss table's column "
+            "'(L, 2L] +randpos at 0..s-1' and in each record's `metrics`.",
             "",
         ]
     md.append(to_markdown(tables(records)))
