@@ -434,6 +434,10 @@ def test_cli_diagnose_on_a_study_folder(study):
     assert result.exit_code == 0, result.output
     assert "recovered by each intervention" in result.output and "attribution" in result.output
     assert "copy" in result.output and "shakespeare" in result.output
+    md = runner.invoke(app, ["diagnose", str(folder), "--markdown", "--no-attention"], env={"COLUMNS": "80"})
+    assert md.exit_code == 0, md.output
+    assert "| encoding | seeds with a drop |" in md.output and "| hypothesis | sources |" in md.output
+    assert "attention entropy" not in md.output
     bad = runner.invoke(app, ["diagnose", str(folder / "nothing.pt")])
     assert bad.exit_code == 2 and "does not exist" in bad.output
 

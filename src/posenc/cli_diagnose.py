@@ -17,9 +17,10 @@ from posenc.experiments.diagnose_summary import (
     attention_table,
     attribution_legend,
     attribution_table,
+    hypothesis_table,
     recovery_tables,
 )
-from posenc.experiments.summary import to_rich
+from posenc.experiments.summary import to_markdown, to_rich
 
 METRICS = ("exact_match", "token_accuracy")
 PATHS_ARGUMENT = typer.Argument(
@@ -34,6 +35,9 @@ def diagnose(
     bar: float = typer.Option(BAR, "--bar", help="share of the drop an intervention must explain to be named"),
     save: bool = typer.Option(True, "--save/--no-save", help="keep computed probes in <folder>/probes.jsonl"),
     attention: bool = typer.Option(True, "--attention/--no-attention", help="print the attention entropy table"),
+    markdown: bool = typer.Option(
+        False, "--markdown", help="print the tables as markdown (readable when piped; for docs)"
+    ),
 ) -> None:
     """Why each encoding fails past its training length L: at every test length E > L,
     the score under interventions that each remove one cause (evaluation only).
@@ -77,12 +81,19 @@ def diagnose(
         console.print(f"[yellow]left out:[/yellow] {escape(line)}", highlight=False)
     if not records:
         raise fail(ValueError("no run to diagnose: none has probes or a checkpoint"))
-    for table in recovery_tables(records, metric=metric, bar=bar):
-        console.print(to_rich(table))
     summary = attribution_table(records, metric=metric, bar=bar)
-    if summary is not None:
-        console.print(to_rich(summary))
+    claims = hypothesis_table(records, metric=metric, bar=bar)
+    shown = [
+        *recovery_tables(records, metric=metric, bar=bar),
+        *([summary] if summary is not None else []),
+        *([claims] if claims is not None else []),
+        *(attention_table(records) if attention else []),
+    ]
+    if markdown:
+        console.print(
+            to_markdown(shown) + "\n" + attribution_legend(bar), markup=False, highlight=False, soft_wrap=True
+        )
+        return
+    for table in shown:
+        console.print(to_rich(table))
     console.print(escape(attribution_legend(bar)), highlight=False)
-    if attention:
-        for table in attention_table(records):
-            console.print(to_rich(table))
