@@ -172,8 +172,9 @@ def quote(records: list[dict[str, Any]], spec: str) -> str:
     * ``records``: how many records were read (the page's ``N``);
     * ``complete``: the shown tasks, comma-separated, or "none";
     * ``cell TASK ENCODING COLUMN``: that cell of ``TASK``'s interval table (a shown task);
-    * ``max TASK COLUMN``: the cell with the largest estimate in that column and its
-      encoding, or the estimate and how many encodings share it.
+    * ``best TASK COLUMN``: the cell with the best estimate in that column (the largest
+      exact match, the lowest perplexity) and its encoding, or the estimate and how many
+      encodings share it.
     """
     kind, *args = spec.split()
     if kind == "records" and not args:
@@ -187,17 +188,18 @@ def quote(records: list[dict[str, Any]], spec: str) -> str:
         if row is None:
             raise ValueError(f"quote {spec!r}: no row {args[1]!r}")
         return row[col]
-    if kind == "max" and len(args) == 2:
+    if kind == "best" and len(args) == 2:
         table = _interval_table(records, args[0], spec)
         col = _column(table, args[1], spec)
         cells = [(float(r[col].split()[0]), r[0], r[col]) for r in table.rows if r[col][:1].isdigit()]
         if not cells:
             raise ValueError(f"quote {spec!r}: no encoding has a number in column {args[1]!r}")
-        best = max(c[0] for c in cells)
+        lower = "perplexity" in table.title  # corpora: lower is better
+        best = (min if lower else max)(c[0] for c in cells)
         top = [c for c in cells if c[0] == best]
         return f"{top[0][2]} ({top[0][1]})" if len(top) == 1 else f"{best:.2f} ({len(top)} encodings)"
     raise ValueError(
-        f"quote {spec!r}: unknown kind or arguments (records, complete, cell TASK ENCODING COLUMN, max TASK COLUMN)"
+        f"quote {spec!r}: unknown kind or arguments (records, complete, cell TASK ENCODING COLUMN, best TASK COLUMN)"
     )
 
 
