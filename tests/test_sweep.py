@@ -151,9 +151,29 @@ def test_tables_and_warnings_see_only_the_chosen_runs():
 
 def test_sweep_table_lists_every_rate_and_the_choice():
     table = sweep_table(_study())
-    assert table.columns == ["task", "encoding", "seed", "validation", "lr 0.001", "lr 0.003", "lr 0.01", "chosen lr"]
+    assert table.columns == [
+        "task",
+        "encoding",
+        "seed",
+        "validation",
+        "lr 0.001",
+        "lr 0.003",
+        "lr 0.01",
+        "chosen lr",
+        "chosen at",
+    ]
     assert table.rows == [
-        ["copy", "rope", "0", "exact_match (higher is better), size 64", "0.2000", "0.6000", "0.9500", "0.01"]
+        [
+            "copy",
+            "rope",
+            "0",
+            "exact_match (higher is better), size 64",
+            "0.2000",
+            "0.6000",
+            "0.9500",
+            "0.01",
+            "highest tried",
+        ]
     ]
     assert sweep_table(selected(_study())) is None
 
@@ -302,7 +322,7 @@ def test_conclusions_compare_past_l_only_runs_that_learned_and_state_the_sweep()
     recs = [*_study(), _syn("copy", "none", 0, 3e-3, None, inside=0.5, past=0.95)]  # best past L, not learned
     text = study_conclusions(recs)
     assert text[0].startswith("Learning rates chosen on the in-distribution validation score")
-    assert "(0.001, 0.003, 0.01; never the test lengths): 0.01 for 1 of 1 pairs" in text[0]
+    assert "(0.001, 0.003, 0.01; never the test lengths): 0.01 for 1 of 1 pairs (1 at the lowest or highest" in text[0]
     (copy,) = [s for s in text if s.startswith("copy")]
     assert "exact match over lengths 1..L: rope, alibi 1.00 best, none 0.50 worst" in copy  # every run compared
     assert "at 4 (2L): rope 0.83 best, alibi 0.30 worst." in copy  # none's 0.95 is not compared

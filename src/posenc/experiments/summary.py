@@ -195,8 +195,10 @@ def selected(records: list[dict[str, Any]], preferred: float = PRESET_LR) -> lis
 
 def sweep_table(records: list[dict[str, Any]], preferred: float = PRESET_LR) -> TableData | None:
     """The learning-rate sweep: per swept (task, encoding) its sweep seed, the validation
-    metric and size, the validation value at every rate ("-": not run) and the chosen
-    rate. ``None`` when no (task, encoding) was trained at more than one rate."""
+    metric and size, the validation value at every rate ("-": not run), the chosen rate
+    and where it lies among the rates tried ("lowest tried", "highest tried": the best
+    rate may lie outside the grid; "inside"). ``None`` when no (task, encoding) was
+    trained at more than one rate."""
     pairs = {p: recs for p, recs in _by_pair(records).items() if len({run_lr(r) for r in recs}) > 1}
     if not pairs:
         return None
@@ -210,8 +212,11 @@ def sweep_table(records: list[dict[str, Any]], preferred: float = PRESET_LR) -> 
             v = next(r["validation"] for r in recs if r["seed"] == seed)
             what = f"{v.get('metric', '?')} ({'higher' if higher else 'lower'} is better), size {v.get('size', '?')}"
             cells = ["-" if lr not in scores else f"{scores[lr]:.4f}" for lr in grid]
-            rows.append([task, enc, str(seed), what, *cells, f"{chosen[(task, enc)]:g}"])
-    cols = ["task", "encoding", "seed", "validation", *(f"lr {lr:g}" for lr in grid), "chosen lr"]
+            lr = chosen[(task, enc)]
+            tried = sorted(scores)
+            where = "lowest tried" if lr == tried[0] else "highest tried" if lr == tried[-1] else "inside"
+            rows.append([task, enc, str(seed), what, *cells, f"{lr:g}", where])
+    cols = ["task", "encoding", "seed", "validation", *(f"lr {lr:g}" for lr in grid), "chosen lr", "chosen at"]
     title = (
         "learning-rate sweep: in-distribution validation score at each learning rate "
         f"(ties go to {preferred:g}, then the smaller rate); the tables use only the chosen rate's runs"

@@ -148,15 +148,18 @@ def study_conclusions(records: list[dict[str, Any]]) -> list[str]:
     records = selected(records)
     out = [s for task, by_enc in group(records).items() if (s := task_sentence(task, by_enc))]
     if sweep is not None:
+        col, at = sweep.columns.index("chosen lr"), sweep.columns.index("chosen at")
         chosen: dict[str, int] = {}
         for row in sweep.rows:
-            chosen[row[-1]] = chosen.get(row[-1], 0) + 1
+            chosen[row[col]] = chosen.get(row[col], 0) + 1
+        edge = sum(row[at] != "inside" for row in sweep.rows)
         out.insert(
             0,
             f"Learning rates chosen on the in-distribution validation score of each task and encoding's sweep "
-            f"({', '.join(c.removeprefix('lr ') for c in sweep.columns[4:-1])}; never the test lengths): "
+            f"({', '.join(c.removeprefix('lr ') for c in sweep.columns[4:col])}; never the test lengths): "
             + ", ".join(f"{lr} for {n}" for lr, n in sorted(chosen.items(), key=lambda kv: float(kv[0])))
-            + f" of {len(sweep.rows)} pairs; every other sentence uses only the chosen rate's runs.",
+            + f" of {len(sweep.rows)} pairs ({edge} at the lowest or highest rate tried, where the best rate may "
+            "lie outside the grid); every other sentence uses only the chosen rate's runs.",
         )
     unlearned = not_learned(records)
     if unlearned:
