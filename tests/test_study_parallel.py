@@ -65,6 +65,12 @@ def test_parallel_records_equal_sequential_and_are_in_plan_order(tmp_path):
     again = run_study_parallel(configs, tmp_path / "par", 2, on_run_end=lambda i, r, s: events.append(s))
     assert again == par and events == [True] * len(configs) and set(mp.active_children()) == before
 
+    # A later command with another plan order: the file only grows at its end (the pages of docs/ read
+    # the first N lines of a committed results file), the new runs in their plan order.
+    more = _configs(encodings=("none",), seeds=(0, 1))
+    run_study_parallel([*more, *configs], tmp_path / "par", 2)
+    assert [r["run_id"] for r in read_results(tmp_path / "par")] == [c.run_id for c in [*configs, *more]]
+
 
 @pytest.mark.slow
 def test_parallel_two_phase_study_equals_the_sequential_one(tmp_path):

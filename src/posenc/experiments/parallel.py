@@ -168,11 +168,12 @@ def run_study_parallel(
     plan = as_plan(configs)
     run_dir = Path(run_dir)
     hooks = (on_run_start, on_run_end, on_step)
+    before = [r["run_id"] for r in read_results(run_dir)]  # these lines never move
     first, trained = _run_phase(list(plan.first), 0, run_dir, jobs, hooks)
     second = plan.second_phase(first)
     later, trained_later = _run_phase(second, len(first), run_dir, jobs, hooks)
-    if trained or trained_later:  # appended as runs finished: back to plan order
-        order_results(run_dir, [c.run_id for c in [*plan.first, *second]])
+    if trained or trained_later:  # appended as runs finished: the new lines in plan order
+        order_results(run_dir, [c.run_id for c in [*plan.first, *second]], kept=before)
     return first + later
 
 
@@ -296,6 +297,7 @@ def run_study_sharded(
     order; on the other ranks, their own records."""
     plan = as_plan(configs)
     run_dir = Path(run_dir)
+    before = [r["run_id"] for r in read_results(run_dir)]  # read before the collective: no rank has trained yet
     context.check_same(json.dumps([c.run_id for c in plan.outline]), "the study plan")
     cache: dict = {}
     mine: list[dict[str, Any]] = []
@@ -326,7 +328,7 @@ def run_study_sharded(
     if not context.is_main:
         return mine
     ids = [c.run_id for c in [*plan.first, *second]]
-    order_results(run_dir, ids)
+    order_results(run_dir, ids, kept=before)
     by_id = {r["run_id"]: r for r in read_results(run_dir)}
     missing = [rid for rid in ids if rid not in by_id]
     if missing:

@@ -37,6 +37,7 @@ import math
 import os
 import subprocess
 import tempfile
+from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
@@ -293,13 +294,22 @@ def find_result(run_dir: str | Path, run_id: str) -> dict[str, Any] | None:
     return None
 
 
-def order_results(run_dir: str | Path, run_ids: list[str]) -> None:
-    """Rewrite ``results.jsonl`` with the lines of ``run_ids`` first, in that order, then
-    any others as they were (atomically, under the results lock)."""
+def order_results(run_dir: str | Path, run_ids: list[str], kept: Iterable[str] = ()) -> None:
+    """Rewrite ``results.jsonl`` (atomically, under the results lock): the lines of
+    ``kept`` (the run ids the file held before this command) first, where they are, then
+    the lines of ``run_ids`` in that order, then any others as they were. A results file
+    thus only grows at its end: a line written by an earlier command never moves, so the
+    first ``N`` lines of a file stay the same records (the generated pages of docs/ are
+    built from the first ``N`` lines of a committed file)."""
     run_dir = Path(run_dir)
+    kept = set(kept)
     with _locked(run_dir):
         records = read_results(run_dir)
         rank = {rid: i for i, rid in enumerate(run_ids)}
-        ordered = sorted(records, key=lambda r: rank.get(r["run_id"], len(rank)))  # stable for the others
+
+        def key(r: dict[str, Any]) -> tuple[int, int]:
+            return (0, 0) if r["run_id"] in kept else (1, rank.get(r["run_id"], len(rank)))
+
+        ordered = sorted(records, key=key)  # stable: kept lines, and the others, keep their order
         text = "".join(json.dumps(r, sort_keys=False, allow_nan=False) + "\n" for r in ordered)
         atomic_write_bytes(run_dir / RESULTS_FILE, text.encode("utf-8"))
