@@ -16,7 +16,7 @@ import math
 import statistics
 from pathlib import Path
 
-from posenc.viz.study import METRIC_LABELS
+from posenc.viz.study import METRIC_LABELS, write_png
 
 
 @dataclasses.dataclass(frozen=True)
@@ -131,12 +131,4 @@ def curves_digest(curves: ExtensionCurves) -> str:
 def plot_task(curves: ExtensionCurves, path: str | Path) -> Path:
     """One PNG of one task: a panel per rule, ``curves_digest`` in its ``Description``
     text chunk. Returns the path written."""
-    # matplotlib is a heavy import: only when drawing
-    import matplotlib.pyplot as plt
-
-    fig = figure_task(curves)
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=110, metadata={"Description": f"posenc-extension {curves_digest(curves)}"})
-    plt.close(fig)
-    return path
+    return write_png(figure_task(curves), path, f"posenc-extension {curves_digest(curves)}")

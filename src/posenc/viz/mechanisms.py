@@ -20,6 +20,8 @@ import json
 import math
 from pathlib import Path
 
+from posenc.viz.study import write_png
+
 #: Recoveries are coloured on this range (values outside it take its end colours; the
 #: cells print the value itself).
 COLOUR_RANGE = (-1.0, 1.0)
@@ -172,12 +174,4 @@ def mechanisms_digest(data: MechanismFigure) -> str:
 def plot_mechanisms(data: MechanismFigure, path: str | Path) -> Path:
     """One PNG of one task, ``mechanisms_digest`` in its ``Description`` text chunk.
     Returns the path written."""
-    # matplotlib is a heavy import: only when drawing
-    import matplotlib.pyplot as plt
-
-    fig = figure_mechanisms(data)
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=110, metadata={"Description": f"posenc-mechanisms {mechanisms_digest(data)}"})
-    plt.close(fig)
-    return path
+    return write_png(figure_mechanisms(data), path, f"posenc-mechanisms {mechanisms_digest(data)}")

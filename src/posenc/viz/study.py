@@ -80,8 +80,18 @@ def plot_task(
     ax.grid(alpha=0.3)
     ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1.0), frameon=False)
     fig.tight_layout()
+    return write_png(fig, path)
+
+
+def write_png(fig: Any, path: str | Path, description: str | None = None) -> Path:
+    """Write the matplotlib ``fig`` to the PNG ``path`` (folders made; 110 dpi), with
+    ``description`` in its ``Description`` text chunk (a digest the doc tests compare),
+    close it and return the path: the one way the study, extension and mechanism
+    figures are written."""
+    import matplotlib.pyplot as plt
+
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=110)
+    fig.savefig(path, dpi=110, metadata={"Description": description} if description is not None else None)
     plt.close(fig)
     return path
