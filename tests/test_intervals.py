@@ -67,6 +67,7 @@ def test_a_cell_pools_the_runs_that_learned_with_the_two_stage_bootstrap():
     assert _cell(table, "rope", "runs learned") == "2 of 3"
     assert _cell(table, "rope", "3") == f"{(100 + 150) / (2 * N):.2f} [{lo:.2f}, {hi:.2f}]"
     assert table.columns == ["encoding", "runs learned", "2", "3"]
+    assert table.metric == "exact_match" and table.higher_is_better
 
 
 def test_no_run_that_learned_is_a_did_not_learn_row_without_numbers():
@@ -99,6 +100,7 @@ def test_a_corpus_cell_is_the_perplexity_of_all_tokens_with_the_block_bootstrap(
     lo, hi = pooled_ppl_ci([(a, 100), (b, 100)], resamples=R, seed=0)
     assert _cell(table, "rope", "8") == f"{est:.2f} [{lo:.2f}, {hi:.2f}]"
     assert _cell(table, "rope", "runs") == "2"
+    assert table.metric == "ppl_sliding" and not table.higher_is_better
 
 
 def test_records_without_counts_are_named_and_get_no_table():

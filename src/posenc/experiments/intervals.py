@@ -91,7 +91,7 @@ def interval_tables(
     """One table per task of ``selected(records)``: rows = encodings, columns = the
     number of runs pooled and every test length from ``L`` on, cells ``estimate [lo, hi]``
     (exact match of the runs that learned / sliding-window perplexity, see the module
-    docstring). Tasks in ``without_counts(records)`` are left out. ``TableData.cells``
+    docstring; ``TableData.metric`` names which). Tasks in ``without_counts(records)`` are left out. ``TableData.cells``
     stays empty: the cells are text."""
     out = []
     pct = f"{level:.0%}"
@@ -119,7 +119,9 @@ def interval_tables(
                 f"{task}: perplexity with sliding windows, trained at L={L}, with {pct} intervals (block "
                 "bootstrap over runs and test segments; the chosen rate's runs)"
             )
-            out.append(TableData(title, ["encoding", "runs", *map(str, lengths)], rows, task=task))
+            out.append(
+                TableData(title, ["encoding", "runs", *map(str, lengths)], rows, task=task, metric="ppl_sliding")
+            )
             continue
         for enc, recs in by_enc.items():
             kept = [r for r in recs if learned(r)]
@@ -137,5 +139,7 @@ def interval_tables(
             "the chosen rate; bootstrap over runs and test examples, Wilson's interval where every run scored "
             "0 or every run 1)"
         )
-        out.append(TableData(title, ["encoding", "runs learned", *map(str, lengths)], rows, task=task))
+        out.append(
+            TableData(title, ["encoding", "runs learned", *map(str, lengths)], rows, task=task, metric="exact_match")
+        )
     return out

@@ -153,11 +153,15 @@ def page_blocks(records: list[dict[str, Any]]) -> dict[str, str]:
     }
 
 
-def _interval_table(records: list[dict[str, Any]], task: str, spec: str) -> TableData:
-    if task not in complete_tasks(records):
+def _interval_table(records: list[dict[str, Any]], task: str, spec: str, cache: dict[str, Any]) -> TableData:
+    """``task``'s interval table, computed once per ``cache`` (one page render)."""
+    if "complete" not in cache:
+        cache["complete"] = complete_tasks(records)
+    if task not in cache["complete"]:
         raise ValueError(f"quote {spec!r}: task {task!r} is not shown (not all its runs are in the records)")
-    (table,) = [t for t in interval_tables([r for r in records if r["task"] == task]) if t.task == task]
-    return table
+    if task not in cache:
+        (cache[task],) = interval_tables([r for r in records if r["task"] == task])
+    return cache[task]
 
 
 def _column(table: TableData, column: str, spec: str) -> int:
@@ -166,8 +170,9 @@ def _column(table: TableData, column: str, spec: str) -> int:
     return table.columns.index(column)
 
 
-def quote(records: list[dict[str, Any]], spec: str) -> str:
-    """The text of the quote ``spec`` (``KIND ARGS``):
+def quote(records: list[dict[str, Any]], spec: str, cache: dict[str, Any] | None = None) -> str:
+    """The text of the quote ``spec`` (``KIND ARGS``); ``cache`` keeps the interval tables
+    between the quotes of one page:
 
     * ``records``: how many records were read (the page's ``N``);
     * ``complete``: the shown tasks, comma-separated, or "none";
@@ -176,26 +181,26 @@ def quote(records: list[dict[str, Any]], spec: str) -> str:
       exact match, the lowest perplexity) and its encoding, or the estimate and how many
       encodings share it.
     """
+    cache = {} if cache is None else cache
     kind, *args = spec.split()
     if kind == "records" and not args:
         return str(len(records))
     if kind == "complete" and not args:
         return ", ".join(complete_tasks(records)) or "none"
     if kind == "cell" and len(args) == 3:
-        table = _interval_table(records, args[0], spec)
+        table = _interval_table(records, args[0], spec, cache)
         col = _column(table, args[2], spec)
         row = next((r for r in table.rows if r[0] == args[1]), None)
         if row is None:
             raise ValueError(f"quote {spec!r}: no row {args[1]!r}")
         return row[col]
     if kind == "best" and len(args) == 2:
-        table = _interval_table(records, args[0], spec)
+        table = _interval_table(records, args[0], spec, cache)
         col = _column(table, args[1], spec)
         cells = [(float(r[col].split()[0]), r[0], r[col]) for r in table.rows if r[col][:1].isdigit()]
         if not cells:
             raise ValueError(f"quote {spec!r}: no encoding has a number in column {args[1]!r}")
-        lower = "perplexity" in table.title  # corpora: lower is better
-        best = (min if lower else max)(c[0] for c in cells)
+        best = (max if table.higher_is_better else min)(c[0] for c in cells)
         top = [c for c in cells if c[0] == best]
         return f"{top[0][2]} ({top[0][1]})" if len(top) == 1 else f"{best:.2f} ({len(top)} encodings)"
     raise ValueError(
@@ -206,7 +211,8 @@ def quote(records: list[dict[str, Any]], spec: str) -> str:
 def render_page(page: str, records: list[dict[str, Any]]) -> str:
     """``page`` with every generated block and quote recomputed from ``records``; a
     ``ValueError`` names a block that is missing, repeated or unknown."""
-    return fill_page(page, page_blocks(records), lambda spec: quote(records, spec))
+    cache: dict[str, Any] = {}
+    return fill_page(page, page_blocks(records), lambda spec: quote(records, spec, cache))
 
 
 def write_results_page(count: int | None = None, records: str | Path = RECORDS, page: str | Path = PAGE) -> Path:
