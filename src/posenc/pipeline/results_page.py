@@ -48,41 +48,35 @@ def _plans() -> dict[str, StudyPlan]:
     return {t: plan_phases(PRESET, tasks=[t]) for t in tasks}
 
 
-def _progress(plan: StudyPlan, done: set[str], records: list[dict[str, Any]]) -> tuple[int, int | None]:
-    """``(phase 1 finished, phase 2 finished or None while phase 1 is not)``."""
-    first = sum(c.run_id in done for c in plan.first)
-    if first < len(plan.first):
-        return first, None
-    return first, sum(c.run_id in done for c in plan.second_phase(records))
+def _progress(records: list[dict[str, Any]]) -> list[tuple[str, StudyPlan, int, int | None]]:
+    """Per task of the full preset: ``(task, plan, phase 1 finished, phase 2 finished or
+    None while phase 1 is not)``."""
+    done = {r["run_id"] for r in records}
+    out = []
+    for task, plan in _plans().items():
+        first = sum(c.run_id in done for c in plan.first)
+        second = None if first < len(plan.first) else sum(c.run_id in done for c in plan.second_phase(records))
+        out.append((task, plan, first, second))
+    return out
 
 
 def complete_tasks(records: list[dict[str, Any]]) -> list[str]:
     """The tasks of the full preset all of whose runs (both phases) are in ``records``."""
-    done = {r["run_id"] for r in records}
-    out = []
-    for task, plan in _plans().items():
-        first, second = _progress(plan, done, records)
-        if second is not None and second == len(plan.later):
-            out.append(task)
-    return out
+    return [task for task, plan, _, second in _progress(records) if second == len(plan.later)]
 
 
 def progress_table(records: list[dict[str, Any]]) -> TableData:
     """Per task of the full preset: runs of phase 1 (the sweep) and phase 2 (the other
     seeds at the chosen rate) finished of planned, and whether the task is shown."""
-    done = {r["run_id"] for r in records}
-    rows = []
-    for task, plan in _plans().items():
-        first, second = _progress(plan, done, records)
-        shown = second is not None and second == len(plan.later)
-        rows.append(
-            [
-                task,
-                f"{first} of {len(plan.first)}",
-                "after phase 1" if second is None else f"{second} of {len(plan.later)}",
-                "yes" if shown else "not yet",
-            ]
-        )
+    rows = [
+        [
+            task,
+            f"{first} of {len(plan.first)}",
+            "after phase 1" if second is None else f"{second} of {len(plan.later)}",
+            "yes" if second == len(plan.later) else "not yet",
+        ]
+        for task, plan, first, second in _progress(records)
+    ]
     return TableData(
         "Runs of the full preset in the records read, per task (a task is shown once both phases are in)",
         ["task", "phase 1 (sweep, seed 0)", "phase 2 (seeds 1, 2)", "shown"],
