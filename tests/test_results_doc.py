@@ -138,7 +138,25 @@ def test_current_section_prose_has_no_unquoted_number(page):
 
     text = QUOTE.sub("", BLOCK.sub("", _current_section(page)))
     text = re.sub(r"`[^`]*`", "", re.sub(r"\]\([^)]*\)", "]", text))
-    assert re.findall(r"\d+\.\d{2,}|\b\d+/\d+\b|\[\d", text) == [], "a score in the current section is typed by hand"
+    typed = re.findall(r"\d+\.\d{2,}|\b\d+/\d+\b|\b\d+ of \d+\b|\[\d", text)
+    assert typed == [], f"a score or count in the current section is typed by hand: {typed}"
+
+
+def test_a_chosen_quote_counts_the_sweep_table(page):
+    from posenc.experiments.summary import sweep_table
+    from posenc.pipeline.mechanisms_page import read_first
+    from posenc.pipeline.results_page import complete_tasks, quote
+
+    records = read_first(CURRENT, int(re.findall(r"<!--q records-->(\d+)<!--/q-->", page)[0]))
+    for task in complete_tasks(records):
+        rows = sweep_table([r for r in records if r["task"] == task]).rows
+        counts = [quote(records, f"chosen {task} {where}") for where in ("lowest", "highest", "inside")]
+        assert sum(int(c.split()[0]) for c in counts) == len(rows), (task, counts)
+        assert counts[1] == f"{sum(row[-1] == 'highest tried' for row in rows)} of {len(rows)}"
+    with pytest.raises(ValueError, match="unknown kind"):
+        quote(records, "chosen copy middle")
+    with pytest.raises(ValueError, match="not shown"):
+        quote([], "chosen copy lowest")
 
 
 def test_a_cell_quote_is_the_interval_table(page):

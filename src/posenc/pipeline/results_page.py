@@ -173,7 +173,10 @@ def quote(records: list[dict[str, Any]], spec: str, cache: dict[str, Any] | None
     * ``cell TASK ENCODING COLUMN``: that cell of ``TASK``'s interval table (a shown task);
     * ``best TASK COLUMN``: the cell with the best estimate in that column (the largest
       exact match, the lowest perplexity) and its encoding, or the estimate and how many
-      encodings share it.
+      encodings share it;
+    * ``chosen TASK WHERE``: how many of the task's swept encodings chose the ``lowest``
+      or ``highest`` rate tried (or one ``inside`` the grid), as "k of n" (the sweep
+      table's "chosen at" column).
     """
     cache = {} if cache is None else cache
     kind, *args = spec.split()
@@ -197,8 +200,18 @@ def quote(records: list[dict[str, Any]], spec: str, cache: dict[str, Any] | None
         best = (max if table.higher_is_better else min)(c[0] for c in cells)
         top = [c for c in cells if c[0] == best]
         return f"{top[0][2]} ({top[0][1]})" if len(top) == 1 else f"{best:.2f} ({len(top)} encodings)"
+    if kind == "chosen" and len(args) == 2 and args[1] in ("lowest", "highest", "inside"):
+        if args[0] not in complete_tasks(records):
+            raise ValueError(f"quote {spec!r}: task {args[0]!r} is not shown (not all its runs are in)")
+        table = sweep_table([r for r in records if r["task"] == args[0]])
+        wheres = [row[-1] for row in table.rows] if table else []
+        if not wheres:
+            raise ValueError(f"quote {spec!r}: no learning-rate sweep for {args[0]!r}")
+        hits = sum(w.startswith(args[1]) for w in wheres)
+        return f"{hits} of {len(wheres)}"
     raise ValueError(
-        f"quote {spec!r}: unknown kind or arguments (records, complete, cell TASK ENCODING COLUMN, best TASK COLUMN)"
+        f"quote {spec!r}: unknown kind or arguments (records, complete, cell TASK ENCODING COLUMN, "
+        "best TASK COLUMN, chosen TASK lowest|highest|inside)"
     )
 
 
