@@ -177,6 +177,7 @@ def test_no_drop_cells_and_the_digest(tmp_path):
 def test_quotes_and_render_by_hand():
     records = _records()
     assert quote(records, "records") == "9" and quote(records, "counted") == "2"
+    assert quote(records, "tasks") == "copy" and quote([], "tasks") == "none"
     assert quote(records, "max copy window 2") == "0.70"  # alibi's mean at 16, the only counted encoding
     assert quote(records, "max copy temperature 4") == "0.50"
     for bad, msg in [
@@ -286,7 +287,13 @@ def test_page_is_the_first_n_records(page, records):
 
 def test_page_has_no_unquoted_number(page):
     assert _unquoted_numbers(page) == [], "a number in docs/mechanisms.md's prose is not a quote of the records"
-    assert page.index("**Status: the study is incomplete.**") < page.index("## ")
+    status = page[page.index("**Status.**") : page.index("## ")]
+    from posenc.experiments.study import presets
+    from posenc.pipeline.results_page import complete_tasks
+
+    records = read_first(RECORDS, int(COUNT.findall(page)[0]))
+    if set(complete_tasks(records)) != set(presets()["full"].tasks):  # the study is not complete: say so up front
+        assert "still being trained" in status, "docs/mechanisms.md must say the study is incomplete"
 
 
 def _counted_by_hand(records: list[dict]) -> list[dict]:
@@ -372,3 +379,16 @@ def test_report_of_a_study_with_probes_has_the_section(tmp_path):
     assert "Why encodings fail past L: mechanism probes" in html
     assert html.count("recovered by each intervention") == 3  # one recovery table per E: 2L, 4L, 8L
     assert "3 of 9 records count (left out: 6 not chosen)" in html
+
+
+def test_the_page_shows_only_tasks_with_all_their_runs():
+    """The status line quotes the counted records' tasks; each must have every run of the
+    full preset in the records read, so a shown task's numbers do not change later."""
+    from posenc.pipeline.results_page import complete_tasks
+
+    page = PAGE.read_text()
+    records = read_first(RECORDS, int(COUNT.findall(page)[0]))
+    shown = quote(records, "tasks").split(", ")
+    assert f"<!--q tasks-->{', '.join(shown)}<!--/q-->" in page
+    missing = sorted(set(shown) - set(complete_tasks(records)))
+    assert not missing, f"docs/mechanisms.md shows tasks whose runs are not all in: {missing}"

@@ -296,6 +296,7 @@ def quote(records: list[dict[str, Any]], spec: str, grid: Iterable[float] = LR_G
 
     * ``records``: how many records were read (the page's ``N``);
     * ``counted``: how many of them count (``counted_records``);
+    * ``tasks``: the tasks of the counted records, comma-separated;
     * ``explained LABEL TASK``: of ``TASK``'s cells with a drop, how many the attribution
       ``LABEL`` explains (``hypothesis_table``), e.g. ``12 of 51``;
     * ``max TASK INTERVENTION FACTOR``: the largest mean recovery (over the seeds with a
@@ -309,6 +310,8 @@ def quote(records: list[dict[str, Any]], spec: str, grid: Iterable[float] = LR_G
         counted, _ = counted_records(records, grid=grid)
         if kind == "counted" and not args:
             return str(len(counted))
+        if kind == "tasks" and not args:
+            return ", ".join(_tasks(counted)) or "none"
         if kind == "explained" and len(args) == 2:
             label, task = args
             names = {h[0]: h[1] for h in HYPOTHESES} | {"unexplained": "none of the three"}
@@ -332,7 +335,7 @@ def quote(records: list[dict[str, Any]], spec: str, grid: Iterable[float] = LR_G
         raise ValueError(f"quote {spec!r}: {err}") from None
     raise ValueError(
         f"quote {spec!r}: unknown kind or arguments "
-        "(records, counted, explained LABEL TASK, max TASK INTERVENTION FACTOR)"
+        "(records, counted, tasks, explained LABEL TASK, max TASK INTERVENTION FACTOR)"
     )
 
 
