@@ -218,3 +218,15 @@ def test_check_catches_broken_plugins(tmp_path, name, check, detail):
     assert done.returncode == 1, done.stdout + done.stderr
     out = " ".join(done.stdout.split())
     assert detail in out and check in [c.strip() for c in out.split("checks failed:")[1].split(",")], out
+
+
+def test_help_reflows_the_docstring_paragraphs_and_keeps_placeholders():
+    """The help renders docstrings as markdown: a paragraph's line breaks are the
+    terminal's, not the source's, and `<folder>`-style placeholders stay visible."""
+    import re
+
+    out = runner.invoke(app, ["diagnose", "--help"], env={"COLUMNS": "200"}).output
+    text = re.sub(r"[ │]+", " ", out)
+    assert "restricted to its last W keys, W the longest training sequence" in text  # a source line break
+    assert "<folder>/probes.jsonl" in text
+    assert "<out>/base" in runner.invoke(app, ["extend", "--help"], env={"COLUMNS": "200"}).output

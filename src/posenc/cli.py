@@ -30,7 +30,7 @@ from posenc.cli_output import (
 )
 from posenc.functional.rope_scaling import extension_rules
 
-app = typer.Typer(help="posenc: a positional-encoding laboratory for PyTorch.", no_args_is_help=True)
+app = typer.Typer(no_args_is_help=True, rich_markup_mode="markdown")  # markdown: paragraphs reflow to the terminal
 
 
 LR_SWEEP_HELP = "the first seed at lr 1e-3, 3e-3, 1e-2, the others at the best in-distribution validation lr (full: on)"
@@ -114,7 +114,7 @@ def train(
 
 @app.command("evaluate")
 def evaluate(
-    checkpoint: str = typer.Argument(..., help="a finished run's checkpoint (<run dir>/checkpoints/<run_id>.pt)"),
+    checkpoint: str = typer.Argument(..., help="a finished run's checkpoint (`<run dir>/checkpoints/<run_id>.pt`)"),
     factors: str = typer.Option(None, "--factors", help="evaluation lengths as multiples of L, e.g. 1,2,4,8,16,32"),
 ) -> None:
     """Re-evaluate a trained checkpoint, optionally at other lengths, and print the table."""
@@ -137,7 +137,7 @@ def study(
     seeds: str = typer.Option(None, "--seeds", help="comma-separated ints, e.g. 0,1,2"),
     steps: int = typer.Option(None, "--steps", help="training steps of every run"),
     text_path: str = typer.Option(None, "--text", help="file or folder for task 'text'"),
-    out: str = typer.Option(None, "--out", help="run folder (default runs/<preset>)"),
+    out: str = typer.Option(None, "--out", help="run folder (default `runs/<preset>`)"),
     threads: int = typer.Option(None, "--threads", help="torch threads per run (default min(2, cores // jobs))"),
     jobs: int = typer.Option(None, "--jobs", help="runs trained side by side (default: one per core, at most 8)"),
     lr_sweep: bool = typer.Option(None, "--lr-sweep/--no-lr-sweep", help=LR_SWEEP_HELP),
@@ -410,7 +410,7 @@ def extend(
     finetune_steps: int = typer.Option(None, "--finetune-steps", help="fine-tuning steps per rule (0: no fine-tune)"),
     baselines: str = typer.Option("alibi,t5", "--baselines", help="comma-separated non-RoPE encodings ('' for none)"),
     out: str = typer.Option("runs/extend", "--out", help="output folder"),
-    base_dir: str = typer.Option(None, "--base-dir", help="where base runs are trained/reused (default <out>/base)"),
+    base_dir: str = typer.Option(None, "--base-dir", help="where base runs are trained/reused (default `<out>/base`)"),
     threads: int = typer.Option(None, "--threads", help="torch threads (default min(2, cores))"),
 ) -> None:
     """Context extension: a RoPE model trained at L, scored at 2L..8L with each scaling

@@ -33,7 +33,7 @@ def diagnose(
     samples: int = typer.Option(128, "--samples", help="synthetic tasks: test examples per length and condition"),
     metric: str = typer.Option("exact_match", "--metric", help="synthetic score: exact_match or token_accuracy"),
     bar: float = typer.Option(BAR, "--bar", help="share of the drop an intervention must explain to be named"),
-    save: bool = typer.Option(True, "--save/--no-save", help="keep computed probes in <folder>/probes.jsonl"),
+    save: bool = typer.Option(True, "--save/--no-save", help="keep computed probes in `<folder>/probes.jsonl`"),
     attention: bool = typer.Option(True, "--attention/--no-attention", help="print the attention entropy table"),
     markdown: bool = typer.Option(
         False, "--markdown", help="print the tables as markdown (readable when piped; for docs)"
