@@ -148,9 +148,10 @@ def test_a_chosen_quote_counts_the_sweep_table(page):
     from posenc.pipeline.results_page import complete_tasks, quote
 
     records = read_first(CURRENT, int(re.findall(r"<!--q records-->(\d+)<!--/q-->", page)[0]))
+    cache: dict = {}
     for task in complete_tasks(records):
         rows = sweep_table([r for r in records if r["task"] == task]).rows
-        counts = [quote(records, f"chosen {task} {where}") for where in ("lowest", "highest", "inside")]
+        counts = [quote(records, f"chosen {task} {where}", cache) for where in ("lowest", "highest", "inside")]
         assert sum(int(c.split()[0]) for c in counts) == len(rows), (task, counts)
         assert counts[1] == f"{sum(row[-1] == 'highest tried' for row in rows)} of {len(rows)}"
     with pytest.raises(ValueError, match="unknown kind"):

@@ -201,7 +201,9 @@ def quote(records: list[dict[str, Any]], spec: str, cache: dict[str, Any] | None
         top = [c for c in cells if c[0] == best]
         return f"{top[0][2]} ({top[0][1]})" if len(top) == 1 else f"{best:.2f} ({len(top)} encodings)"
     if kind == "chosen" and len(args) == 2 and args[1] in ("lowest", "highest", "inside"):
-        if args[0] not in complete_tasks(records):
+        if "complete" not in cache:
+            cache["complete"] = complete_tasks(records)
+        if args[0] not in cache["complete"]:
             raise ValueError(f"quote {spec!r}: task {args[0]!r} is not shown (not all its runs are in)")
         table = sweep_table([r for r in records if r["task"] == args[0]])
         wheres = [row[-1] for row in table.rows] if table else []
