@@ -147,12 +147,18 @@ def page_blocks(records: list[dict[str, Any]]) -> dict[str, str]:
     }
 
 
-def _interval_table(records: list[dict[str, Any]], task: str, spec: str, cache: dict[str, Any]) -> TableData:
-    """``task``'s interval table, computed once per ``cache`` (one page render)."""
+def _check_shown(records: list[dict[str, Any]], task: str, spec: str, cache: dict[str, Any]) -> None:
+    """Refuse a quote of a task not all of whose runs are in ``records`` (the complete
+    tasks computed once per ``cache``, one page render)."""
     if "complete" not in cache:
         cache["complete"] = complete_tasks(records)
     if task not in cache["complete"]:
         raise ValueError(f"quote {spec!r}: task {task!r} is not shown (not all its runs are in the records)")
+
+
+def _interval_table(records: list[dict[str, Any]], task: str, spec: str, cache: dict[str, Any]) -> TableData:
+    """``task``'s interval table, computed once per ``cache`` (one page render)."""
+    _check_shown(records, task, spec, cache)
     if task not in cache:
         (cache[task],) = interval_tables([r for r in records if r["task"] == task])
     return cache[task]
@@ -201,10 +207,7 @@ def quote(records: list[dict[str, Any]], spec: str, cache: dict[str, Any] | None
         top = [c for c in cells if c[0] == best]
         return f"{top[0][2]} ({top[0][1]})" if len(top) == 1 else f"{best:.2f} ({len(top)} encodings)"
     if kind == "chosen" and len(args) == 2 and args[1] in ("lowest", "highest", "inside"):
-        if "complete" not in cache:
-            cache["complete"] = complete_tasks(records)
-        if args[0] not in cache["complete"]:
-            raise ValueError(f"quote {spec!r}: task {args[0]!r} is not shown (not all its runs are in)")
+        _check_shown(records, args[0], spec, cache)
         table = sweep_table([r for r in records if r["task"] == args[0]])
         wheres = [row[-1] for row in table.rows] if table else []
         if not wheres:
