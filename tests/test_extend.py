@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import math
+import re
 
 import pytest
 import torch
@@ -217,6 +218,9 @@ def test_cli_extend_tiny_writes_outputs(tmp_path):
     code, text = _cli(args)
     assert code == 0, text
     assert str(out / "extension.json") in text.replace("\n", "")
+    # not a terminal: one timestamped line per stage (a log of hours of work)
+    assert re.search(r"^\d\d:\d\d:\d\d base rope copy seed 0$", text, re.M), text
+    assert re.search(r"^\d\d:\d\d:\d\d fine-tune yarn at 6$", text, re.M), text
     data = validate_extension(json.loads((out / "extension.json").read_text()))
     assert data["rules"] == ["none", "linear", "yarn"] and data["factors"] == [2, 4]
     assert data["baselines"] == ["alibi"] and data["finetune"]["factor"] == 2

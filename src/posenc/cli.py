@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import os
+import shlex
+import sys
+from pathlib import Path
 
 import typer
 from rich.markup import escape
@@ -18,6 +21,7 @@ from posenc.cli_output import (
     fail,
     harness_exit,
     int_list,
+    log_line,
     print_card,
     print_check,
     print_compare,
@@ -151,8 +155,6 @@ def study(
     and the HTML report into the run folder. Runs are trained by --jobs worker processes
     side by side; under torchrun they are sharded across ranks (docs/distributed.md).
     With a learning-rate sweep the study has two phases: the sweep, then the other seeds."""
-    from pathlib import Path
-
     from posenc.experiments import distributed
     from posenc.experiments.parallel import StudyWorkerError, run_study_parallel, run_study_sharded, shard
     from posenc.experiments.results import read_results
@@ -415,10 +417,6 @@ def extend(
 ) -> None:
     """Context extension: a RoPE model trained at L, scored at 2L..8L with each scaling
     rule zero-shot and after a short fine-tune; baselines; tables, plots, extension.json."""
-    import shlex
-    import sys
-    from pathlib import Path
-
     from posenc.experiments.extend import check_request, finetune_settings, run_extension
     from posenc.experiments.summary import to_rich
     from posenc.pipeline.extension import all_tables, write_extension_outputs
@@ -440,6 +438,7 @@ def extend(
 
             def on_stage(msg: str) -> None:
                 progress.reset(bar, total=1, description=msg, info="")
+                log_line(msg)  # hours of work: a line per stage where no bar is drawn (a log file)
 
             def on_step(step: int, total: int, loss: float) -> None:
                 progress.update(bar, total=total, completed=step, info=f"loss {loss:.3f}")

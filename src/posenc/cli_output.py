@@ -4,6 +4,7 @@ result tables and the one-line errors (exit codes) shared by its commands."""
 from __future__ import annotations
 
 import dataclasses
+import time
 
 import typer
 from rich.console import Console
@@ -89,6 +90,13 @@ def progress_bars() -> Progress:
         TimeElapsedColumn(),
         console=console,
     )
+
+
+def log_line(msg: str) -> None:
+    """Print ``HH:MM:SS msg`` when the console is not a terminal (output to a file or a
+    pipe, where rich draws no progress bar until the end); nothing on a terminal."""
+    if not console.is_terminal:
+        console.print(f"{time.strftime('%H:%M:%S')} {msg}", highlight=False)
 
 
 def _default(field: dataclasses.Field) -> str:
