@@ -6,12 +6,22 @@ end to end are in tests/test_plugin_pipeline.py)."""
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import pytest
 
-from posenc.experiments.compare import config_diff, merge, plan_compare, read_baselines, standings
+from posenc.experiments.compare import (
+    config_diff,
+    default_baselines,
+    merge,
+    plan_compare,
+    read_baselines,
+    standings,
+)
 from posenc.experiments.config import replace
-from posenc.experiments.study import plan_study
+from posenc.experiments.study import plan_phases, plan_study
+
+DOCS = Path(__file__).resolve().parents[1] / "docs" / "data"
 
 
 def _record(cfg, score: float, inside: float = 1.0, validation: float | None = None) -> dict:
@@ -157,10 +167,56 @@ def test_a_swept_preset_compares_both_phases(tmp_path):
     assert rows[1] == ["copy", "token accuracy (8, 16]", "0.400 ± 0.000", "2 of 2", "none 0.500 ± 0.000"]
 
 
-def test_the_committed_full_records_are_refused_by_the_current_full_preset():
+def test_the_earlier_full_records_are_refused_by_the_current_full_preset():
     """docs/data/full_results.jsonl was trained with an earlier full preset (64 test
     examples per length, recall with 32 symbols, no sweep): the check refuses to rank a
     new run among them, naming the keys."""
     with pytest.raises(ValueError, match=r"differing keys: .*task\.eval_samples") as err:
-        plan_compare("alibi", "full")
+        plan_compare("alibi", "full", baselines=DOCS / "full_results.jsonl")
     assert "not be fair" in str(err.value) and "task.eval_samples 64 (baseline) vs 256 (alibi)" in str(err.value)
+
+
+def test_the_default_baselines_are_the_current_protocol_records():
+    """The default is docs/data/study_results.jsonl; copy's runs are all in (both phases
+    of the sweep, every encoding of the preset): NAME is planned among all of them."""
+    c = plan_compare("alibi", "full", tasks=["copy"])
+    assert c.source == str(default_baselines()) and default_baselines() == (DOCS / "study_results.jsonl").resolve()
+    assert [(cfg.train.seed, cfg.train.lr) for cfg in c.configs] == [
+        (0, 0.001),
+        (0, 0.003),
+        (0, 0.01),
+        (1, 0.003),
+        (2, 0.003),
+    ]
+    preset = {cfg.encoding_label for cfg in plan_phases("full", tasks=["copy"]).outline}
+    assert {r["encoding"] for r in c.baselines} == preset - {"alibi"} and c.replaced == 5
+
+
+def test_incomplete_baselines_are_refused_naming_what_is_missing(tmp_path):
+    """A task whose baseline encodings lack a seed, a sweep rate or every run (a re-run
+    still training) is refused: a rank among part of the encodings is not the study's."""
+    base = plan_phases("full", encodings=["none", "sinusoidal"], tasks=["copy", "reverse"], seeds=[0, 1])
+    sweep = [_record(cfg, 0.5, validation=cfg.train.lr) for cfg in base.first]
+    full = sweep + [_record(cfg, 0.5) for cfg in base.second_phase(sweep)]
+    kw = {"tasks": ["copy", "reverse"], "seeds": [0, 1]}
+    assert len(plan_compare("alibi", "full", baselines=_write(tmp_path / "a.jsonl", full), **kw).baselines) == 16
+
+    def refused(records, match):
+        with pytest.raises(ValueError, match=match):
+            plan_compare("alibi", "full", baselines=_write(tmp_path / "b.jsonl", records), **kw)
+
+    no_rate = [
+        r
+        for r in full
+        if not (
+            r["task"] == "reverse"
+            and r["encoding"] == "none"
+            and r["seed"] == 0
+            and r["config"]["train"]["lr"] == 0.001
+        )
+    ]
+    refused(no_rate, r"incomplete \(1 encoding\(s\) of reverse: reverse none: seed 0 at lr 0.001\).*complete \(copy\)")
+    no_seed = [r for r in full if not (r["task"] == "copy" and r["encoding"] == "sinusoidal" and r["seed"] == 1)]
+    refused(no_seed, r"of copy: copy sinusoidal: seed 1\).*complete \(reverse\)")
+    no_runs = [r for r in full if not (r["task"] == "reverse" and r["encoding"] == "sinusoidal")]
+    refused(no_runs, r"of reverse: reverse sinusoidal: no runs\)")

@@ -234,7 +234,7 @@ def compare(
     preset: str = typer.Option("full", "--preset", help="full (the committed baselines; see docs/plugins.md), smoke"),
     tasks: str = typer.Option(None, "--tasks", help="comma-separated (default: the preset's)"),
     seeds: str = typer.Option(None, "--seeds", help="comma-separated ints (default: the preset's)"),
-    baselines: str = typer.Option(None, "--baselines", help="results.jsonl (default docs/data/full_results.jsonl)"),
+    baselines: str = typer.Option(None, "--baselines", help="results.jsonl (default docs/data/study_results.jsonl)"),
     out: str = typer.Option(None, "--out", help="run folder (default runs/compare-NAME)"),
     threads: int = typer.Option(None, "--threads", help="torch threads per run (default min(2, cores // jobs))"),
     jobs: int = typer.Option(None, "--jobs", help="runs trained side by side (default: one per core, at most 8)"),

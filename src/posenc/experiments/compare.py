@@ -1,6 +1,6 @@
 """A leaderboard without retraining the baselines: rank one encoding (a plugin or a
 built-in) among finished records, e.g. the full preset's committed
-``docs/data/full_results.jsonl``.
+``docs/data/study_results.jsonl``.
 
 ``plan_compare`` plans only the encoding's runs of a preset (``plan_phases`` with
 ``encodings=[name]``; with the preset's learning-rate sweep, phase 1 and phase 2 as in
@@ -12,10 +12,12 @@ was trained with exactly the same config but the encoding: the ``task``, ``model
 within the sweep's grid (each encoding's rate is its own sweep's choice; the tables
 use ``summary.selected``). A difference is a ``ValueError`` naming the
 run and the differing keys, never a silent unfair comparison; so are baseline records
-trained with another preset (another config for the same task and seed) and a task or
-seed of the plan that no baseline covers. ``merge`` joins the baselines and the new
-records; ``leaderboard_tables`` ranks the encoding (``standings``) and adds the study's
-own tables (``summary.tables``, with Kazemnejad et al.'s mean ranks).
+trained with another preset (another config for the same task and seed), a task or
+seed of the plan that no baseline covers, and a task whose baselines are incomplete
+(``incomplete``: an encoding without a run at one of the plan's seeds or sweep rates).
+``merge`` joins the baselines and the new records; ``leaderboard_tables`` ranks the
+encoding (``standings``) and adds the study's own tables (``summary.tables``, with
+Kazemnejad et al.'s mean ranks).
 
 The commands: ``posenc compare NAME`` (``posenc.pipeline.compare`` trains and writes);
 docs/plugins.md walks through one with the DAPE example plugin.
@@ -48,8 +50,9 @@ from posenc.experiments.summary import (
 ENCODING_KEYS = (("model", "encoding"), ("model", "encoding_params"), ("train", "randomized_positions"))
 #: Config keys that change speed, not what is computed (left out of the run id too).
 SPEED_KEYS = (("train", "threads"),)
-#: The committed records of the full preset (docs/results.md), relative to the repository.
-DEFAULT_BASELINES = "docs/data/full_results.jsonl"
+#: The committed records of the full preset under the current protocol (docs/results.md,
+#: "Current protocol"), relative to the repository.
+DEFAULT_BASELINES = "docs/data/study_results.jsonl"
 
 
 @dataclasses.dataclass
@@ -67,7 +70,7 @@ class Comparison:
 
 
 def default_baselines() -> Path:
-    """``docs/data/full_results.jsonl`` of the current directory, else of the posenc
+    """``docs/data/study_results.jsonl`` of the current directory, else of the posenc
     checkout this module comes from; ``FileNotFoundError`` when neither exists."""
     for root in (Path.cwd(), Path(__file__).resolve().parents[3]):
         if (root / DEFAULT_BASELINES).is_file():
@@ -168,7 +171,48 @@ def plan_compare(
             f"no baseline records in {str(source)!r} for {', '.join(uncovered)}: choose --tasks/--seeds they cover "
             f"({', '.join(f'{t} seed {s}' for t, s in have[:12])}{', ...' if len(have) > 12 else ''})"
         )
+    # the preset's encodings that the file holds anywhere: each must be complete on every task
+    preset_encodings = {c.encoding_label for c in plan_phases(preset, tasks=tasks, seeds=seeds).outline}
+    expected = ({r["encoding"] for r in records} & preset_encodings) - {label}
+    if gaps := incomplete(kept, plan, expected):
+        done = sorted({t for t, _ in ours} - {t for t, _, _ in gaps})
+        shown = "; ".join(f"{t} {enc}: {what}" for t, enc, what in gaps[:4])
+        raise ValueError(
+            f"the baseline records in {str(source)!r} are incomplete ({len(gaps)} encoding(s) of "
+            f"{', '.join(sorted({t for t, _, _ in gaps}))}: {shown}{', ...' if len(gaps) > 4 else ''}), so a rank "
+            "would be among part of the encodings (their runs may still be training): choose --tasks whose "
+            f"baselines are complete{' (' + ', '.join(done) + ')' if done else ''}"
+        )
     return Comparison(label, preset, configs, kept, str(source), outside, replaced, plan)
+
+
+def incomplete(baselines: list[dict[str, Any]], plan: StudyPlan, encodings: set[str]) -> list[tuple[str, str, str]]:
+    """``(task, encoding, what is missing)`` for every one of ``encodings`` (and every
+    other encoding of ``baselines``) without a record on a task of ``plan`` at one of
+    the plan's seeds of that task or, when the plan sweeps, at one of the grid's rates on
+    the sweep seed: a rank needs every baseline encoding of a task on the same seeds,
+    each at its sweep's chosen rate."""
+    seeds: dict[str, set[int]] = {}
+    sweep: dict[str, set[int]] = {}
+    for c in plan.outline:
+        seeds.setdefault(c.task.label, set()).add(c.train.seed)
+    if plan.later:
+        for c in plan.first:
+            sweep.setdefault(c.task.label, set()).add(c.train.seed)
+    have: dict[tuple[str, str], dict[int, set]] = {}
+    for r in baselines:
+        have.setdefault((r["task"], r["encoding"]), {}).setdefault(r["seed"], set()).add(r["config"]["train"]["lr"])
+    gaps = []
+    for task in seeds:
+        for enc in sorted(encodings | {e for t, e in have if t == task}):
+            by_seed = have.get((task, enc), {})
+            missing = [f"seed {s}" for s in sorted(seeds[task]) if s not in by_seed]
+            for s in sorted(sweep.get(task, ())):
+                if s in by_seed and (rates := sorted(set(plan.lr_grid) - by_seed[s])):
+                    missing.append(f"seed {s} at lr {', '.join(f'{lr:g}' for lr in rates)}")
+            if missing:
+                gaps.append((task, enc, "no runs" if not by_seed else ", ".join(missing)))
+    return gaps
 
 
 def _unfair_message(name: str, preset: str, source: Path, unfair: list) -> str:
