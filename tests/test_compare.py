@@ -216,6 +216,8 @@ def test_incomplete_baselines_are_refused_naming_what_is_missing(tmp_path):
         )
     ]
     refused(no_rate, r"incomplete \(1 encoding\(s\) of reverse: reverse none: seed 0 at lr 0.001\).*complete \(copy\)")
+    with pytest.raises(ValueError, match=r"reverse none: seed 0 at lr 0.001"):  # the sweep seed alone
+        plan_compare("alibi", "full", baselines=_write(tmp_path / "c.jsonl", no_rate), tasks=["reverse"], seeds=[0])
     no_seed = [r for r in full if not (r["task"] == "copy" and r["encoding"] == "sinusoidal" and r["seed"] == 1)]
     refused(no_seed, r"of copy: copy sinusoidal: seed 1\).*complete \(reverse\)")
     no_runs = [r for r in full if not (r["task"] == "reverse" and r["encoding"] == "sinusoidal")]

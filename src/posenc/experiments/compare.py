@@ -196,7 +196,7 @@ def incomplete(baselines: list[dict[str, Any]], plan: StudyPlan, encodings: set[
     sweep: dict[str, set[int]] = {}
     for c in plan.outline:
         seeds.setdefault(c.task.label, set()).add(c.train.seed)
-    if plan.later:
+    if plan.lr_grid:  # phase 1 (the sweep seed at every rate) is plan.first
         for c in plan.first:
             sweep.setdefault(c.task.label, set()).add(c.train.seed)
     have: dict[tuple[str, str], dict[int, set]] = {}
