@@ -1,8 +1,8 @@
 """docs/results.md quotes the committed study records, not numbers typed by hand.
 
-The records behind the page are committed under docs/data/ (a run folder is not
-tracked by git, and one was lost once). These tests recompute the page's generated
-tables and the published-findings rows from those records and look for them in the page.
+The records behind the page are committed under docs/data/ (study_results.jsonl, and
+the T5 experiment's t5_md64_results.jsonl). These tests recompute the page's generated
+blocks and quotes from those records and fail on any difference.
 """
 
 from __future__ import annotations
@@ -13,14 +13,9 @@ from pathlib import Path
 
 import pytest
 
-from posenc.experiments.published import kazemnejad_ranks, press_table, randpos_lm_table
-from posenc.experiments.summary import Cell, ratio, tables, to_markdown
-
 DOCS = Path(__file__).resolve().parents[1] / "docs"
 PAGE = DOCS / "results.md"
-FULL = DOCS / "data" / "full_results.jsonl"
-T5_MD64 = DOCS / "data" / "t5_md64_results.jsonl"
-LEARNED_TASKS = ("copy", "duplicate", "reverse", "sort")
+CURRENT = DOCS / "data" / "study_results.jsonl"
 
 
 def _records(path: Path) -> list[dict]:
@@ -32,91 +27,52 @@ def page() -> str:
     return PAGE.read_text()
 
 
-@pytest.fixture(scope="module")
-def records() -> list[dict]:
-    return _records(FULL)
+def test_t5_experiment_is_the_study_runs_with_max_distance_64():
+    """The T5 experiment's records are shakespeare's t5 runs of the full preset (each
+    seed's config at its chosen rate) with ``max_distance`` 64 and nothing else changed,
+    written from a clean tree; its documented config is seed 0's."""
+    from posenc.experiments.config import config_from_dict, load_config, replace
+    from posenc.experiments.summary import selected
+    from posenc.pipeline.results_page import T5_EXPERIMENT, read_experiment
+
+    study = {r["seed"]: r for r in selected(_records(CURRENT)) if r["task"] == "shakespeare" and r["encoding"] == "t5"}
+    experiment = read_experiment(T5_EXPERIMENT)
+    assert sorted(r["seed"] for r in experiment) == [0, 1, 2] == sorted(study)
+    for r in experiment:
+        want = replace(config_from_dict(study[r["seed"]]["config"]), model={"encoding_params": {"max_distance": 64}})
+        assert config_from_dict(r["config"]) == want
+        assert not r["git_commit"].endswith("+dirty")
+    documented = load_config(DOCS / "configs" / "shakespeare_t5_max_distance_64.yaml")
+    seed0 = config_from_dict(next(r for r in experiment if r["seed"] == 0)["config"])
+    assert documented == replace(seed0, train={"threads": None})
 
 
-def test_records_are_unique_runs(records):
-    ids = [r["run_id"] for r in records]
-    assert len(ids) == len(set(ids))
-    assert {r["torch_version"] for r in records} == {"2.13.0+cpu"}
+def test_protocol_table_states_the_preset(page):
+    """The protocol's sizes are the full preset's: test examples, lengths, steps, corpus layout."""
+    from posenc.experiments.study import plan_phases
+
+    copy = plan_phases("full", tasks=["copy"], encodings=["rope"]).first[0]
+    recall = plan_phases("full", tasks=["recall"], encodings=["rope"]).first[0]
+    text = plan_phases("full", tasks=["shakespeare"], encodings=["rope"]).first[0]
+    protocol = page[page.index("## Protocol") : page.index("## Commands")]
+    held = text.task.held_out()
+    assert f"{copy.task.eval_samples} fresh examples" in protocol
+    inside = [n for n in copy.task.synthetic_lengths if copy.task.train_length < n <= 2 * copy.task.train_length]
+    assert "at " + ", ".join(map(str, inside[:-1])) + f" and {inside[-1]} (inside (L, 2L])" in protocol
+    assert f"{copy.train.steps:,} steps (recall {recall.train.steps:,})" in protocol
+    assert f"{held.segments} held-out segments" in protocol and f"{held.test_scored:,} scored characters" in protocol
+    assert f"({held.segments * held.test_scored:,} in all) after {held.test_context:,} characters" in protocol
+    assert "E = " + ", ".join(map(str, text.task.lm_lengths)) in protocol
+    assert f"L = {text.task.train_length} characters" in protocol and f"(L = {copy.task.train_length})" in protocol
 
 
-def test_page_states_the_records_from_modified_trees(page, records):
-    dirty = sum(r["git_commit"].endswith("+dirty") for r in records)
-    assert f"| {dirty} of the {len(records)} records written from a modified tree" in page
-
-
-def test_page_states_the_number_of_runs(page, records):
-    assert f"**{len(records)} of the full preset's 504 runs**" in page
-    assert "{{" not in page, "a placeholder was left in docs/results.md"
-
-
-def test_generated_tables_are_the_records(page, records):
-    block = to_markdown(tables(records))
-    assert block in page, "docs/results.md's tables differ from posenc study --summarize-only on docs/data"
-
-
-def test_press_rows_are_the_records(page, records):
-    rows = [r for t in press_table(records) for r in t.rows]
-    assert len(rows) == 8  # 4 encodings x (shakespeare, stdlib)
-    for row in rows:
-        assert "| " + " | ".join(row) + " |" in page
-
-
-def test_kazemnejad_rows_are_the_records(page, records):
-    all_tasks = kazemnejad_ranks(records)
-    learned = kazemnejad_ranks([r for r in records if r["task"] in LEARNED_TASKS])
-    # page columns: encoding, paper rank, mean rank (6 tasks), per-seed (6), mean (4), per-seed (4),
-    # then the tasks each was ranked on (only runs that learned a task in distribution are ranked)
-    by_enc = {row[0]: row for row in learned.rows}
-    for row in all_tasks.rows:
-        enc, paper, mean6, seed6, n6 = row[:5]
-        mean4, seed4, n4 = by_enc[enc][2:5]
-        assert f"| {enc} | {paper} | {mean6} | {seed6} | {mean4} | {seed4} | {n6} | {n4} |" in page
-
-
-def test_ranks_on_the_page_leave_out_the_runs_that_did_not_learn(records):
-    """No run below the in-distribution bar reaches a rank: NoPE did not learn reverse on
-    any seed, so it is ranked on fewer tasks than ALiBi, and recall (learned by nobody)
-    ranks nobody."""
-    from posenc.experiments.summary import LEARNED_BAR, in_distribution, mean_ranks
-
-    nope_reverse = [in_distribution(r) for r in records if r["encoding"] == "none" and r["task"] == "reverse"]
-    assert len(nope_reverse) == 3 and max(nope_reverse) < LEARNED_BAR
-    rows = {row[0]: row for row in kazemnejad_ranks(records).rows}
-    assert rows["none"][4] == "3" and rows["alibi"][4] == "5"
-    table = mean_ranks(records)
-    recall = table.columns.index("recall token_accuracy (L, 2L]")
-    assert all(row[recall].startswith("did not learn (") for row in table.rows)
-
-
-def test_randpos_on_text_rows_are_the_records(page, records):
-    table = randpos_lm_table(records)
-    assert table is not None and len(table.rows) == 8  # 4 encodings x (shakespeare, stdlib)
-    for row in table.rows:
-        assert "| " + " | ".join(row) + " |" in page
-
-
-def test_t5_max_distance_row_is_the_records(page):
-    recs = _records(T5_MD64)
-    assert sorted(r["seed"] for r in recs) == [0, 1, 2]
-    assert {r["config"]["model"]["encoding_params"]["max_distance"] for r in recs} == {64}
-    at_l = Cell.of([{m["length"]: m["ppl"] for m in r["metrics"]}[64] for r in recs]).fmt(2)
-    ratios = [Cell.of([ratio(r, f * 64) for r in recs]).fmt(2) for f in (2, 4, 8, 16)]
-    row = re.escape("| `max_distance = 64` | " + " | ".join([at_l, *ratios]) + " |")
-    assert re.search(row, page)
-
-
-# -- the current protocol's section, on the first N committed records of study_results.jsonl ---------
-
-CURRENT = DOCS / "data" / "study_results.jsonl"
+# -- the section "Results", on the first N committed records of study_results.jsonl ---------
 
 
 def _current_section(page: str) -> str:
-    start = page.index("## Current protocol")
-    return page[start : page.index("\n## ", start + 1)]
+    start = page.index("\n## Results\n")
+    end = page.find("\n## ", start + 1)
+    return page[start : end if end >= 0 else len(page)]
 
 
 def test_current_section_is_the_first_n_records(page):
@@ -167,3 +123,27 @@ def test_a_cell_quote_is_the_interval_table(page):
         quote([], "cells copy rope 16")
     with pytest.raises(ValueError, match="not shown"):
         quote([], "cell copy rope 16")
+
+
+def test_figures_are_drawn_from_the_records(page):
+    """Every shown task's figure is committed, linked from the page, and drawn from the
+    records the page reads (``task_digest`` in its ``Description``); a synthetic figure
+    draws only runs that learned."""
+    from PIL import Image
+
+    from posenc.experiments.summary import learned
+    from posenc.pipeline.mechanisms_page import read_first
+    from posenc.pipeline.results_page import complete_tasks, figure_path, figure_runs
+    from posenc.viz.study import task_digest
+
+    records = read_first(CURRENT, int(re.findall(r"<!--q records-->(\d+)<!--/q-->", page)[0]))
+    tasks = complete_tasks(records)
+    assert tasks
+    for task in tasks:
+        path = figure_path(DOCS / "img", task)
+        assert f"](img/{path.name})" in page
+        assert path.is_file(), f"{path} is missing: write_results_page() draws it"
+        by_enc, metric = figure_runs(records, task)
+        assert Image.open(path).text.get("Description") == f"posenc-study {task_digest(by_enc, metric)}", path
+        if metric == "exact_match":
+            assert all(learned(r) for recs in by_enc.values() for r in recs)

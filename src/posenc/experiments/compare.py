@@ -51,7 +51,7 @@ ENCODING_KEYS = (("model", "encoding"), ("model", "encoding_params"), ("train", 
 #: Config keys that change speed, not what is computed (left out of the run id too).
 SPEED_KEYS = (("train", "threads"),)
 #: The committed records of the full preset under the current protocol (docs/results.md,
-#: "Current protocol"), relative to the repository.
+#: "Results"), relative to the repository.
 DEFAULT_BASELINES = "docs/data/study_results.jsonl"
 
 

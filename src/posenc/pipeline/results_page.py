@@ -1,4 +1,4 @@
-"""The current protocol's section of docs/results.md, from the first ``N`` records of
+"""The section "Results" of docs/results.md, from the first ``N`` records of
 ``docs/data/study_results.jsonl`` (the full preset's re-run appends to that file as its
 runs finish).
 
@@ -22,24 +22,49 @@ from typing import Any
 
 from posenc.experiments.config import TASKS
 from posenc.experiments.intervals import interval_tables
-from posenc.experiments.published import published_tables
+from posenc.experiments.published import (
+    kazemnejad_ranks,
+    press_sliding_table,
+    press_table,
+    published_tables,
+    randpos_lm_table,
+    randpos_table,
+)
 from posenc.experiments.study import StudyPlan, plan_phases, presets
-from posenc.experiments.summary import TableData, not_learned, not_learned_note, sweep_table, to_markdown
+from posenc.experiments.summary import (
+    TableData,
+    group,
+    is_lm,
+    learned,
+    not_learned,
+    not_learned_note,
+    selected,
+    sweep_table,
+    to_markdown,
+)
 from posenc.pipeline.extension_page import fill_page
 from posenc.pipeline.mechanisms_page import RECORDS, provenance, read_first
+from posenc.viz.study import plot_task, safe_filename
 
 PAGE = Path(__file__).resolve().parents[3] / "docs" / "results.md"
 BLOCKS = (
     "current-provenance",
     "current-progress",
+    "current-figures",
     "current-sweep",
     "current-learned",
     "current-intervals",
+    "current-t5-max-distance",
     "current-papers",
     "current-time",
 )
 #: The preset whose records the section shows.
 PRESET = "full"
+#: The T5 experiment's records: shakespeare's t5 runs of the study (each seed at its
+#: chosen rate) retrained with ``max_distance`` 64 (docs/configs/shakespeare_t5_max_distance_64.yaml).
+T5_EXPERIMENT = RECORDS.parent / "t5_md64_results.jsonl"
+#: The experiment's row label in its table.
+T5_CAPPED = "t5 (max_distance 64)"
 
 
 def _plans() -> dict[str, StudyPlan]:
@@ -124,6 +149,58 @@ def time_table(records: list[dict[str, Any]]) -> TableData:
     )
 
 
+def figure_runs(records: list[dict[str, Any]], task: str) -> tuple[dict[str, list[dict[str, Any]]], str]:
+    """``(by_enc, metric)`` of ``task``'s figure: the chosen rate's runs of each encoding
+    (``selected``: randomized runs at their randomized test positions) and the metric of
+    its interval table, sliding-window perplexity for a corpus; for a synthetic task exact
+    match of the runs that learned in distribution only (an encoding none of whose runs
+    learned is left out, as in the interval table)."""
+    by_enc = group(selected([r for r in records if r["task"] == task])).get(task, {})
+    if not by_enc:
+        raise ValueError(f"no records of task {task!r}")
+    if is_lm(next(iter(by_enc.values()))):
+        return by_enc, "ppl_sliding"
+    kept = {enc: [r for r in recs if learned(r)] for enc, recs in by_enc.items()}
+    return {enc: recs for enc, recs in kept.items() if recs}, "exact_match"
+
+
+def figure_path(img_dir: str | Path, task: str) -> Path:
+    """Where ``write_results_page`` draws ``task``'s figure."""
+    return Path(img_dir) / f"results_{safe_filename(task)}.png"
+
+
+def figures_block(records: list[dict[str, Any]]) -> str:
+    """The figure of every shown task (``figure_runs``), linked from the page's folder."""
+    tasks = complete_tasks(records)
+    if not tasks:
+        return "No task has all its runs in the records yet.\n"
+    lines = [
+        "Each line is the mean over an encoding's runs, the band their range; synthetic tasks: exact match of "
+        "the runs that learned in distribution; corpora: sliding-window perplexity (log scale).",
+        "",
+    ]
+    lines += [f"![{task}](img/results_{safe_filename(task)}.png)" for task in tasks]
+    return "\n".join(lines) + "\n"
+
+
+def t5_experiment_table(records: list[dict[str, Any]], experiment: list[dict[str, Any]]) -> TableData | None:
+    """Shakespeare's t5 runs (the chosen rate's) beside the same configs with T5's
+    ``max_distance`` 64: one sliding-perplexity interval table (``interval_tables``),
+    rows ``t5`` and ``T5_CAPPED``. ``None`` while shakespeare is not complete or the
+    experiment has no record."""
+    if "shakespeare" not in complete_tasks(records) or not experiment:
+        return None
+    study = [r for r in records if r["task"] == "shakespeare" and r["encoding"] == "t5"]
+    (table,) = interval_tables(study + [r | {"encoding": T5_CAPPED} for r in experiment])
+    return table
+
+
+def read_experiment(path: str | Path = T5_EXPERIMENT) -> list[dict[str, Any]]:
+    """Every record of the T5 experiment's results file (none when it does not exist)."""
+    path = Path(path)
+    return read_first(path, sum(1 for _ in path.open(encoding="utf-8"))) if path.is_file() else []
+
+
 def page_blocks(records: list[dict[str, Any]]) -> dict[str, str]:
     """The text of every generated block (``BLOCKS``) from the records read."""
     tasks = complete_tasks(records)
@@ -135,6 +212,7 @@ def page_blocks(records: list[dict[str, Any]]) -> dict[str, str]:
     return {
         "current-provenance": provenance(records),
         "current-progress": to_markdown([progress_table(records)]),
+        "current-figures": figures_block(records),
         "current-sweep": to_markdown([sweep]) if sweep is not None else none,
         "current-learned": (
             (not_learned_note(unlearned) if unlearned else "Every shown run learned its task in distribution.") + "\n"
@@ -142,6 +220,7 @@ def page_blocks(records: list[dict[str, Any]]) -> dict[str, str]:
             else none
         ),
         "current-intervals": to_markdown(interval_tables(shown)) if shown else none,
+        "current-t5-max-distance": to_markdown([t5]) if (t5 := _t5(records, {})) else "No record yet.\n",
         "current-papers": to_markdown(papers) if papers else "No comparison with a paper yet.\n",
         "current-time": to_markdown([time_table(records)]) if records else "No record yet.\n",
     }
@@ -164,10 +243,59 @@ def _interval_table(records: list[dict[str, Any]], task: str, spec: str, cache: 
     return cache[task]
 
 
+def _t5(records: list[dict[str, Any]], cache: dict[str, Any]) -> TableData | None:
+    """The T5 experiment's table, computed once per ``cache``."""
+    if "t5" not in cache:
+        cache["t5"] = t5_experiment_table(records, read_experiment())
+    return cache["t5"]
+
+
 def _column(table: TableData, column: str, spec: str) -> int:
     if column not in table.columns:
         raise ValueError(f"quote {spec!r}: no column {column!r} (columns {table.columns})")
     return table.columns.index(column)
+
+
+#: The paper tables a ``paper`` quote reads, and whether their rows start with the task.
+PAPER_TABLES = {
+    "press": (press_table, True),
+    "press-sliding": (press_sliding_table, True),
+    "kazemnejad": (kazemnejad_ranks, False),
+    "randpos": (randpos_table, True),
+    "randpos-lm": (randpos_lm_table, True),
+}
+
+
+def _paper_cell(records: list[dict[str, Any]], args: list[str], spec: str, cache: dict[str, Any]) -> str:
+    """The cell of a ``paper TABLE [TASK] ENCODING COLUMN`` quote (``_`` in ``COLUMN``
+    stands for a space), from the paper table over the shown tasks' records."""
+    name, *rest = args
+    if name not in PAPER_TABLES or len(rest) != (3 if PAPER_TABLES[name][1] else 2):
+        raise ValueError(
+            f"quote {spec!r}: use paper press|press-sliding|randpos|randpos-lm TASK ENCODING COLUMN "
+            "or paper kazemnejad ENCODING COLUMN"
+        )
+    if "complete" not in cache:
+        cache["complete"] = complete_tasks(records)
+    make, by_task = PAPER_TABLES[name]
+    task = rest[0] if by_task else None
+    if task is not None:
+        _check_shown(records, task, spec, cache)
+    key = ("paper", name)
+    if key not in cache:
+        shown = [r for r in records if r["task"] in cache["complete"]]
+        made = make(shown) if shown else None
+        cache[key] = made if isinstance(made, list) else [made] if made is not None else []
+    tables = cache[key]
+    if name.startswith("press"):  # one table per corpus, rows start with the encoding
+        tables = [t for t in tables if f" vs {task} " in t.title]
+    column = rest[-1].replace("_", " ")
+    for table in tables:
+        col = _column(table, column, spec)
+        for row in table.rows:
+            if row[0] == rest[-2] if name.startswith("press") or not by_task else row[:2] == rest[:2]:
+                return row[col]
+    raise ValueError(f"quote {spec!r}: no such row in the {name} table")
 
 
 def quote(records: list[dict[str, Any]], spec: str, cache: dict[str, Any] | None = None) -> str:
@@ -182,7 +310,11 @@ def quote(records: list[dict[str, Any]], spec: str, cache: dict[str, Any] | None
       encodings share it;
     * ``chosen TASK WHERE``: how many of the task's swept encodings chose the ``lowest``
       or ``highest`` rate tried (or one ``inside`` the grid), as "k of n" (the sweep
-      table's "chosen at" column).
+      table's "chosen at" column);
+    * ``paper TABLE [TASK] ENCODING COLUMN``: a cell of a comparison with a paper
+      (``PAPER_TABLES``; ``_`` in ``COLUMN`` for a space), e.g.
+      ``paper press shakespeare alibi ours_8L``;
+    * ``t5-capped COLUMN``: the T5 experiment's cell (``t5_experiment_table``).
     """
     cache = {} if cache is None else cache
     kind, *args = spec.split()
@@ -214,9 +346,17 @@ def quote(records: list[dict[str, Any]], spec: str, cache: dict[str, Any] | None
             raise ValueError(f"quote {spec!r}: no learning-rate sweep for {args[0]!r}")
         hits = sum(w.startswith(args[1]) for w in wheres)
         return f"{hits} of {len(wheres)}"
+    if kind == "t5-capped" and len(args) == 1:
+        table = _t5(records, cache)
+        if table is None:
+            raise ValueError(f"quote {spec!r}: no T5 experiment (shakespeare not shown, or no record)")
+        return next(r for r in table.rows if r[0] == T5_CAPPED)[_column(table, args[0], spec)]
+    if kind == "paper" and args:
+        return _paper_cell(records, args, spec, cache)
     raise ValueError(
         f"quote {spec!r}: unknown kind or arguments (records, complete, cell TASK ENCODING COLUMN, "
-        "best TASK COLUMN, chosen TASK lowest|highest|inside)"
+        "best TASK COLUMN, chosen TASK lowest|highest|inside, paper TABLE [TASK] ENCODING COLUMN, "
+        "t5-capped COLUMN)"
     )
 
 
@@ -227,13 +367,25 @@ def render_page(page: str, records: list[dict[str, Any]]) -> str:
     return fill_page(page, page_blocks(records), lambda spec: quote(records, spec, cache))
 
 
-def write_results_page(count: int | None = None, records: str | Path = RECORDS, page: str | Path = PAGE) -> Path:
+def write_results_page(
+    count: int | None = None,
+    records: str | Path = RECORDS,
+    page: str | Path = PAGE,
+    img_dir: str | Path | None = None,
+) -> list[Path]:
     """Rewrite ``page``'s generated blocks and quotes from the first ``count`` lines of
     ``records`` (default: every line; give the committed count, so that the page's test
-    finds them in a clean checkout). Returns the page's path."""
+    finds them in a clean checkout) and draw each shown task's figure into ``img_dir``
+    (default ``<page folder>/img``). Returns the paths written, the page last."""
     if count is None:
         with Path(records).open(encoding="utf-8") as fh:
             count = sum(1 for line in fh if line.endswith("\n"))
     page = Path(page)
-    page.write_text(render_page(page.read_text(encoding="utf-8"), read_first(records, count)), encoding="utf-8")
-    return page
+    recs = read_first(records, count)
+    img_dir = Path(img_dir) if img_dir is not None else page.parent / "img"
+    written = []
+    for task in complete_tasks(recs):
+        by_enc, metric = figure_runs(recs, task)
+        written.append(plot_task(task, by_enc, metric, figure_path(img_dir, task)))
+    page.write_text(render_page(page.read_text(encoding="utf-8"), recs), encoding="utf-8")
+    return [*written, page]

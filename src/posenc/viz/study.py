@@ -7,6 +7,8 @@ marked. Draws the records it is given (plain dicts, schema in
 
 from __future__ import annotations
 
+import hashlib
+import json
 import statistics
 from pathlib import Path
 from typing import Any
@@ -25,6 +27,14 @@ def safe_filename(name: str) -> str:
     return "".join(c if c.isalnum() or c in "-_." else "-" for c in name)
 
 
+def task_digest(by_enc: dict[str, list[dict[str, Any]]], metric: str) -> str:
+    """SHA-256 of the numbers ``plot_task`` draws (``(length, metric)`` of every run of
+    every encoding), which it stores in the PNG's ``Description`` text chunk so a test
+    can tell which records drew a committed figure."""
+    drawn = {enc: [[[m["length"], m[metric]] for m in r["metrics"]] for r in recs] for enc, recs in by_enc.items()}
+    return hashlib.sha256(json.dumps([metric, drawn], sort_keys=True).encode()).hexdigest()
+
+
 def plot_task(
     task: str,
     by_enc: dict[str, list[dict[str, Any]]],
@@ -34,7 +44,8 @@ def plot_task(
     title: str | None = None,
 ) -> Path:
     """One figure: ``metric`` against length for every encoding of one task, ``by_enc``
-    ``{encoding: [records over seeds]}`` (lines in that order).
+    ``{encoding: [records over seeds]}`` (lines in that order); ``task_digest`` in the
+    PNG's ``Description``.
 
     Returns the path written (PNG).
     """
@@ -80,7 +91,7 @@ def plot_task(
     ax.grid(alpha=0.3)
     ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1.0), frameon=False)
     fig.tight_layout()
-    return write_png(fig, path)
+    return write_png(fig, path, f"posenc-study {task_digest(by_enc, metric)}")
 
 
 def write_png(fig: Any, path: str | Path, description: str | None = None) -> Path:
