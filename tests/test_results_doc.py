@@ -147,3 +147,23 @@ def test_figures_are_drawn_from_the_records(page):
         assert Image.open(path).text.get("Description") == f"posenc-study {task_digest(by_enc, metric)}", path
         if metric == "exact_match":
             assert all(learned(r) for recs in by_enc.values() for r in recs)
+
+
+def test_a_paper_quote_is_a_cell_of_the_paper_table():
+    from posenc.experiments.published import press_table
+    from posenc.pipeline.mechanisms_page import read_first
+    from posenc.pipeline.results_page import quote
+
+    records = read_first(CURRENT, 630)  # copy, reverse, duplicate, sort, count, shakespeare
+    shown = [r for r in records if r["task"] == "shakespeare"]
+    (table,) = press_table(shown)
+    row = next(r for r in table.rows if r[0] == "rope")
+    assert quote(records, "paper press shakespeare rope ours_4L") == row[table.columns.index("ours 4L")]
+    with pytest.raises(ValueError, match="not shown"):  # no stdlib run in the first 630 lines
+        quote(records, "paper press stdlib rope ours_4L")
+    with pytest.raises(ValueError, match="no such row"):
+        quote(records, "paper kazemnejad integer mean_rank")
+    with pytest.raises(ValueError, match="no column"):
+        quote(records, "paper press shakespeare rope ours_3L")
+    with pytest.raises(ValueError, match="use paper"):
+        quote(records, "paper press rope ours_4L")
