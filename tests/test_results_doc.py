@@ -149,7 +149,7 @@ def test_figures_are_drawn_from_the_records(page):
             assert all(learned(r) for recs in by_enc.values() for r in recs)
 
 
-def test_a_paper_quote_is_a_cell_of_the_paper_table():
+def test_a_table_quote_is_a_cell_of_the_table():
     from posenc.experiments.published import press_table
     from posenc.pipeline.mechanisms_page import read_first
     from posenc.pipeline.results_page import quote
@@ -158,12 +158,12 @@ def test_a_paper_quote_is_a_cell_of_the_paper_table():
     shown = [r for r in records if r["task"] == "shakespeare"]
     (table,) = press_table(shown)
     row = next(r for r in table.rows if r[0] == "rope")
-    assert quote(records, "paper press shakespeare rope ours_4L") == row[table.columns.index("ours 4L")]
+    assert quote(records, "table press shakespeare rope ours_4L") == row[table.columns.index("ours 4L")]
     with pytest.raises(ValueError, match="not shown"):  # no stdlib run in the first 630 lines
-        quote(records, "paper press stdlib rope ours_4L")
+        quote(records, "table press stdlib rope ours_4L")
     with pytest.raises(ValueError, match="no such row"):
-        quote(records, "paper kazemnejad integer mean_rank")
+        quote(records, "table kazemnejad integer mean_rank")
     with pytest.raises(ValueError, match="no column"):
-        quote(records, "paper press shakespeare rope ours_3L")
-    with pytest.raises(ValueError, match="use paper"):
-        quote(records, "paper press rope ours_4L")
+        quote(records, "table press shakespeare rope ours_3L")
+    with pytest.raises(ValueError, match="use table"):
+        quote(records, "table press rope ours_4L")

@@ -36,6 +36,7 @@ from posenc.experiments.summary import (
     group,
     is_lm,
     learned,
+    mean_ranks,
     not_learned,
     not_learned_note,
     selected,
@@ -54,6 +55,7 @@ BLOCKS = (
     "current-sweep",
     "current-learned",
     "current-intervals",
+    "current-ranks",
     "current-t5-max-distance",
     "current-papers",
     "current-time",
@@ -220,6 +222,7 @@ def page_blocks(records: list[dict[str, Any]]) -> dict[str, str]:
             else none
         ),
         "current-intervals": to_markdown(interval_tables(shown)) if shown else none,
+        "current-ranks": to_markdown([ranks]) if (ranks := mean_ranks(shown) if shown else None) else none,
         "current-t5-max-distance": to_markdown([t5]) if (t5 := _t5(records, {})) else "No record yet.\n",
         "current-papers": to_markdown(papers) if papers else "No comparison with a paper yet.\n",
         "current-time": to_markdown([time_table(records)]) if records else "No record yet.\n",
@@ -256,8 +259,9 @@ def _column(table: TableData, column: str, spec: str) -> int:
     return table.columns.index(column)
 
 
-#: The paper tables a ``paper`` quote reads, and whether their rows start with the task.
-PAPER_TABLES = {
+#: The tables a ``table`` quote reads, and whether their rows start with the task.
+QUOTED_TABLES = {
+    "ranks": (mean_ranks, False),
     "press": (press_table, True),
     "press-sliding": (press_sliding_table, True),
     "kazemnejad": (kazemnejad_ranks, False),
@@ -266,22 +270,22 @@ PAPER_TABLES = {
 }
 
 
-def _paper_cell(records: list[dict[str, Any]], args: list[str], spec: str, cache: dict[str, Any]) -> str:
-    """The cell of a ``paper TABLE [TASK] ENCODING COLUMN`` quote (``_`` in ``COLUMN``
-    stands for a space), from the paper table over the shown tasks' records."""
+def _table_cell(records: list[dict[str, Any]], args: list[str], spec: str, cache: dict[str, Any]) -> str:
+    """The cell of a ``table NAME [TASK] ENCODING COLUMN`` quote (``_`` in ``COLUMN``
+    stands for a space), from that table over the shown tasks' records."""
     name, *rest = args
-    if name not in PAPER_TABLES or len(rest) != (3 if PAPER_TABLES[name][1] else 2):
+    if name not in QUOTED_TABLES or len(rest) != (3 if QUOTED_TABLES[name][1] else 2):
         raise ValueError(
-            f"quote {spec!r}: use paper press|press-sliding|randpos|randpos-lm TASK ENCODING COLUMN "
-            "or paper kazemnejad ENCODING COLUMN"
+            f"quote {spec!r}: use table press|press-sliding|randpos|randpos-lm TASK ENCODING COLUMN "
+            "or table kazemnejad|ranks ENCODING COLUMN"
         )
     if "complete" not in cache:
         cache["complete"] = complete_tasks(records)
-    make, by_task = PAPER_TABLES[name]
+    make, by_task = QUOTED_TABLES[name]
     task = rest[0] if by_task else None
     if task is not None:
         _check_shown(records, task, spec, cache)
-    key = ("paper", name)
+    key = ("table", name)
     if key not in cache:
         shown = [r for r in records if r["task"] in cache["complete"]]
         made = make(shown) if shown else None
@@ -311,9 +315,9 @@ def quote(records: list[dict[str, Any]], spec: str, cache: dict[str, Any] | None
     * ``chosen TASK WHERE``: how many of the task's swept encodings chose the ``lowest``
       or ``highest`` rate tried (or one ``inside`` the grid), as "k of n" (the sweep
       table's "chosen at" column);
-    * ``paper TABLE [TASK] ENCODING COLUMN``: a cell of a comparison with a paper
-      (``PAPER_TABLES``; ``_`` in ``COLUMN`` for a space), e.g.
-      ``paper press shakespeare alibi ours_8L``;
+    * ``table NAME [TASK] ENCODING COLUMN``: a cell of a comparison with a paper or of
+      the mean ranks (``QUOTED_TABLES``; ``_`` in ``COLUMN`` for a space), e.g.
+      ``table press shakespeare alibi ours_8L``;
     * ``t5-capped COLUMN``: the T5 experiment's cell (``t5_experiment_table``).
     """
     cache = {} if cache is None else cache
@@ -351,11 +355,11 @@ def quote(records: list[dict[str, Any]], spec: str, cache: dict[str, Any] | None
         if table is None:
             raise ValueError(f"quote {spec!r}: no T5 experiment (shakespeare not shown, or no record)")
         return next(r for r in table.rows if r[0] == T5_CAPPED)[_column(table, args[0], spec)]
-    if kind == "paper" and args:
-        return _paper_cell(records, args, spec, cache)
+    if kind == "table" and args:
+        return _table_cell(records, args, spec, cache)
     raise ValueError(
         f"quote {spec!r}: unknown kind or arguments (records, complete, cell TASK ENCODING COLUMN, "
-        "best TASK COLUMN, chosen TASK lowest|highest|inside, paper TABLE [TASK] ENCODING COLUMN, "
+        "best TASK COLUMN, chosen TASK lowest|highest|inside, table NAME [TASK] ENCODING COLUMN, "
         "t5-capped COLUMN)"
     )
 
