@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import difflib
 import json
+import math
 import re
 import statistics
 from pathlib import Path
@@ -327,12 +328,14 @@ def test_quotes_recomputed_from_the_raw_probes(page, records):
             by_enc: dict[str, list[float]] = {}
             for r in (r for r in counted if r["task"] == task):
                 p = r["probes"]
-                ref = p["reference"]["exact_match"]
                 entry = next(x for x in p["lengths"] if x["length"] == int(factor) * p["train_length"])
-                drop = ref - entry["none"]["exact_match"]
+                lm = "ppl" in p["reference"]
+                # score s: exact match, or minus log perplexity on a corpus
+                s = (lambda m: -math.log(m["ppl"])) if lm else (lambda m: m["exact_match"])
+                drop = s(p["reference"]) - s(entry["none"])
                 by_enc.setdefault(r["encoding"], [])
-                if drop >= MIN_DROP["synthetic"]:
-                    by_enc[r["encoding"]].append((entry[cond]["exact_match"] - entry["none"]["exact_match"]) / drop)
+                if drop >= MIN_DROP["lm" if lm else "synthetic"]:
+                    by_enc[r["encoding"]].append((s(entry[cond]) - s(entry["none"])) / drop)
             means = [statistics.fmean(v) for v in by_enc.values() if v]
             assert value == (f"{max(means):.2f}" if means else "no drop"), spec
         checked += 1
