@@ -167,3 +167,19 @@ def test_a_table_quote_is_a_cell_of_the_table():
         quote(records, "table press shakespeare rope ours_3L")
     with pytest.raises(ValueError, match="use table"):
         quote(records, "table press rope ours_4L")
+
+
+def test_read_first_reads_complete_lines_only(tmp_path):
+    """``read_first(path, None)`` reads every complete line (a line still being written is
+    left out); a count past the complete lines, or not an int, is an error."""
+    from posenc.pipeline.mechanisms_page import read_first
+
+    lines = CURRENT.read_text().splitlines(keepends=True)[:3]
+    path = tmp_path / "results.jsonl"
+    path.write_text("".join(lines) + lines[3 - 1][:20])  # a fourth line, not complete yet
+    assert [r["run_id"] for r in read_first(path, None)] == [json.loads(x)["run_id"] for x in lines]
+    assert len(read_first(path, 2)) == 2
+    with pytest.raises(ValueError, match="not complete yet"):
+        read_first(path, 4)
+    with pytest.raises(ValueError, match="count must be an int"):
+        read_first(path, "3")

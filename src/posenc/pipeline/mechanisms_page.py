@@ -65,12 +65,16 @@ BLOCKS = ("provenance", "counting", "protocol", "recovery", "attribution", "clai
 SCORES = {"synthetic": "exact match", "lm": "log perplexity"}
 
 
-def read_first(path: str | Path, count: int) -> list[dict[str, Any]]:
+def read_first(path: str | Path, count: int | None) -> list[dict[str, Any]]:
     """The records of the first ``count`` lines of a results file (``validate_record``
-    checks each); fewer lines than ``count`` is a ``ValueError`` naming the fix."""
+    checks each; ``None``: every complete line); fewer lines than ``count`` is a
+    ``ValueError`` naming the fix."""
+    path = Path(path)
+    if count is None:
+        with path.open(encoding="utf-8") as fh:
+            count = sum(1 for line in fh if line.endswith("\n"))
     if isinstance(count, bool) or not isinstance(count, int) or count < 0:
         raise ValueError(f"count must be an int >= 0 (the number of lines to read), got {count!r}")
-    path = Path(path)
     records = []
     with path.open(encoding="utf-8") as fh:
         for i, line in enumerate(fh, 1):
@@ -357,9 +361,6 @@ def write_mechanisms_page(
     ``records`` (default: every line; give the committed count, so that the page's test
     finds them in a clean checkout) and draw its figures into ``img_dir`` (default
     ``<page folder>/img``). Returns the paths written."""
-    if count is None:
-        with Path(records).open(encoding="utf-8") as fh:
-            count = sum(1 for line in fh if line.endswith("\n"))
     recs = read_first(records, count)
     counted, _ = counted_records(recs, grid=LR_GRID)
     page = Path(page)

@@ -199,8 +199,7 @@ def t5_experiment_table(records: list[dict[str, Any]], experiment: list[dict[str
 
 def read_experiment(path: str | Path = T5_EXPERIMENT) -> list[dict[str, Any]]:
     """Every record of the T5 experiment's results file (none when it does not exist)."""
-    path = Path(path)
-    return read_first(path, sum(1 for _ in path.open(encoding="utf-8"))) if path.is_file() else []
+    return read_first(path, None) if Path(path).is_file() else []
 
 
 def page_blocks(records: list[dict[str, Any]]) -> dict[str, str]:
@@ -381,9 +380,6 @@ def write_results_page(
     ``records`` (default: every line; give the committed count, so that the page's test
     finds them in a clean checkout) and draw each shown task's figure into ``img_dir``
     (default ``<page folder>/img``). Returns the paths written, the page last."""
-    if count is None:
-        with Path(records).open(encoding="utf-8") as fh:
-            count = sum(1 for line in fh if line.endswith("\n"))
     page = Path(page)
     recs = read_first(records, count)
     img_dir = Path(img_dir) if img_dir is not None else page.parent / "img"
