@@ -258,7 +258,8 @@ def _column(table: TableData, column: str, spec: str) -> int:
     return table.columns.index(column)
 
 
-#: The tables a ``table`` quote reads, and whether their rows start with the task.
+#: The tables a ``table`` quote reads, and whether a quote names a task (press: one
+#: table per corpus; randpos: rows start with the task).
 QUOTED_TABLES = {
     "ranks": (mean_ranks, False),
     "press": (press_table, True),
@@ -292,11 +293,13 @@ def _table_cell(records: list[dict[str, Any]], args: list[str], spec: str, cache
     tables = cache[key]
     if name.startswith("press"):  # one table per corpus, rows start with the encoding
         tables = [t for t in tables if f" vs {task} " in t.title]
-    column = rest[-1].replace("_", " ")
+    # a row is found by its encoding, or by (task, encoding) where the rows start with the task
+    keys = 2 if by_task and not name.startswith("press") else 1
+    want, column = rest[-1 - keys : -1], rest[-1].replace("_", " ")
     for table in tables:
         col = _column(table, column, spec)
         for row in table.rows:
-            if row[0] == rest[-2] if name.startswith("press") or not by_task else row[:2] == rest[:2]:
+            if row[:keys] == want:
                 return row[col]
     raise ValueError(f"quote {spec!r}: no such row in the {name} table")
 
