@@ -49,7 +49,7 @@ def test_t5_experiment_is_the_study_runs_with_max_distance_64():
 
 def test_protocol_table_states_the_preset(page):
     """The protocol's sizes are the full preset's: test examples, lengths, steps, corpus layout."""
-    from posenc.experiments.study import plan_phases
+    from posenc.experiments.study import plan_phases, presets
 
     copy = plan_phases("full", tasks=["copy"], encodings=["rope"]).first[0]
     recall = plan_phases("full", tasks=["recall"], encodings=["rope"]).first[0]
@@ -64,6 +64,11 @@ def test_protocol_table_states_the_preset(page):
     assert f"({held.segments * held.test_scored:,} in all) after {held.test_context:,} characters" in protocol
     assert "E = " + ", ".join(map(str, text.task.lm_lengths)) in protocol
     assert f"L = {text.task.train_length} characters" in protocol and f"(L = {copy.task.train_length})" in protocol
+    tasks = presets()["full"].tasks
+    plans = [plan_phases("full", tasks=[t]) for t in tasks]
+    variants = {c.encoding_label for p in plans for c in p.first}
+    runs = sum(len(p.first) + len(p.later) for p in plans)
+    assert f"({runs} runs: {len(variants)} encoding variants, {len(tasks)} tasks, 3 seeds" in page
 
 
 # -- the section "Results", on the first N committed records of study_results.jsonl ---------
