@@ -220,7 +220,9 @@ class TrainConfig:
     """Optimisation. ``randomized_positions`` (Ruoss et al. 2023): each training
     sequence of ``s`` tokens gets ``s`` sorted distinct positions drawn uniformly from
     ``0..max_position-1`` instead of ``0..s-1`` (default ``max_position``: the longest
-    evaluated sequence); evaluation always uses ``0..s-1``. ``init_from``: the checkpoint
+    evaluated sequence); such a run is scored both at ``0..s-1`` (the record's ``metrics``)
+    and at randomized test positions drawn the same way (``metrics_random``, as Ruoss et
+    al. evaluate; ``posenc.experiments.evaluate``). ``init_from``: the checkpoint
     of a finished run whose model weights start this run (fine-tuning, e.g. ``posenc
     extend``); the encoding's parameters may differ, the weights' shapes must not."""
 
