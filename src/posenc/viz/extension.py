@@ -10,13 +10,11 @@ task, filled by ``posenc.pipeline.extension``). matplotlib is imported lazily (A
 from __future__ import annotations
 
 import dataclasses
-import hashlib
-import json
 import math
 import statistics
 from pathlib import Path
 
-from posenc.viz.study import METRIC_LABELS, write_png
+from posenc.viz.study import METRIC_LABELS, numbers_digest, write_png
 
 
 @dataclasses.dataclass(frozen=True)
@@ -117,15 +115,15 @@ def figure_task(curves: ExtensionCurves):
 
 
 def curves_digest(curves: ExtensionCurves) -> str:
-    """SHA-256 of the numbers a figure draws (``plot_task`` stores it in the PNG's
-    ``Description`` text chunk, so a test can tell which records drew a committed figure)."""
+    """``numbers_digest`` of the numbers a figure draws (``plot_task`` stores it in the
+    PNG's ``Description`` text chunk)."""
     payload = dataclasses.asdict(curves)
     payload["series"] = sorted(
         [list(key), sorted([seed, sorted(v.items())] for seed, v in by_seed.items())]
         for key, by_seed in curves.series.items()
     )
     payload["finetune_length"] = sorted(curves.finetune_length.items())
-    return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()
+    return numbers_digest(payload)
 
 
 def plot_task(curves: ExtensionCurves, path: str | Path) -> Path:

@@ -15,12 +15,10 @@ Draws a ``MechanismFigure`` (the numbers of one task, filled by
 from __future__ import annotations
 
 import dataclasses
-import hashlib
-import json
 import math
 from pathlib import Path
 
-from posenc.viz.study import write_png
+from posenc.viz.study import numbers_digest, write_png
 
 #: Recoveries are coloured on this range (values outside it take its end colours; the
 #: cells print the value itself).
@@ -165,10 +163,9 @@ def figure_mechanisms(data: MechanismFigure):
 
 
 def mechanisms_digest(data: MechanismFigure) -> str:
-    """SHA-256 of the numbers a figure draws (``plot_mechanisms`` stores it in the PNG's
-    ``Description`` text chunk, so a test can tell which records drew a committed figure)."""
-    payload = json.dumps(dataclasses.asdict(data), sort_keys=True)
-    return hashlib.sha256(payload.encode()).hexdigest()
+    """``numbers_digest`` of the numbers a figure draws (``plot_mechanisms`` stores it in
+    the PNG's ``Description`` text chunk)."""
+    return numbers_digest(dataclasses.asdict(data))
 
 
 def plot_mechanisms(data: MechanismFigure, path: str | Path) -> Path:

@@ -27,12 +27,18 @@ def safe_filename(name: str) -> str:
     return "".join(c if c.isalnum() or c in "-_." else "-" for c in name)
 
 
+def numbers_digest(payload: Any) -> str:
+    """SHA-256 of ``payload`` as sorted-key JSON: the digest of the numbers a figure
+    draws, which the figure writers store in the PNG's ``Description`` text chunk so a
+    test can tell which records drew a committed figure."""
+    return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()
+
+
 def task_digest(by_enc: dict[str, list[dict[str, Any]]], metric: str) -> str:
-    """SHA-256 of the numbers ``plot_task`` draws (``(length, metric)`` of every run of
-    every encoding), which it stores in the PNG's ``Description`` text chunk so a test
-    can tell which records drew a committed figure."""
+    """``numbers_digest`` of what ``plot_task`` draws: ``(length, metric)`` of every run
+    of every encoding."""
     drawn = {enc: [[[m["length"], m[metric]] for m in r["metrics"]] for r in recs] for enc, recs in by_enc.items()}
-    return hashlib.sha256(json.dumps([metric, drawn], sort_keys=True).encode()).hexdigest()
+    return numbers_digest([metric, drawn])
 
 
 def plot_task(
