@@ -181,7 +181,7 @@ def test_read_first_reads_complete_lines_only(tmp_path):
 
     lines = CURRENT.read_text().splitlines(keepends=True)[:3]
     path = tmp_path / "results.jsonl"
-    path.write_text("".join(lines) + lines[3 - 1][:20])  # a fourth line, not complete yet
+    path.write_text("".join(lines) + lines[0][:20])  # a fourth line, not complete yet
     assert [r["run_id"] for r in read_first(path, None)] == [json.loads(x)["run_id"] for x in lines]
     assert len(read_first(path, 2)) == 2
     with pytest.raises(ValueError, match="not complete yet"):

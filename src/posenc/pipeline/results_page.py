@@ -171,9 +171,8 @@ def figure_path(img_dir: str | Path, task: str) -> Path:
     return Path(img_dir) / f"results_{safe_filename(task)}.png"
 
 
-def figures_block(records: list[dict[str, Any]]) -> str:
+def figures_block(tasks: list[str]) -> str:
     """The figure of every shown task (``figure_runs``), linked from the page's folder."""
-    tasks = complete_tasks(records)
     if not tasks:
         return "No task has all its runs in the records yet.\n"
     lines = [
@@ -181,16 +180,16 @@ def figures_block(records: list[dict[str, Any]]) -> str:
         "the runs that learned in distribution; corpora: sliding-window perplexity (log scale).",
         "",
     ]
-    lines += [f"![{task}](img/results_{safe_filename(task)}.png)" for task in tasks]
+    lines += [f"![{task}]({figure_path('img', task).as_posix()})" for task in tasks]
     return "\n".join(lines) + "\n"
 
 
 def t5_experiment_table(records: list[dict[str, Any]], experiment: list[dict[str, Any]]) -> TableData | None:
-    """Shakespeare's t5 runs (the chosen rate's) beside the same configs with T5's
-    ``max_distance`` 64: one sliding-perplexity interval table (``interval_tables``),
-    rows ``t5`` and ``T5_CAPPED``. ``None`` while shakespeare is not complete or the
-    experiment has no record."""
-    if "shakespeare" not in complete_tasks(records) or not experiment:
+    """Shakespeare's t5 runs of ``records`` (the chosen rate's; shakespeare must be
+    complete in them) beside the same configs with T5's ``max_distance`` 64: one
+    sliding-perplexity interval table (``interval_tables``), rows ``t5`` and
+    ``T5_CAPPED``. ``None`` when the experiment has no record."""
+    if not experiment:
         return None
     study = [r for r in records if r["task"] == "shakespeare" and r["encoding"] == "t5"]
     (table,) = interval_tables(study + [r | {"encoding": T5_CAPPED} for r in experiment])
@@ -202,38 +201,47 @@ def read_experiment(path: str | Path = T5_EXPERIMENT) -> list[dict[str, Any]]:
     return read_first(path, None) if Path(path).is_file() else []
 
 
-def page_blocks(records: list[dict[str, Any]]) -> dict[str, str]:
-    """The text of every generated block (``BLOCKS``) from the records read."""
-    tasks = complete_tasks(records)
+def page_blocks(records: list[dict[str, Any]], cache: dict[str, Any] | None = None) -> dict[str, str]:
+    """The text of every generated block (``BLOCKS``) from the records read; ``cache``
+    shares what the quotes of the same render read too (``quote``)."""
+    cache = {} if cache is None else cache
+    tasks = _complete(records, cache)
     shown = [r for r in records if r["task"] in tasks]
     none = "No task has all its runs in the records yet.\n"
     sweep = sweep_table(shown) if shown else None
     unlearned = not_learned(shown)
     papers = published_tables(shown) if shown else []
+    intervals = interval_tables(shown) if shown else []
+    for table in intervals:  # the quotes' cells (``_interval_table``) are these tables' cells
+        cache.setdefault(table.task, table)
     return {
         "current-provenance": provenance(records),
         "current-progress": to_markdown([progress_table(records)]),
-        "current-figures": figures_block(records),
+        "current-figures": figures_block(tasks),
         "current-sweep": to_markdown([sweep]) if sweep is not None else none,
         "current-learned": (
             (not_learned_note(unlearned) if unlearned else "Every shown run learned its task in distribution.") + "\n"
             if shown
             else none
         ),
-        "current-intervals": to_markdown(interval_tables(shown)) if shown else none,
+        "current-intervals": to_markdown(intervals) if shown else none,
         "current-ranks": to_markdown([ranks]) if (ranks := mean_ranks(shown) if shown else None) else none,
-        "current-t5-max-distance": to_markdown([t5]) if (t5 := _t5(records, {})) else "No record yet.\n",
+        "current-t5-max-distance": to_markdown([t5]) if (t5 := _t5(records, cache)) else "No record yet.\n",
         "current-papers": to_markdown(papers) if papers else "No comparison with a paper yet.\n",
         "current-time": to_markdown([time_table(records)]) if records else "No record yet.\n",
     }
 
 
-def _check_shown(records: list[dict[str, Any]], task: str, spec: str, cache: dict[str, Any]) -> None:
-    """Refuse a quote of a task not all of whose runs are in ``records`` (the complete
-    tasks computed once per ``cache``, one page render)."""
+def _complete(records: list[dict[str, Any]], cache: dict[str, Any]) -> list[str]:
+    """``complete_tasks(records)``, computed once per ``cache`` (one page render)."""
     if "complete" not in cache:
         cache["complete"] = complete_tasks(records)
-    if task not in cache["complete"]:
+    return cache["complete"]
+
+
+def _check_shown(records: list[dict[str, Any]], task: str, spec: str, cache: dict[str, Any]) -> None:
+    """Refuse a quote of a task not all of whose runs are in ``records``."""
+    if task not in _complete(records, cache):
         raise ValueError(f"quote {spec!r}: task {task!r} is not shown (not all its runs are in the records)")
 
 
@@ -246,9 +254,11 @@ def _interval_table(records: list[dict[str, Any]], task: str, spec: str, cache: 
 
 
 def _t5(records: list[dict[str, Any]], cache: dict[str, Any]) -> TableData | None:
-    """The T5 experiment's table, computed once per ``cache``."""
+    """The T5 experiment's table, computed once per ``cache``; ``None`` while
+    shakespeare is not shown or the experiment has no record."""
     if "t5" not in cache:
-        cache["t5"] = t5_experiment_table(records, read_experiment())
+        shown = "shakespeare" in _complete(records, cache)
+        cache["t5"] = t5_experiment_table(records, read_experiment()) if shown else None
     return cache["t5"]
 
 
@@ -279,15 +289,14 @@ def _table_cell(records: list[dict[str, Any]], args: list[str], spec: str, cache
             f"quote {spec!r}: use table press|press-sliding|randpos|randpos-lm TASK ENCODING COLUMN "
             "or table kazemnejad|ranks ENCODING COLUMN"
         )
-    if "complete" not in cache:
-        cache["complete"] = complete_tasks(records)
+    complete = _complete(records, cache)
     make, by_task = QUOTED_TABLES[name]
     task = rest[0] if by_task else None
     if task is not None:
         _check_shown(records, task, spec, cache)
     key = ("table", name)
     if key not in cache:
-        shown = [r for r in records if r["task"] in cache["complete"]]
+        shown = [r for r in records if r["task"] in complete]
         made = make(shown) if shown else None
         cache[key] = made if isinstance(made, list) else [made] if made is not None else []
     tables = cache[key]
@@ -327,7 +336,7 @@ def quote(records: list[dict[str, Any]], spec: str, cache: dict[str, Any] | None
     if kind == "records" and not args:
         return str(len(records))
     if kind == "complete" and not args:
-        return ", ".join(complete_tasks(records)) or "none"
+        return ", ".join(_complete(records, cache)) or "none"
     if kind == "cell" and len(args) == 3:
         table = _interval_table(records, args[0], spec, cache)
         col = _column(table, args[2], spec)
@@ -370,7 +379,7 @@ def render_page(page: str, records: list[dict[str, Any]]) -> str:
     """``page`` with every generated block and quote recomputed from ``records``; a
     ``ValueError`` names a block that is missing, repeated or unknown."""
     cache: dict[str, Any] = {}
-    return fill_page(page, page_blocks(records), lambda spec: quote(records, spec, cache))
+    return fill_page(page, page_blocks(records, cache), lambda spec: quote(records, spec, cache))
 
 
 def write_results_page(
