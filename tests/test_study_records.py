@@ -11,12 +11,15 @@ from __future__ import annotations
 
 import json
 import shutil
+from collections import defaultdict
 from pathlib import Path
 
 import pytest
 
 from posenc.experiments.results import read_results, validate_record
 from posenc.experiments.study import plan_phases
+from posenc.experiments.summary import LEARNED_BAR, learned, selected
+from posenc.pipeline.results_page import complete_tasks
 
 RECORDS = Path(__file__).resolve().parents[1] / "docs" / "data" / "study_results.jsonl"
 
@@ -57,6 +60,21 @@ def test_records_carry_the_current_protocol(records):
             assert r["corpus"]["test_tokens"] >= 65536 and r["corpus"]["sha256"] and r["corpus"]["python_version"]
         if r["config"]["train"]["randomized_positions"]:
             assert "metrics_random" in r
+
+
+def test_every_complete_synthetic_task_is_learned_by_three_encodings(records):
+    """Each synthetic task is solvable at the study's size: at least three encodings learn
+    it in distribution (exact match over 1..L at least LEARNED_BAR) on every seed at the
+    chosen learning rate, so its ranks compare more than one or two encodings."""
+    for task in complete_tasks(records):
+        runs = [r for r in selected(records) if r["task"] == task]
+        if "exact_match" not in runs[0]["metrics"][0]:
+            continue
+        seeds_learned: dict[str, list[bool]] = defaultdict(list)
+        for r in runs:
+            seeds_learned[r["encoding"]].append(learned(r))
+        solid = sorted(e for e, v in seeds_learned.items() if all(v))
+        assert len(solid) >= 3, f"{task}: only {solid} learned it (>= {LEARNED_BAR}) on every seed"
 
 
 def test_a_changed_count_is_caught(records):
