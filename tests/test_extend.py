@@ -271,10 +271,13 @@ def test_cli_extend_tiny_writes_outputs(tmp_path):
     assert code == 0, output
     html = html_path.read_text()
     assert "copy: each rule against evaluation length" in html and html.count("data:image/png;base64") >= 1
-    # running again reuses every finished run (nothing retrained) and gives the same numbers
-    code, _ = _cli(args)
+    # running again reuses every finished run and saved score (nothing retrained) and gives
+    # the same numbers; the provenance states the threads of this command
+    torch.set_num_threads(2)
+    code, _ = _cli([*args, "--threads", "1"])
     assert code == 0
-    assert json.loads((out / "extension.json").read_text())["records"] == data["records"]
+    again = json.loads((out / "extension.json").read_text())
+    assert again["records"] == data["records"] and again["threads"] == 1
 
 
 def test_cli_bad_input_is_one_line(tmp_path):

@@ -55,8 +55,11 @@ by docs/extension.md), ``<out>/extension.md`` (tables) and ``<out>/plots/extensi
                   "metrics": [{"length", "factor", "rope_parameters", <metric>...}]}]}
 
 The top-level provenance (command, commit, torch, CPU capability, threads) is that of the
-scoring process; ``runs`` holds that of each trained model (``role``: ``base``,
-``fine-tune`` or ``baseline``), and each record names the run whose weights it scored.
+command, which sets its torch threads before any work (``threads``, default
+``default_threads()``), also when every score is a saved one (records saved by an earlier
+command of the same commit and request, ``<out>/records/``); ``runs`` holds that of each
+trained model (``role``: ``base``, ``fine-tune`` or ``baseline``), and each record names
+the run whose weights it scored.
 ``stage`` is ``zero-shot``, ``fine-tuned``, ``fine-tuned-covering`` or ``baseline``
 (``posenc.experiments.extend_score``); ``<metric>`` are the harness's metrics
 (``posenc.experiments.evaluate``: ``ppl`` and ``ppl_sliding`` for corpora, ``exact_match``
@@ -77,7 +80,7 @@ from typing import Any
 import torch
 
 from posenc.data.synthetic import SYNTHETIC_TASKS
-from posenc.experiments.config import TASKS, RunConfig, config_from_dict, replace
+from posenc.experiments.config import TASKS, RunConfig, config_from_dict, default_threads, replace
 from posenc.experiments.extend_rules import (  # noqa: F401 (re-exported)
     RULES,
     Finetune,
@@ -255,6 +258,7 @@ def run_extension(
         preset, rules=rules, factors=factors, baselines=baselines, checkpoints=checkpoints, tasks=tasks, seeds=seeds
     )
     finetune = PRESETS[preset][2] if finetune is None else finetune
+    torch.set_num_threads(threads or default_threads())  # the recorded `threads`, reused records or not
     out_dir = Path(out_dir)
     base_dir = Path(base_dir) if base_dir is not None else out_dir / "base"
     stage = on_stage or (lambda _msg: None)
