@@ -273,8 +273,12 @@ def test_cli_extend_tiny_writes_outputs(tmp_path):
     assert "copy: each rule against evaluation length" in html and html.count("data:image/png;base64") >= 1
     # running again reuses every finished run and saved score (nothing retrained) and gives
     # the same numbers; the provenance states the threads of this command
+    before = torch.get_num_threads()
     torch.set_num_threads(2)
-    code, _ = _cli([*args, "--threads", "1"])
+    try:
+        code, _ = _cli([*args, "--threads", "1"])
+    finally:
+        torch.set_num_threads(before)
     assert code == 0
     again = json.loads((out / "extension.json").read_text())
     assert again["records"] == data["records"] and again["threads"] == 1
