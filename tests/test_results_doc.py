@@ -121,6 +121,32 @@ def test_a_chosen_quote_counts_the_sweep_table(page):
         quote([], "chosen copy lowest")
 
 
+def test_a_learned_quote_counts_the_runs_of_one_seed(page):
+    """``learned TASK SEED`` counts that seed's runs at the chosen rate (one per encoding)
+    with exact match over 1..L at the bar, and the three seeds' counts add up to the
+    interval table's "runs learned" column."""
+    from posenc.experiments.summary import learned, selected
+    from posenc.pipeline.mechanisms_page import read_first
+    from posenc.pipeline.results_page import complete_tasks, quote
+
+    records = read_first(CURRENT, int(re.findall(r"<!--q records-->(\d+)<!--/q-->", page)[0]))
+    cache: dict = {}
+    for task in complete_tasks(records):
+        runs = [r for r in selected(records) if r["task"] == task]
+        if "exact_match" not in runs[0]["metrics"][0]:
+            continue
+        by_seed = [quote(records, f"learned {task} {seed}", cache) for seed in (0, 1, 2)]
+        for seed, text in enumerate(by_seed):
+            mine = [r for r in runs if r["seed"] == seed]
+            assert text == f"{sum(map(learned, mine))} of {len(mine)}", (task, seed)
+        column = [quote(records, f"cell {task} {e} runs_learned", cache) for e in sorted({r["encoding"] for r in runs})]
+        assert sum(int(c.split()[0]) for c in column) == sum(int(t.split()[0]) for t in by_seed), task
+    with pytest.raises(ValueError, match="no run of seed"):
+        quote(records, "learned copy 7", cache)
+    with pytest.raises(ValueError, match="unknown kind"):
+        quote(records, "learned copy first", cache)
+
+
 def test_a_cell_quote_is_the_interval_table(page):
     from posenc.pipeline.results_page import quote
 

@@ -319,7 +319,10 @@ def quote(records: list[dict[str, Any]], spec: str, cache: dict[str, Any] | None
 
     * ``records``: how many records were read (the page's ``N``);
     * ``complete``: the shown tasks, comma-separated, or "none";
-    * ``cell TASK ENCODING COLUMN``: that cell of ``TASK``'s interval table (a shown task);
+    * ``cell TASK ENCODING COLUMN``: that cell of ``TASK``'s interval table (a shown task;
+      ``_`` in ``COLUMN`` for a space, e.g. ``cell recall cope runs_learned``);
+    * ``learned TASK SEED``: how many of the task's encodings learned it in distribution
+      on that seed at the chosen rate, as "k of n" (``summary.learned``);
     * ``best TASK COLUMN``: the cell with the best estimate in that column (the largest
       exact match, the lowest perplexity) and its encoding, or the estimate and how many
       encodings share it;
@@ -339,7 +342,7 @@ def quote(records: list[dict[str, Any]], spec: str, cache: dict[str, Any] | None
         return ", ".join(_complete(records, cache)) or "none"
     if kind == "cell" and len(args) == 3:
         table = _interval_table(records, args[0], spec, cache)
-        col = _column(table, args[2], spec)
+        col = _column(table, args[2].replace("_", " "), spec)
         row = next((r for r in table.rows if r[0] == args[1]), None)
         if row is None:
             raise ValueError(f"quote {spec!r}: no row {args[1]!r}")
@@ -361,6 +364,12 @@ def quote(records: list[dict[str, Any]], spec: str, cache: dict[str, Any] | None
             raise ValueError(f"quote {spec!r}: no learning-rate sweep for {args[0]!r}")
         hits = sum(w.startswith(args[1]) for w in wheres)
         return f"{hits} of {len(wheres)}"
+    if kind == "learned" and len(args) == 2 and args[1].isdigit():
+        _check_shown(records, args[0], spec, cache)
+        runs = [r for r in selected(records) if r["task"] == args[0] and r["seed"] == int(args[1])]
+        if not runs:
+            raise ValueError(f"quote {spec!r}: no run of seed {args[1]}")
+        return f"{sum(learned(r) for r in runs)} of {len(runs)}"
     if kind == "t5-capped" and len(args) == 1:
         table = _t5(records, cache)
         if table is None:
@@ -370,7 +379,7 @@ def quote(records: list[dict[str, Any]], spec: str, cache: dict[str, Any] | None
         return _table_cell(records, args, spec, cache)
     raise ValueError(
         f"quote {spec!r}: unknown kind or arguments (records, complete, cell TASK ENCODING COLUMN, "
-        "best TASK COLUMN, chosen TASK lowest|highest|inside, table NAME [TASK] ENCODING COLUMN, "
+        "best TASK COLUMN, chosen TASK lowest|highest|inside, learned TASK SEED, table NAME [TASK] ENCODING COLUMN, "
         "t5-capped COLUMN)"
     )
 
