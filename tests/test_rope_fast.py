@@ -148,6 +148,24 @@ def test_auto_compiles_hot_shapes_only(monkeypatch):
     torch.testing.assert_close(out.double(), reference(q, cos, sin, "half", 8))
 
 
+def test_auto_leaves_a_repeated_sweep_over_lengths_eager(monkeypatch):
+    """Prefix-by-prefix scoring rotates every prefix length of a window, batch after batch:
+    each length comes often in all, but never often among recent calls, so none compiles."""
+    rope_fast.clear_compiled_cache()
+    monkeypatch.setattr(rope_fast, "AUTO_COMPILE_NUMEL", 0)
+    monkeypatch.setattr(rope_fast, "AUTO_COMPILE_AFTER", 2)
+    monkeypatch.setattr(rope_fast, "AUTO_COMPILE_WINDOW", 8)
+    cos, sin = tables(torch.arange(12), 8)
+    for _batch in range(4):
+        for m in range(2, 12):  # 10 lengths, two layers each
+            q = torch.randn(1, 2, m, 8)
+            for _layer in range(2):
+                out, _ = apply_rotary(q, q, cos[:m], sin[:m])
+    assert len(rope_fast._COMPILED) == 0
+    assert len(rope_fast._RECENT) == 8 and sum(rope_fast._SEEN.values()) == 8
+    torch.testing.assert_close(out.double(), reference(q, cos[:11], sin[:11], "half", 8))
+
+
 # -- transformers ------------------------------------------------------------------------------
 def test_matches_transformers_llama():
     compiled = False  # the compiled path equals the formula (test_compiled_matches_reference)

@@ -53,7 +53,7 @@ from __future__ import annotations
 
 import types
 import warnings
-from collections import OrderedDict
+from collections import Counter, OrderedDict, deque
 from collections.abc import Callable
 
 import torch
@@ -66,13 +66,19 @@ from posenc.functional.rope import LAYOUTS
 #: per-call cost of a compiled graph exceeds what fusion saves; measured in
 #: benchmarks/rope.py: the decode step s = 1 is faster eager).
 AUTO_COMPILE_NUMEL = 1 << 16
-#: ... and once the same shape has been rotated this many times: a compilation costs
-#: seconds, so shapes that come and go (a KV cache growing by one key per step, a sweep
-#: over lengths) stay eager, and a training loop compiles after its first steps.
+#: ... and once the same shape has come more than this many times among the last
+#: ``AUTO_COMPILE_WINDOW`` uncompiled calls: a compilation costs seconds, so shapes that
+#: come and go stay eager (a KV cache growing by one key per step; a sweep over lengths,
+#: also when repeated batch after batch, as prefix-by-prefix scoring does: counted over
+#: all time, each of its lengths came often enough to compile, and most of a dynamic-NTK
+#: scoring's time went to compiling them), while a training loop compiles after its
+#: first steps.
 AUTO_COMPILE_AFTER = 16
+AUTO_COMPILE_WINDOW = 64
 _MAX_COMPILED = 64
 _COMPILED: OrderedDict[tuple, Callable] = OrderedDict()
-_SEEN: OrderedDict[tuple, int] = OrderedDict()
+_RECENT: deque[tuple] = deque()  # the keys of the last AUTO_COMPILE_WINDOW uncompiled calls
+_SEEN: Counter[tuple] = Counter()  # how often each key occurs in _RECENT
 
 
 # -- validation --------------------------------------------------------------------------
@@ -178,17 +184,22 @@ def _compiled(base: Callable, key: tuple) -> Callable:
 
 
 def _hot(key: tuple) -> bool:
-    """Count a call with ``key``; True once it has come more than ``AUTO_COMPILE_AFTER`` times."""
-    n = _SEEN.pop(key, 0) + 1
-    _SEEN[key] = n
-    if len(_SEEN) > 4 * _MAX_COMPILED:
-        _SEEN.popitem(last=False)
-    return n > AUTO_COMPILE_AFTER
+    """Count a call with ``key``; True once it makes more than ``AUTO_COMPILE_AFTER`` of the
+    last ``AUTO_COMPILE_WINDOW`` uncompiled calls."""
+    _RECENT.append(key)
+    _SEEN[key] += 1
+    while len(_RECENT) > AUTO_COMPILE_WINDOW:
+        old = _RECENT.popleft()
+        _SEEN[old] -= 1
+        if not _SEEN[old]:
+            del _SEEN[old]
+    return _SEEN[key] > AUTO_COMPILE_AFTER
 
 
 def clear_compiled_cache() -> None:
     """Forget every compiled rotary graph and call count (graphs are rebuilt on demand)."""
     _COMPILED.clear()
+    _RECENT.clear()
     _SEEN.clear()
 
 
@@ -349,8 +360,9 @@ def apply_rotary(
         compiled: ``True`` (torch.compile'd graph, cached per shape), ``False``
             (eager), ``"triton"`` (the Triton kernel: CUDA tensors, or CPU tensors under
             ``TRITON_INTERPRET=1``; forward only), or ``"auto"``: compiled from
-            ``AUTO_COMPILE_NUMEL`` elements once the same shape has come
-            ``AUTO_COMPILE_AFTER`` times, never inside an outer
+            ``AUTO_COMPILE_NUMEL`` elements once the same shape has come more than
+            ``AUTO_COMPILE_AFTER`` times among the last ``AUTO_COMPILE_WINDOW``
+            uncompiled calls, never inside an outer
             torch.compile trace; without autograd the interleaved layout in
             float32/float64 takes the one-pass complex multiply instead, and the half
             layout in place (float32/bfloat16, CPU) the native kernel.
