@@ -29,9 +29,9 @@ from posenc.experiments.extend import (
     trained_context,
     validate_extension,
 )
+from posenc.experiments.extend_claims import ordering_tables, orderings
 from posenc.experiments.extend_rules import covering_factor, has_factor
 from posenc.experiments.extend_score import check_disjoint, score
-from posenc.experiments.extend_summary import ordering_tables, orderings
 from posenc.experiments.train import build_model, checkpoint_path, load_checkpoint, setup, train_run
 from posenc.pipeline.extension import extension_report_section
 
@@ -255,12 +255,12 @@ def test_cli_extend_tiny_writes_outputs(tmp_path):
     at_L = {r["metrics"][0]["token_accuracy"] for r in data["records"] if r["stage"] == "zero-shot"}
     assert len(at_L) == 1
     md = (out / "extension.md").read_text()
-    assert "copy: per-token accuracy" in md and "published orderings" in md
+    assert "copy: exact match" in md and "published orderings" in md
     assert (out / "plots" / "extension_copy.png").stat().st_size > 1000
     # the HTML report's section (posenc.pipeline.report.write_report(extra_sections=[...]))
     sec = extension_report_section(out / "extension.json")
     assert set(sec) == {"title", "text", "tables", "figures"} and "posenc extend" in sec["text"]
-    assert sec["tables"][0]["columns"] == ["rule / stage", "3 (1L)", "6 (2L)", "12 (4L)"]
+    assert sec["tables"][0]["columns"] == ["rule / stage", "seeds kept", "3 (1L)", "6 (2L)", "12 (4L)"]
     assert len(sec["tables"][0]["rows"]) == 7  # 3 zero-shot, 3 fine-tuned (covering where a factor exists), alibi
     assert [cap for cap, _ in sec["figures"]] == ["copy: each rule against evaluation length"]
     with pytest.raises(ValueError, match="does not exist"):
@@ -315,7 +315,8 @@ def test_cli_bad_input_is_one_line(tmp_path):
 
 
 def _ordering_record(rule, stage, seed, at_l, at_2l):
-    """An extension record of task "t" at L = 10: perplexity ``at_l`` at L, ``at_2l`` at 2L."""
+    """An extension record of task "t" at L = 10: perplexity ``at_l`` at L, ``at_2l`` at 2L
+    (two test segments of 10 tokens with the same NLL: only the seeds vary)."""
     return {
         "task": "t",
         "seed": seed,
@@ -325,8 +326,9 @@ def _ordering_record(rule, stage, seed, at_l, at_2l):
         "context": 10,
         "finetune_length": 20 if stage == "fine-tuned" else None,
         "metrics": [
-            {"length": 10, "factor": 1, "ppl": at_l, "ppl_sliding": at_l},
-            {"length": 20, "factor": 2, "ppl": at_2l, "ppl_sliding": at_2l},
+            {"length": n, "factor": f, "ppl": v, "ppl_sliding": v, "segment_tokens": 10}
+            | {"nll_segments": [10 * math.log(v)] * 2, "nll_sliding_segments": [10 * math.log(v)] * 2}
+            for n, f, v in ((10, 1, at_l), (20, 2, at_2l))
         ],
     }
 
@@ -345,11 +347,17 @@ def test_orderings_by_hand():
         ]
     got = {c["claim"][:2]: c for c in orderings({"records": records}, "t")}
     assert (got["1."]["holds"], got["1."]["seeds"]) == (2, 2)
-    assert got["2."]["holds"] == 2 and got["2."]["a"] == 8 and got["2."]["b"] == 40
-    assert got["3."]["holds"] == 1 and got["3."]["a"] == 7.5
+    # the pooled perplexity is the geometric mean over seeds: claim 2's ratio is 8 / 40 on both seeds
+    assert got["2."]["holds"] == 2 and got["2."]["est"] == pytest.approx(0.2) and got["2."]["verdict"] == "agrees"
+    assert got["2."]["lo"] == pytest.approx(0.2) and got["2."]["hi"] == pytest.approx(0.2)
+    # claim 3: ntk (6, 9) against linear (8, 8); seed draws AA 0.75, BB 1.125: the interval straddles 1
+    assert got["3."]["holds"] == 1 and got["3."]["est"] == pytest.approx(math.sqrt(54) / 8)
+    assert (got["3."]["lo"], got["3."]["hi"]) == pytest.approx((0.75, 1.125)) and got["3."]["verdict"] == "undecided"
     # recovery = (none(20) - linear_ft(20)) / (none(20) - base(10)): (40-5.5)/35, (40-30)/35
-    assert got["4."]["recovery"] == pytest.approx([34.5 / 35, 10 / 35])
-    assert got["4."]["holds"] == 1
+    assert got["4."]["per_seed"] == pytest.approx([34.5 / 35, 10 / 35])
+    assert got["4."]["holds"] == 1 and got["4."]["effect"] == "recovery"
+    pooled_linear = math.sqrt(5.5 * 30.0)  # none zero-shot pools to 40 at 20 and 5 at 10
+    assert got["4."]["est"] == pytest.approx((40 - pooled_linear) / 35)
     assert got["5."]["holds"] == 1  # 5.0 < 5.5 yes, 31 < 30 no
     assert [got[k]["ties"] for k in ("1.", "2.", "3.", "5.")] == [0, 0, 0, 0]
 
@@ -364,8 +372,8 @@ def test_a_tie_is_not_agreement():
         _ordering_record("yarn", "fine-tuned", 0, 5.0, 6.0),
     ]
     got = {c["claim"][:2]: c for c in orderings({"records": records}, "t")}
-    assert (got["1."]["holds"], got["1."]["ties"]) == (0, 1)
-    assert (got["5."]["holds"], got["5."]["ties"]) == (0, 1)
+    assert (got["1."]["holds"], got["1."]["ties"], got["1."]["verdict"]) == (0, 1, "undecided")
+    assert (got["5."]["holds"], got["5."]["ties"], got["5."]["verdict"]) == (0, 1, "undecided")
     tables = ordering_tables({"records": records})  # by ppl and by ppl_sliding (the same values here)
-    assert [t.title.split(" by ")[1].split(",")[0] for t in tables] == ["ppl", "ppl_sliding"]
+    assert [t.title.split(" by ")[1].split(":")[0] for t in tables] == ["ppl", "ppl_sliding"]
     assert all("0/1, 1 tied" in " ".join(" ".join(row) for row in t.rows) for t in tables)

@@ -12,10 +12,12 @@ from __future__ import annotations
 
 import difflib
 import json
+import math
 import re
 import statistics
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 from posenc.experiments.extend import plan_base
@@ -45,16 +47,19 @@ def _config(task: dict, train: dict | None = None) -> dict:
 
 
 def _record(rule, stage, seed, ppl: dict[int, float], run_id: str) -> dict:
-    """A shakespeare record at L = 8: ``ppl[length]``; the sliding value is ppl - 1."""
+    """A shakespeare record at L = 8: ``ppl[length]``; the sliding value is ppl - 1. Its
+    two test segments have the same NLL, so a bootstrap over segments is the point and
+    every interval comes from the seeds alone."""
     factor = {"zero-shot": None, "fine-tuned": 2, "fine-tuned-covering": None, "baseline": None}[stage]
     metrics = []
     for n, v in ppl.items():
         f = factor or (None if stage == "baseline" else max(1, n // 8))
         if stage == "fine-tuned-covering":
             f = max(2, n // 8)
+        nll, sliding = 128 * math.log(v), 128 * math.log(v - 1)
         metrics.append(
             {"length": n, "factor": f, "rope_parameters": None, "ppl": v, "ppl_sliding": v - 1}
-            | {"tokens": 256, "segment_tokens": 128, "nll_segments": [1.0, 2.0], "nll_sliding_segments": [1.0, 2.0]}
+            | {"tokens": 256, "segment_tokens": 128, "nll_segments": [nll, nll], "nll_sliding_segments": [sliding] * 2}
         )
     return {
         "task": "shakespeare",
@@ -117,38 +122,105 @@ def _skeleton(quotes: list[str]) -> str:
 
 
 def test_quotes_by_hand():
+    """Two seeds A, B: a pooled perplexity is the geometric mean of the two, and a
+    bootstrap over seeds draws AA (a quarter of the time), AB/BA or BB, so its 95%
+    interval runs from the AA value to the BB value."""
     data = _data()
-    # seeds 0, 1: yarn fine-tuned-covering at 32 is 4.1 and 5.1 -> mean 4.6, std 0.7071
-    assert quote(data, "cell shakespeare ppl yarn fine-tuned-covering 32") == "4.60 ± 0.71"
-    assert quote(data, "mean shakespeare ppl_sliding yarn fine-tuned-covering 32") == "3.60"
-    # none zero-shot ratio 32 / 8: 9/5 = 1.8 and 10/6 = 1.667 -> 1.73 ± 0.09
-    assert quote(data, "ratio shakespeare ppl none zero-shot 32") == "1.73 ± 0.09"
-    assert quote(data, "cmp shakespeare ppl yarn fine-tuned-covering 32 yarn fine-tuned 16") == "lower"
-    assert quote(data, "cmp shakespeare ppl yarn fine-tuned 32 yarn fine-tuned 16") == "higher"
-    # claim 6: yarn covering at 32 (4.1, 5.1) better than yarn fine-tuned at 16 (4.2, 5.2) on both seeds
-    assert quote(data, "claim shakespeare ppl 6 32") == "2/2 (4.6 vs 4.7)"
+    # yarn fine-tuned-covering at 32: 4.1 and 5.1 -> sqrt(4.1 * 5.1) = 4.573
+    assert quote(data, "cell shakespeare ppl yarn fine-tuned-covering 32") == "4.57 [4.10, 5.10]"
+    assert quote(data, "mean shakespeare ppl_sliding yarn fine-tuned-covering 32") == "3.57"  # sqrt(3.1 * 4.1)
+    # none zero-shot ratio 32 / 8, paired by seed: 9/5 = 1.8, 10/6 = 1.667, pooled sqrt(90 / 30)
+    assert quote(data, "ratio shakespeare ppl none zero-shot 32") == "1.73 [1.67, 1.80]"
+    # claim 6: yarn covering at 32 (4.1, 5.1) against yarn fine-tuned at 16 (4.2, 5.2): better on both seeds,
+    # ratio sqrt(4.1 * 5.1 / (4.2 * 5.2)) = 0.9785, AA 4.1 / 4.2, BB 5.1 / 5.2
+    assert quote(data, "claim shakespeare ppl 6 32") == "agrees: 2/2, ratio 0.978 [0.976, 0.981]"
     assert quote(data, "holds shakespeare ppl 6 32") == "2/2"
-    # claim 2: linear zero-shot better than none zero-shot at 16 on both seeds
-    assert quote(data, "claim shakespeare ppl 2 16") == "2/2 (6.5 vs 7.5)"
+    assert quote(data, "verdict shakespeare ppl 6 32") == "agrees"
+    # claim 2: linear zero-shot (6, 7) against none zero-shot (7, 8) at 16
+    assert quote(data, "claim shakespeare ppl 2 16") == "agrees: 2/2, ratio 0.866 [0.857, 0.875]"
+    # claim 5 at 32: yarn fine-tuned (7, 8) against linear fine-tuned (8, 9): better, interval below 1
+    assert quote(data, "verdict shakespeare ppl 5 32") == "agrees"
+    # claim 1 at 16 by the sliding value: none zero-shot (6, 7) worse than at L (4, 5)
+    assert quote(data, "verdict shakespeare ppl_sliding 1 16") == "agrees"
+    assert quote(data, "kept shakespeare none zero-shot") == "2 of 2"  # a corpus has no bar
+    assert quote(data, "at shakespeare ppl none zero-shot 32 1") == "10.000"
     assert quote(data, "seeds shakespeare") == "2" and quote(data, "meta torch_version") == "t"
     for bad, msg in [
         ("cell shakespeare ppl ntk zero-shot 16", "no records of 'ntk'"),
         ("claim shakespeare ppl 4 32", "not checked at length 32"),  # claim 4 stops at the fine-tuning length
+        ("cell shakespeare token_accuracy none zero-shot 16", "no interval for metric 'token_accuracy'"),
+        ("at shakespeare ppl none zero-shot 32 7", "no seed 7"),
         ("median shakespeare", "unknown kind 'median'"),
     ]:
         with pytest.raises(ValueError, match=msg):
             quote(data, bad)
 
 
+def _copy(rule, stage, seed, hits: dict[int, int], run_id: str = "base") -> dict:
+    """A copy record at L = 4 with 100 test examples per length: ``hits[length]`` exact."""
+    metrics = [
+        {"length": n, "factor": 1, "rope_parameters": None, "exact_match": h / 100, "token_accuracy": h / 100}
+        | {"samples": 100, "exact_hits": h, "tokens": 400, "token_hits": 4 * h}
+        for n, h in hits.items()
+    ]
+    return {
+        "task": "copy",
+        "seed": seed,
+        "rule": rule,
+        "stage": stage,
+        "train_length": 4,
+        "context": 9,
+        "finetune_length": 8 if stage.startswith("fine-tuned") else None,
+        "run_id": run_id,
+        "length_dependent": False,
+        "metrics": metrics,
+    }
+
+
+def test_a_run_that_lost_the_task_is_never_compared():
+    """Seed 1's PI fine-tune loses copy at L (exact match 0.5 < 0.9): its row pools seed 0
+    only, and a claim that reads it is judged on seed 0 or, with no seed left, not at all."""
+    from posenc.experiments.extend_claims import orderings
+    from posenc.experiments.extend_summary import extension_tables
+
+    records = []
+    for seed in (0, 1):
+        records += [
+            _copy("none", "zero-shot", seed, {4: 100, 8: 10}),
+            _copy("linear", "zero-shot", seed, {4: 100, 8: 30}),
+            _copy("none", "fine-tuned", seed, {4: 95 if seed == 0 else 40, 8: 60}),
+            _copy("linear", "fine-tuned", seed, {4: 99 if seed == 0 else 50, 8: 80}),
+        ]
+    data = {"records": records}
+    (table,) = extension_tables(data)
+    rows = {row[0]: row[1:] for row in table.rows}
+    assert rows["linear fine-tuned@8"][0] == "1 of 2"
+    # seed 0 alone: 80 of 100, Wilson's interval is not needed (0 < 0.8 < 1): a bootstrap over examples
+    assert rows["linear fine-tuned@8"][2].startswith("0.80 [")
+    # Wilson's interval at 200 of 200: its lower end is 1 / (1 + 1.96**2 / 200)
+    assert rows["none zero-shot"][:2] == ["2 of 2", "1.00 [0.98, 1.00]"]
+    got = {(c["number"], c["length"]): c for c in orderings(data, "copy")}
+    assert (got[7, 8]["seeds"], got[7, 8]["of"], got[7, 8]["holds"]) == (1, 2, 1)  # 0.80 > 0.60 on seed 0
+    assert got[2, 8]["verdict"] == "agrees" and got[2, 8]["est"] == pytest.approx(0.2)
+    lost = [r for r in records if r["seed"] == 0 and r["rule"] == "linear" and r["stage"] == "fine-tuned"]
+    lost[0]["metrics"][0]["exact_match"] = 0.5  # now no seed kept PI's fine-tune
+    got = {(c["number"], c["length"]): c for c in orderings(data, "copy")}
+    assert got[7, 8]["verdict"] == "not judged" and got[4, 8]["verdict"] == "not judged"
+    (table,) = extension_tables(data)
+    rows = {row[0]: row[1:] for row in table.rows}
+    assert rows["linear fine-tuned@8"][:2] == ["0 of 2", "did not keep the task (exact match at L < 0.9)"]
+
+
 def test_render_fills_every_block_and_quote_and_detects_a_change():
     data = _data()
     page = render_page(_skeleton(["cell shakespeare ppl none zero-shot 32"]), data)
     assert PLACEHOLDER not in page
-    assert "<!--q cell shakespeare ppl none zero-shot 32-->9.50 ± 0.71<!--/q-->" in page
-    assert "| linear | 5.50 ± 0.71 | 8.50 ± 0.71 |" in page  # past-factor: 32, factor 4 (covers) vs factor 2
+    # sqrt(9 * 10) = 9.487; past-factor at 32: factor 4 (covers) sqrt(5 * 6), factor 2 sqrt(8 * 9)
+    assert "<!--q cell shakespeare ppl none zero-shot 32-->9.49 [9.00, 10.00]<!--/q-->" in page
+    assert "| linear | 2 of 2 | 5.48 [5.00, 6.00] | 2 of 2 | 8.49 [8.00, 9.00] |" in page
     assert "2 base runs" not in page and "1 base runs (1.0 min of training)" in page
     assert render_page(page, data) == page  # a rendered page is a fixed point
-    changed = page.replace("9.50 ± 0.71", "9.40 ± 0.71")
+    changed = page.replace("9.49 [9.00, 10.00]", "9.40 [9.00, 10.00]")
     assert render_page(changed, data) != changed
     with pytest.raises(ValueError, match="needs each of"):
         render_page(page.replace("<!-- generated:orderings -->", ""), data)
@@ -221,22 +293,44 @@ def test_page_is_the_records(page, data):
         pytest.fail(f"docs/extension.md differs from its records (write_extension_page() regenerates it):\n{diff}")
 
 
+def _kept(record: dict) -> bool:
+    at_l = next(m for m in record["metrics"] if m["length"] == record["train_length"])
+    return "exact_match" not in at_l or at_l["exact_match"] >= 0.9
+
+
 def test_cell_quotes_recomputed_from_the_raw_records(page, data):
-    """Every ``cell`` and ``ratio`` quote, recomputed here from the metric entries alone."""
+    """Every ``cell`` and ``ratio`` quote, recomputed here from the metric entries: the
+    seeds kept at L, the pooled value from the counts, the interval from ``stats``."""
+    from posenc.experiments.stats import paired_ppl_draws, pooled_ci, pooled_ppl_ci, wilson_ci
+
     checked = 0
     for spec, value in QUOTE.findall(page):
         kind, *args = spec.split()
         if kind not in ("cell", "ratio"):
             continue
         task, key, rule, stage, n = args
-        recs = [r for r in data["records"] if (r["task"], r["rule"], r["stage"]) == (task, rule, stage)]
-        at = [{m["length"]: m[key] for m in r["metrics"]} for r in recs]
-        vals = [
-            v[int(n)] / v[r["train_length"]] if kind == "ratio" else v[int(n)] for v, r in zip(at, recs, strict=True)
-        ]
-        d = 2 if kind == "ratio" or key.startswith("ppl") else 3
-        want = f"{statistics.fmean(vals):.{d}f}" + (f" ± {statistics.stdev(vals):.{d}f}" if len(vals) > 1 else "")
-        assert value == want, spec
+        recs = [r for r in data["records"] if (r["task"], r["rule"], r["stage"]) == (task, rule, stage) and _kept(r)]
+        at = [{m["length"]: m for m in r["metrics"]} for r in recs]
+        L = recs[0]["train_length"]
+        segments = "nll_segments" if key == "ppl" else "nll_sliding_segments"
+        if kind == "ratio":
+            runs = [[(m[k][segments], m[k]["segment_tokens"]) for k in (int(n), L)] for m in at]
+            pooled = [
+                sum(sum(run[i][0]) for run in runs) / sum(len(run[i][0]) * run[i][1] for run in runs) for i in (0, 1)
+            ]
+            est = math.exp(pooled[0] - pooled[1])
+            draws = paired_ppl_draws(runs, seed=0)
+            lo, hi = (float(x) for x in np.quantile(draws[:, 0] / draws[:, 1], [0.025, 0.975]))
+        elif key == "exact_match":
+            counts = [(m[int(n)]["exact_hits"], m[int(n)]["samples"]) for m in at]
+            est = statistics.fmean(h / k for h, k in counts)
+            pooled = (sum(h for h, _ in counts), sum(k for _, k in counts))
+            lo, hi = wilson_ci(*pooled) if est in (0.0, 1.0) else pooled_ci(counts, seed=0)
+        else:
+            runs = [(m[int(n)][segments], m[int(n)]["segment_tokens"]) for m in at]
+            est = math.exp(sum(sum(x) for x, _ in runs) / sum(len(x) * t for x, t in runs))
+            lo, hi = pooled_ppl_ci(runs, seed=0)
+        assert value == f"{est:.2f} [{lo:.2f}, {hi:.2f}]", spec
         checked += 1
     assert checked >= 10
 

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import math
 
+import numpy as np
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
@@ -163,3 +164,34 @@ def test_a_conclusion_gives_the_interval_of_its_single_best_encoding():
     )
     tie = {"rope": [_syn("rope", 0, {4: 100})], "t5": [_syn("t5", 0, {4: 100})]}
     assert "95% interval" not in task_sentence("copy", tie)  # no single best
+
+
+def test_paired_draws_pair_the_seeds_and_the_segments():
+    """``paired_ppl_draws``: one term alone is ``pooled_ppl_ci``'s bootstrap; two terms
+    whose segments differ by a constant NLL have that constant's ratio on every draw (the
+    same seeds and segments on both sides). ``paired_rate_draws``: one term alone is
+    ``pooled_ci``'s; runs that scored all or nothing on both terms differ by 0 on every
+    draw (the same seeds on both sides)."""
+    from posenc.experiments.stats import paired_ppl_draws, paired_rate_draws
+
+    g = np.random.default_rng(2)
+    runs = [(g.normal(2.0, 0.3, size=8) * 100).tolist() for _ in range(3)]
+    alone = paired_ppl_draws([[(segs, 100)] for segs in runs])[:, 0]
+    lo, hi = pooled_ppl_ci([(segs, 100) for segs in runs])
+    assert np.quantile(alone, 0.025) == pytest.approx(lo, rel=0.01)
+    assert np.quantile(alone, 0.975) == pytest.approx(hi, rel=0.01)
+    shifted = paired_ppl_draws([[(segs, 100), ([x + 5.0 for x in segs], 100)] for segs in runs])
+    assert shifted[:, 1] / shifted[:, 0] == pytest.approx(np.full(len(shifted), math.exp(5.0 / 100)))
+    counts = [(200, 256), (230, 256), (150, 256)]
+    rates = paired_rate_draws([[c] for c in counts])[:, 0]
+    lo, hi = pooled_ci(counts)
+    assert np.quantile(rates, 0.025) == pytest.approx(lo, abs=0.01)
+    assert np.quantile(rates, 0.975) == pytest.approx(hi, abs=0.01)
+    extremes = paired_rate_draws([[(0, 64), (0, 64)], [(64, 64), (64, 64)]])
+    assert (extremes[:, 0] == extremes[:, 1]).all() and 0.0 < extremes[:, 0].mean() < 1.0
+    with pytest.raises(ValueError, match="same number of segments"):
+        paired_ppl_draws([[([1.0, 2.0], 10), ([1.0], 10)]])
+    with pytest.raises(ValueError, match="same number"):
+        paired_rate_draws([[(1, 2)], [(1, 2), (1, 2)]])
+    with pytest.raises(ValueError, match=r"runs\[0\]\[1\]"):
+        paired_rate_draws([[(1, 2), (3, 2)]])

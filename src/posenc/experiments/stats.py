@@ -11,6 +11,10 @@
   two-stage bootstrap: runs with replacement, then each drawn run's outcomes or segments.
   The estimate is the mean rate over runs / the perplexity of all tokens of all runs.
   With 3 seeds the first stage has only 10 distinct draws, so the interval is coarse.
+* ``paired_ppl_draws(runs)`` / ``paired_rate_draws(runs)``: the bootstrap draws of several
+  cells at once, paired (the same runs, and for perplexities the same test segments, on
+  every cell), so a ratio or difference of two cells gets the interval of a paired
+  comparison (``extend_claims``).
 * ``wilson_ci(hits, n)``: the Wilson score interval (Wilson 1927), the closed form the
   bootstrap is tested against. At ``hits = 0`` or ``n`` every bootstrap resample equals
   the data, so ``proportion_ci`` is the point itself; Wilson's interval is not
@@ -161,3 +165,58 @@ def pooled_ppl_ci(
             nll_sum[rows] += nll[idx].sum(axis=1)
             tokens[rows] += len(nll) * seg_tokens
     return _percentile(np.exp(nll_sum / tokens), level)
+
+
+def paired_ppl_draws(
+    runs: Sequence[Sequence[tuple[Sequence[float], int]]], *, resamples: int = RESAMPLES, seed: int = 0
+) -> np.ndarray:
+    """Bootstrap draws ``[resamples, terms]`` of the pooled perplexity of several terms
+    scored on the same test segments: ``runs`` is one list per run (seed) of one
+    ``(nll_segments, segment_tokens)`` per term, every term of a run with the same number
+    of segments (the same text scored by two models, or at two lengths). Each resample
+    draws runs with replacement, then segment indices with replacement, the same indices
+    for every term of the run (a paired two-stage block bootstrap), and takes each
+    term's ``exp(total NLL / total tokens)``: a ratio of two columns is then paired."""
+    if not runs or any(not r for r in runs) or len({len(r) for r in runs}) != 1:
+        raise ValueError("runs must be a non-empty list of runs, each with the same number (>= 1) of terms")
+    _check_resamples(resamples)
+    checked = []
+    for i, terms in enumerate(runs):
+        arrays = [_check_segments(nll, tokens, f"runs[{i}]: ") for nll, tokens in terms]
+        if len({len(a) for a in arrays}) != 1:
+            raise ValueError(f"runs[{i}]: every term must have the same number of segments (they are paired)")
+        checked.append((np.stack(arrays), np.array([tokens for _, tokens in terms], dtype=np.float64)))
+    rng = np.random.default_rng(seed)
+    pick = rng.integers(0, len(checked), size=(resamples, len(checked)))  # [resamples, r]
+    terms = len(runs[0])
+    nll_sum = np.zeros((resamples, terms))
+    tokens = np.zeros((resamples, terms))
+    for j in range(len(checked)):  # slot j of every resample
+        for i, (nll, seg_tokens) in enumerate(checked):  # nll: [terms, k_i]
+            rows = np.nonzero(pick[:, j] == i)[0]  # resamples whose slot j drew run i
+            idx = rng.integers(0, nll.shape[1], size=(len(rows), nll.shape[1]))  # [rows, k_i]
+            nll_sum[rows] += nll[:, idx].sum(axis=2).T  # [terms, rows, k_i] -> [rows, terms]
+            tokens[rows] += nll.shape[1] * seg_tokens
+    return np.exp(nll_sum / tokens)
+
+
+def paired_rate_draws(
+    runs: Sequence[Sequence[tuple[int, int]]], *, resamples: int = RESAMPLES, seed: int = 0
+) -> np.ndarray:
+    """Bootstrap draws ``[resamples, terms]`` of the mean rate over runs of several terms:
+    ``runs`` is one list per run (seed) of one ``(hits, n)`` per term. Each resample draws
+    runs with replacement (the same runs for every term: paired by seed), then each term's
+    count from ``Binomial(n, hits / n)`` independently (the counts carry no pairing of
+    test examples)."""
+    if not runs or any(not r for r in runs) or len({len(r) for r in runs}) != 1:
+        raise ValueError("runs must be a non-empty list of runs, each with the same number (>= 1) of terms")
+    _check_resamples(resamples)
+    for i, terms in enumerate(runs):
+        for j, (hits, n) in enumerate(terms):
+            _check_count(hits, n, f"runs[{i}][{j}]: ")
+    hits = np.array([[h for h, _ in terms] for terms in runs], dtype=np.int64)  # [r, terms]
+    n = np.array([[k for _, k in terms] for terms in runs], dtype=np.int64)  # [r, terms]
+    rng = np.random.default_rng(seed)
+    pick = rng.integers(0, len(runs), size=(resamples, len(runs)))  # [resamples, r]
+    rates = rng.binomial(n[pick], hits[pick] / n[pick]) / n[pick]  # [resamples, r, terms]
+    return rates.mean(axis=1)

@@ -7,9 +7,9 @@ import json
 from pathlib import Path
 from typing import Any
 
+from posenc.experiments.extend_claims import ordering_tables
 from posenc.experiments.extend_summary import (
     extension_tables,
-    ordering_tables,
     past_factor_tables,
     primary_metric,
     read_extension,
@@ -25,7 +25,8 @@ from posenc.viz.study import safe_filename
 
 def curves(data: dict[str, Any], task: str, metric: str | None = None) -> ExtensionCurves:
     """What the figure of ``task`` draws, from an ``extension.json`` dict (``metric``:
-    default the task's primary metric, perplexity or per-token accuracy)."""
+    default the task's primary metric, perplexity or exact match; the seeds that kept the
+    task only, ``extend_summary.series``)."""
     recs = [r for r in data["records"] if r["task"] == task]
     if not recs:
         raise ValueError(f"no records of task {task!r}")
@@ -36,10 +37,11 @@ def curves(data: dict[str, Any], task: str, metric: str | None = None) -> Extens
         metric=metric,
         train_length=recs[0]["train_length"],
         seeds=len({r["seed"] for r in recs}),
-        rules=[r for r in data["rules"] if (r, "zero-shot") in s],
+        rules=[r for r in data["rules"] if any(x["rule"] == r and x["stage"] == "zero-shot" for x in recs)],
         baselines=[b for b in data["baselines"] if (b, "baseline") in s],
         finetune_length={r["rule"]: r["finetune_length"] for r in recs if r["stage"] == "fine-tuned"},
         series=dict(s),
+        covered=sorted({r["rule"] for r in recs if r["stage"] == "fine-tuned-covering"}),
     )
 
 

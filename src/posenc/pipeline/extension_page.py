@@ -9,7 +9,7 @@ checked by ``tests/test_extension_doc.py`` (any difference fails):
   orderings, the figures);
 * quotes in prose, ``<!--q KIND ARGS-->value<!--/q-->`` (``quote``): a number of the
   records named by what produced it, e.g. ``<!--q cell shakespeare ppl yarn
-  fine-tuned-covering 256-->`` (mean ± std over seeds). A quote whose value is ``{{?}}``
+  fine-tuned-covering 256-->`` (the pooled value and its 95% interval). A quote whose value is ``{{?}}``
   is a sentence waiting for its records.
 
 Regenerate the page (and its figures, ``docs/img/extension_<task>.png``) after
@@ -21,26 +21,25 @@ replacing the records::
 from __future__ import annotations
 
 import re
-import statistics
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 from posenc.experiments.config import config_from_dict
+from posenc.experiments.extend_claims import claim_cell, ordering_tables, orderings, ratio_interval
 from posenc.experiments.extend_rules import base_rope, has_factor, rule_parameters
 from posenc.experiments.extend_summary import (
-    CLAIMS,
-    claim_cell,
+    KEEP_BAR,
     extension_tables,
     factors_at,
-    ordering_tables,
-    orderings,
+    fmt_interval,
+    interval,
     past_factor_tables,
     read_extension,
-    series,
+    runs_by_stage,
     task_names,
 )
-from posenc.experiments.summary import Cell, TableData, to_markdown
+from posenc.experiments.summary import TableData, to_markdown
 from posenc.functional.rope_scaling import rope_frequencies
 from posenc.pipeline.extension import curves
 from posenc.viz.extension import plot_task
@@ -155,23 +154,28 @@ def provenance(data: dict[str, Any], records: str = "docs/data/extension.json") 
     )
 
 
-def _values(data: dict[str, Any], task: str, key: str, rule: str, stage: str) -> dict[int, dict[int, float]]:
-    s = series(data, task, key)
-    if (rule, stage) not in s:
+def _seeds(data: dict[str, Any], task: str, rule: str, stage: str, *, only_kept: bool = True) -> dict[int, dict]:
+    runs = runs_by_stage(data, task, only_kept=only_kept)
+    if (rule, stage) not in runs:
         raise ValueError(f"no records of {rule!r} {stage!r} on {task!r}")
-    return s[(rule, stage)]
+    return runs[(rule, stage)]
 
 
 def quote(data: dict[str, Any], spec: str) -> str:
-    """The text of the quote ``spec`` (``KIND ARGS``) from the records:
+    """The text of the quote ``spec`` (``KIND ARGS``) from the records (only the seeds
+    that kept the task, ``extend_summary.kept``):
 
-    * ``cell TASK KEY RULE STAGE LENGTH``: mean ± std over seeds (the tables' format);
-    * ``mean TASK KEY RULE STAGE LENGTH``: the mean;
-    * ``ratio TASK KEY RULE STAGE LENGTH``: ``KEY(LENGTH) / KEY(L)`` per seed, mean ± std;
+    * ``cell TASK KEY RULE STAGE LENGTH``: the pooled value and its 95% interval (the
+      tables' format, ``extend_summary.interval``);
+    * ``mean TASK KEY RULE STAGE LENGTH``: the pooled value;
+    * ``ratio TASK KEY RULE STAGE LENGTH``: ``KEY(LENGTH) / KEY(L)`` pooled, with its
+      paired interval (``extend_claims.ratio_interval``);
     * ``claim TASK KEY N LENGTH``: claim ``N``'s cell of the ordering table;
+    * ``verdict TASK KEY N LENGTH``: its verdict (agrees, disagrees, undecided, not judged);
     * ``holds TASK KEY N LENGTH``: the seeds where claim ``N`` holds, ``k/n`` (and the ties);
-    * ``cmp TASK KEY RULE_A STAGE_A LENGTH_A RULE_B STAGE_B LENGTH_B``: ``lower``,
-      ``higher`` or ``equal``: the mean of A against the mean of B;
+    * ``kept TASK RULE STAGE``: the seeds whose record kept the task, ``k of n``;
+    * ``at TASK KEY RULE STAGE LENGTH SEED``: one seed's value, kept or not (three decimals);
+    * ``bar``: the exact match at ``L`` a synthetic record needs to count (``KEEP_BAR``);
     * ``meta FIELD``: a top-level field (``git_commit``, ``torch_version``, ...);
     * ``seeds TASK``: the number of seeds.
     """
@@ -179,40 +183,45 @@ def quote(data: dict[str, Any], spec: str) -> str:
     try:
         if kind in ("cell", "mean", "ratio"):
             task, key, rule, stage, n = args
-            by_seed = _values(data, task, key, rule, stage)
-            digits = 2 if key.startswith("ppl") or kind == "ratio" else 3
             if kind == "ratio":
-                L = next(r["train_length"] for r in data["records"] if r["task"] == task)
-                return Cell.of([v[int(n)] / v[L] for v in by_seed.values()]).fmt(digits)
-            cell = Cell.of([v[int(n)] for v in by_seed.values()])
-            return cell.fmt(digits) if kind == "cell" else f"{cell.mean:.{digits}f}"
-        if kind == "cmp":
-            task, key, rule_a, stage_a, n_a, rule_b, stage_b, n_b = args
-            a = statistics.fmean(v[int(n_a)] for v in _values(data, task, key, rule_a, stage_a).values())
-            b = statistics.fmean(v[int(n_b)] for v in _values(data, task, key, rule_b, stage_b).values())
-            return "lower" if a < b else "higher" if a > b else "equal"
-        if kind in ("claim", "holds"):
+                r = ratio_interval(data, task, key, rule, stage, int(n))
+                return fmt_interval((r["est"], r["lo"], r["hi"]))
+            recs = list(_seeds(data, task, rule, stage).values())
+            cell = interval(recs, key, int(n))
+            return fmt_interval(cell) if kind == "cell" else f"{cell[0]:.2f}"
+        if kind in ("claim", "holds", "verdict"):
             task, key, number, n = args
-            found = [
-                c for c in orderings(data, task, key) if c["claim"] == CLAIMS[int(number)] and c["length"] == int(n)
-            ]
+            found = [c for c in orderings(data, task, key) if c["number"] == int(number) and c["length"] == int(n)]
             if not found:
                 raise ValueError(f"claim {number} is not checked at length {n}")
             c = found[0]
-            return (
-                claim_cell(c)
-                if kind == "claim"
-                else f"{c['holds']}/{c['seeds']}" + (f", {c['ties']} tied" if c["ties"] else "")
-            )
+            if kind == "claim":
+                return claim_cell(c)
+            if kind == "verdict":
+                return c["verdict"]
+            return f"{c['holds']}/{c['seeds']}" + (f", {c['ties']} tied" if c["ties"] else "")
+        if kind == "kept":
+            task, rule, stage = args
+            kept, every = _seeds(data, task, rule, stage), _seeds(data, task, rule, stage, only_kept=False)
+            return f"{len(kept)} of {len(every)}"
+        if kind == "at":
+            task, key, rule, stage, n, seed = args
+            every = _seeds(data, task, rule, stage, only_kept=False)
+            if int(seed) not in every:
+                raise ValueError(f"no seed {seed} of {rule!r} {stage!r} on {task!r}")
+            return f"{next(m[key] for m in every[int(seed)]['metrics'] if m['length'] == int(n)):.3f}"
+        if kind == "bar" and not args:
+            return f"{KEEP_BAR:g}"
         if kind == "meta":
             (field,) = args
             return str(data[field])
         if kind == "seeds":
             (task,) = args
             return str(len({r["seed"] for r in data["records"] if r["task"] == task}))
-    except (ValueError, KeyError, statistics.StatisticsError) as err:
+    except (ValueError, KeyError, StopIteration) as err:
         raise ValueError(f"quote {spec!r}: {err}") from None
-    raise ValueError(f"quote {spec!r}: unknown kind {kind!r} (cell, mean, ratio, cmp, claim, holds, meta, seeds)")
+    kinds = "cell, mean, ratio, claim, verdict, holds, kept, at, bar, meta, seeds"
+    raise ValueError(f"quote {spec!r}: unknown kind {kind!r} ({kinds})")
 
 
 def page_blocks(data: dict[str, Any], img: str = "img") -> dict[str, str]:

@@ -22,9 +22,11 @@ class ExtensionCurves:
     """What one task's figure draws.
 
     ``series[(rule, stage)][seed][length]`` is the metric's value (stage ``zero-shot``,
-    ``fine-tuned``, ``fine-tuned-covering`` or ``baseline``); ``rules`` are the RoPE rules with a zero-shot series
+    ``fine-tuned``, ``fine-tuned-covering`` or ``baseline``); ``rules`` are the RoPE rules with zero-shot records
     (one panel each, in order), ``baselines`` the encodings drawn in grey in every panel,
-    ``finetune_length[rule]`` the length each rule was fine-tuned at."""
+    ``finetune_length[rule]`` the length each rule was fine-tuned at, ``covered`` the
+    rules with a covering-factor stage. Only the seeds that kept the task are in
+    ``series``: a stage none of whose seeds kept it is not drawn."""
 
     task: str
     metric: str
@@ -34,6 +36,7 @@ class ExtensionCurves:
     baselines: list[str]
     finetune_length: dict[str, int]
     series: dict[tuple[str, str], dict[int, dict[int, float]]]
+    covered: list[str] = dataclasses.field(default_factory=list)
 
 
 def _line(ax, by_seed: dict[int, dict[int, float]], style: str, color, label: str) -> None:
@@ -57,6 +60,7 @@ def figure_task(curves: ExtensionCurves):
     ft, rules, baselines = curves.finetune_length, curves.rules, curves.baselines
     if not rules:
         raise ValueError(f"no zero-shot records of task {task!r}")
+    lengths = sorted({n for by_seed in s.values() for v in by_seed.values() for n in v} | {L, 2 * L})
     cols = min(3, len(rules))
     rows = math.ceil(len(rules) / cols)
     fig, axes = plt.subplots(
@@ -70,17 +74,24 @@ def figure_task(curves: ExtensionCurves):
         rule = rules[i]
         for j, b in enumerate(baselines):
             _line(ax, s[(b, "baseline")], ":", str(0.35 + 0.25 * j), b)
-        _line(ax, s[(rule, "zero-shot")], "-", cmap(0), "zero-shot")
+        if (rule, "zero-shot") in s:
+            _line(ax, s[(rule, "zero-shot")], "-", cmap(0), "zero-shot")
+        else:
+            ax.text(0.5, 0.5, "base runs did not\nkeep the task", transform=ax.transAxes, ha="center", fontsize=8)
         if (rule, "fine-tuned-covering") in s:
             _line(ax, s[(rule, "fine-tuned-covering")], "--", cmap(1), "fine-tuned, factor covers E")
+        if (rule, "fine-tuned") in s and rule in curves.covered:
             _line(ax, s[(rule, "fine-tuned")], "-.", cmap(2), "fine-tuned, fine-tune's factor")
-            ax.axvline(ft[rule], color=cmap(1), lw=0.8, ls=":")
-        elif (rule, "fine-tuned") in s:
+        elif (rule, "fine-tuned") in s:  # a rule without a factor (none): nothing to cover
             _line(ax, s[(rule, "fine-tuned")], "--", cmap(1), "fine-tuned, factor covers E")
+        if rule in ft:
             ax.axvline(ft[rule], color=cmap(1), lw=0.8, ls=":")
+            if (rule, "fine-tuned") not in s and (rule, "fine-tuned-covering") not in s:
+                ax.text(0.5, 0.6, "fine-tunes did not\nkeep the task", transform=ax.transAxes, ha="center", fontsize=8)
         ax.axvline(L, color="grey", lw=1, ls=":")
         ax.set_title(rule, fontsize=10)
         ax.set_xscale("log", base=2)
+        ax.set_xlim(L / 1.2, max(lengths) * 1.2)
         ax.xaxis.set_major_formatter(matplotlib.ticker.FuncFormatter(lambda v, _: f"{v:g}"))
         if metric.startswith("ppl"):
             ax.set_yscale("log")
@@ -95,7 +106,7 @@ def figure_task(curves: ExtensionCurves):
     seeds = curves.seeds
     fig.suptitle(
         f"{task}: RoPE trained at L={L}, extended by each rule ({seeds} seed{'s' if seeds > 1 else ''}; "
-        "factor covering the length E)",
+        "factor covering the length E; seeds that kept the task)",
         fontsize=10,
     )
     legend = {}
@@ -123,6 +134,7 @@ def curves_digest(curves: ExtensionCurves) -> str:
         for key, by_seed in curves.series.items()
     )
     payload["finetune_length"] = sorted(curves.finetune_length.items())
+    payload["covered"] = sorted(curves.covered)
     return numbers_digest(payload)
 
 
