@@ -24,7 +24,7 @@ import json
 from pathlib import Path
 from typing import Any
 
-from posenc.experiments.intervals import ppl_interval, rate_interval
+from posenc.experiments.intervals import fmt_interval, ppl_interval, rate_interval
 from posenc.experiments.summary import LEARNED_BAR, TableData
 
 FORMAT = 2
@@ -100,12 +100,6 @@ def interval(records: list[dict[str, Any]], key: str, n: int) -> tuple[float, fl
     if key == "exact_match":
         return rate_interval([(m["exact_hits"], m["samples"]) for m in entries])
     return ppl_interval([(m[COUNTS[key]], m["segment_tokens"]) for m in entries])
-
-
-def fmt_interval(cell: tuple[float, float, float], digits: int = 2) -> str:
-    """``estimate [lo, hi]``."""
-    est, lo, hi = cell
-    return f"{est:.{digits}f} [{lo:.{digits}f}, {hi:.{digits}f}]"
 
 
 def _cells(by_seed: dict[int, dict], total: int, key: str, lengths: list[int]) -> list[str]:

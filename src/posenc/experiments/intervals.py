@@ -80,7 +80,8 @@ def without_counts(records: list[dict[str, Any]]) -> list[str]:
     ]
 
 
-def _fmt(cell: tuple[float, float, float], digits: int) -> str:
+def fmt_interval(cell: tuple[float, float, float], digits: int = 2) -> str:
+    """``estimate [lo, hi]``: the one format of a cell with its interval."""
     est, lo, hi = cell
     return f"{est:.{digits}f} [{lo:.{digits}f}, {hi:.{digits}f}]"
 
@@ -114,7 +115,7 @@ def interval_tables(
                     )
                     for n in lengths
                 ]
-                rows.append([enc, str(len(recs)), *(_fmt(c, 2) for c in cells)])
+                rows.append([enc, str(len(recs)), *(fmt_interval(c) for c in cells)])
             title = (
                 f"{task}: perplexity with sliding windows, trained at L={L}, with {pct} intervals (block "
                 "bootstrap over runs and test segments; the chosen rate's runs)"
@@ -133,7 +134,7 @@ def interval_tables(
                 rate_interval([(m[n]["exact_hits"], m[n]["samples"]) for m in by_len], level=level, resamples=resamples)
                 for n in lengths
             ]
-            rows.append([enc, f"{len(kept)} of {len(recs)}", *(_fmt(c, 2) for c in cells)])
+            rows.append([enc, f"{len(kept)} of {len(recs)}", *(fmt_interval(c) for c in cells)])
         title = (
             f"{task}: exact match trained on 1..{L}, with {pct} intervals (runs that learned in distribution at "
             "the chosen rate; bootstrap over runs and test examples, Wilson's interval where every run scored "

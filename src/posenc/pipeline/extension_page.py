@@ -32,13 +32,13 @@ from posenc.experiments.extend_summary import (
     KEEP_BAR,
     extension_tables,
     factors_at,
-    fmt_interval,
     interval,
     past_factor_tables,
     read_extension,
     runs_by_stage,
     task_names,
 )
+from posenc.experiments.intervals import fmt_interval
 from posenc.experiments.summary import TableData, to_markdown
 from posenc.functional.rope_scaling import rope_frequencies
 from posenc.pipeline.extension import curves
