@@ -23,7 +23,7 @@ import torch
 from posenc.experiments import fast_step
 from posenc.experiments.config import config_from_dict
 from posenc.experiments.results import read_results
-from posenc.experiments.train import train_run
+from posenc.experiments.train import build_model, train_run
 
 RTOL = 1e-4
 STEPS = 20
@@ -191,3 +191,25 @@ def test_fast_step_under_ddp(tmp_path: Path) -> None:
     for rank in range(2):
         ddp = json.loads((tmp_path / f"losses{rank}.json").read_text())
         torch.testing.assert_close(torch.tensor(ddp), torch.tensor(single), rtol=RTOL, atol=0)
+
+
+def test_a_batch_of_the_buckets_width_after_a_padded_one() -> None:
+    """The first batch of a shape is padded to the bucket (contiguous), a later one is
+    exactly the bucket's width: ``batch[:, 1:]`` of ``[b, s + 1]`` tokens, strides
+    ``(s + 1, 1)``. The graph traced on the first must take the second (it raised "Cannot
+    view a tensor with shape [16, 65] and strides (66, 1)" in a copy fine-tune), and its
+    loss is the eager loss of the same batch."""
+    cfg = _config("rope")
+    model = build_model(cfg, 40, 16)
+    opt = torch.optim.AdamW(model.parameters(), lr=0.0)  # lr 0: the weights stay, so losses compare
+    step = fast_step.FastStep(model, opt, 1.0, bucket=6)
+    g = torch.Generator().manual_seed(0)
+    short = torch.randint(0, 40, (2, 5), generator=g)
+    step(short[:, :-1], short[:, 1:], None, torch.arange(6), 8)  # padded from 4 to 6
+    full = torch.randint(0, 40, (2, 7), generator=g)
+    inputs, targets = full[:, :-1], full[:, 1:]
+    assert not targets.is_contiguous()
+    loss = step(inputs, targets, None, torch.arange(6), 12)
+    with torch.no_grad():
+        eager = fast_step.masked_loss(model(inputs, torch.arange(6)), targets, None, 12)
+    assert float(loss) == pytest.approx(float(eager), rel=RTOL)

@@ -151,6 +151,11 @@ class FastStep:
             inputs, targets = F.pad(inputs, (0, pad), value=PAD), F.pad(targets, (0, pad), value=PAD)
             mask = None if mask is None else F.pad(mask, (0, pad), value=False)
             s = self.bucket
+        # A graph is traced on the strides of its first batch: a padded batch is contiguous, a
+        # batch of exactly the bucket's width is a slice of [b, s + 1] tokens (strides (s + 1, 1)),
+        # and the traced reshape is a view that fails on it. Every batch is made contiguous.
+        inputs, targets = inputs.contiguous(), targets.contiguous()
+        mask = None if mask is None else mask.contiguous()
         if positions.dim() != 1 or not torch.equal(positions, torch.arange(positions.shape[0])):
             raise ValueError("the fast step needs positions arange(s) [s]; use the reference step")
         key = (b, s, mask is None)
