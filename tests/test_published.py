@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import math
+
 from posenc.experiments.published import (
     kazemnejad_ranks,
     press_sliding_table,
@@ -12,8 +14,18 @@ from posenc.experiments.published import (
 )
 
 
+def _set(m, key, p):
+    """Metrics entry ``m`` with perplexity ``p`` under ``key`` (``ppl`` or ``ppl_sliding``):
+    two test segments of 10 tokens with the same NLL, so a bootstrap over segments is the
+    point and the intervals come from the seeds alone."""
+    m[key] = p
+    m["nll_segments" if key == "ppl" else "nll_sliding_segments"] = [10 * math.log(p)] * 2
+    m["segment_tokens"] = 10
+    return m
+
+
 def _lm(enc, seed, ppl_by_len, L=10):
-    metrics = [{"length": n, "ppl": p, "ppl_sliding": p} for n, p in ppl_by_len.items()]
+    metrics = [_set(_set({"length": n}, "ppl", p), "ppl_sliding", p) for n, p in ppl_by_len.items()]
     return {
         "run_id": f"lm{enc}{seed}",
         "task": "shakespeare",
@@ -47,9 +59,13 @@ def test_press_table_ratios_and_paper_values():
         _lm("learned", 0, {10: 5.0, 20: 50.0, 40: 60.0, 80: 70.0}),  # not in Press's table: left out
     ]
     (t,) = press_table(recs)
-    assert t.title == "Press et al. 2022 Table 2 vs shakespeare (L=10, 2 seeds): ppl(E) / ppl(L)"
-    # 2L ratios 1.0 and 1.1 -> 1.05 ± 0.07; 4L 0.9, 1.0; 8L 0.8, 1.0; ppl at L 5, 4
-    assert t.rows == [["alibi", "0.95", "1.05 ± 0.07", "0.93", "0.95 ± 0.07", "0.90 ± 0.14", "4.50 ± 0.71"]]
+    assert t.title.startswith("Press et al. 2022 Table 2 vs shakespeare (L=10, 2 seeds): ppl(E) / ppl(L), pooled")
+    # Two seeds: a pooled perplexity is the geometric mean, a bootstrap over seeds draws
+    # seed 0 twice, once each or seed 1 twice, so the 95% interval runs between the two
+    # seeds' values. 2L ratios 1.0 and 1.1: sqrt(1.1) = 1.049; 4L 0.9, 1.0; 8L 0.8, 1.0;
+    # ppl at L 5, 4: sqrt(20) = 4.47
+    want = ["1.05 [1.00, 1.10]", "0.93", "0.95 [0.90, 1.00]", "0.89 [0.80, 1.00]", "4.47 [4.00, 5.00]"]
+    assert t.rows == [["alibi", "0.95", *want]]
 
 
 def test_press_sliding_table_reads_the_sliding_perplexity():
@@ -59,9 +75,10 @@ def test_press_sliding_table_reads_the_sliding_perplexity():
     ]
     for r in recs:  # sliding: flat at 2L and 4L, one step at 8L; non-overlapping untouched
         for m in r["metrics"]:
-            m["ppl_sliding"] = {10: 2.0, 20: 2.0, 40: 2.0, 80: 3.0}[m["length"]]
+            _set(m, "ppl_sliding", {10: 2.0, 20: 2.0, 40: 2.0, 80: 3.0}[m["length"]])
     (t,) = press_sliding_table(recs)
-    assert t.rows == [["alibi", "0.95", "1.00 ± 0.00", "0.93", "1.00 ± 0.00", "1.50 ± 0.00", "2.00 ± 0.00"]]
+    flat = "1.00 [1.00, 1.00]"
+    assert t.rows == [["alibi", "0.95", flat, "0.93", flat, "1.50 [1.50, 1.50]", "2.00 [2.00, 2.00]"]]
     assert "with sliding windows" in t.title and len(published_tables(recs)) == 2
 
 
@@ -154,16 +171,17 @@ def test_randpos_on_text_pairs_seeds_and_gives_ratios():
     ]
     t = randpos_lm_table(recs)
     assert t.columns == ["task", "encoding", "seeds", "ppl at L", "2L ratio", "4L ratio"]
-    # ppl at L: plain 5, 4 -> 4.50 ± 0.71; randpos 6, 5 -> 5.50 ± 0.71
-    # 2L: plain 2.0, 1.5; randpos 1.0, 1.1. 4L: plain 4.0, 2.0; randpos 1.0, 1.2
+    # pooled over the two seeds (geometric means), intervals between the two seeds' values:
+    # ppl at L: plain 5, 4 -> sqrt(20); randpos 6, 5 -> sqrt(30)
+    # 2L: plain 2.0, 1.5 -> sqrt(3); randpos 1.0, 1.1. 4L: plain 4.0, 2.0 -> sqrt(8); randpos 1.0, 1.2
     assert t.rows == [
         [
             "shakespeare",
             "rope",
             "2",
-            "4.50 ± 0.71 → 5.50 ± 0.71",
-            "1.75 ± 0.35 → 1.05 ± 0.07",
-            "3.00 ± 1.41 → 1.10 ± 0.14",
+            "4.47 [4.00, 5.00] → 5.48 [5.00, 6.00]",
+            "1.73 [1.50, 2.00] → 1.05 [1.00, 1.10]",
+            "2.83 [2.00, 4.00] → 1.10 [1.00, 1.20]",
         ]
     ]
     assert randpos_lm_table([r for r in recs if "randpos" not in r["encoding"]]) is None

@@ -53,7 +53,7 @@ from posenc.experiments.extend_summary import (
     task_names,
     task_records,
 )
-from posenc.experiments.intervals import LEVEL
+from posenc.experiments.intervals import LEVEL, ppl_ratio_interval
 from posenc.experiments.stats import RESAMPLES, paired_ppl_draws, paired_rate_draws
 from posenc.experiments.summary import TableData
 
@@ -180,18 +180,20 @@ def orderings(data: dict[str, Any], task: str, key: str | None = None) -> list[d
     return sorted(claims, key=lambda c: (c["number"], c["length"]))
 
 
-def ratio_interval(data: dict[str, Any], task: str, key: str, rule: str, stage: str, n: int) -> dict[str, Any]:
+def ratio_interval(
+    data: dict[str, Any], task: str, key: str, rule: str, stage: str, n: int
+) -> tuple[float, float, float]:
     """Press et al.'s ratio ``ppl(n) / ppl(L)`` of one rule and stage, pooled over seeds,
-    with the paired interval of ``judge`` (``est``, ``lo``, ``hi``; ``verdict``: below 1
-    is "agrees")."""
+    with its paired interval (``intervals.ppl_ratio_interval``)."""
     if not key.startswith("ppl"):
         raise ValueError(f"a length ratio is of a perplexity (ppl, ppl_sliding), got {key!r}")
     good = runs_by_stage(data, task)
     if not good.get((rule, stage)):
         raise ValueError(f"no records of {rule!r} {stage!r} on {task!r}")
     L = task_records(data, task)[0]["train_length"]
-    terms = [[_counts(key, at_length(r, m)) for m in (n, L)] for r in good[(rule, stage)].values()]
-    return judge(key, terms, lambda x: x[:, 0] / x[:, 1], 1.0, -1)
+    return ppl_ratio_interval(
+        [(_counts(key, at_length(r, n)), _counts(key, at_length(r, L))) for r in good[(rule, stage)].values()]
+    )
 
 
 def claim_cell(c: dict[str, Any] | None) -> str:

@@ -25,7 +25,9 @@ import math
 import statistics
 from typing import Any
 
-from posenc.experiments.stats import RESAMPLES, pooled_ci, pooled_ppl_ci, wilson_ci
+import numpy as np
+
+from posenc.experiments.stats import RESAMPLES, paired_ppl_draws, pooled_ci, pooled_ppl_ci, wilson_ci
 from posenc.experiments.summary import TableData, group, is_lm, learned, selected
 
 #: The intervals' coverage.
@@ -59,6 +61,29 @@ def ppl_interval(
     tokens = sum(len(segments) * size for segments, size in runs)
     lo, hi = pooled_ppl_ci(runs, level=level, resamples=resamples, seed=0)
     return math.exp(nll / tokens), lo, hi
+
+
+def ppl_ratio_interval(
+    pairs: list[tuple[tuple[list[float], int], tuple[list[float], int]]],
+    *,
+    level: float = LEVEL,
+    resamples: int = RESAMPLES,
+) -> tuple[float, float, float]:
+    """``(estimate, lo, hi)`` of the ratio of two pooled perplexities ``a / b`` scored on
+    the same test segments (two lengths of one model, or two models): ``pairs`` is one
+    ``((nll_segments_a, segment_tokens_a), (nll_segments_b, segment_tokens_b))`` per run;
+    the interval is the paired two-stage block bootstrap of ``stats.paired_ppl_draws``
+    (the same runs and segments on both sides)."""
+    if not pairs:
+        raise ValueError("pairs must hold at least one ((nll_a, tokens_a), (nll_b, tokens_b)) per run")
+    runs = [list(pair) for pair in pairs]
+    draws = paired_ppl_draws(runs, resamples=resamples, seed=0)  # [resamples, 2]
+    pooled = [
+        sum(sum(run[i][0]) for run in runs) / sum(len(run[i][0]) * run[i][1] for run in runs) for i in (0, 1)
+    ]  # mean NLL per token of a and of b
+    tail = (1.0 - level) / 2.0
+    lo, hi = np.quantile(draws[:, 0] / draws[:, 1], [tail, 1.0 - tail])
+    return math.exp(pooled[0] - pooled[1]), float(lo), float(hi)
 
 
 #: The counts each kind of metrics entry needs for its interval.

@@ -1,4 +1,6 @@
-"""The study's results set beside three published findings, with seed spread.
+"""The study's results set beside three published findings: the text comparisons (Press, Ruoss
+on text) pooled over seeds with 95% intervals (``intervals``), the synthetic Ruoss table
+as mean ± std over seeds (token accuracy has no per-example counts for an interval).
 
 * Press et al. 2022 ("Train Short, Test Long", arXiv:2108.12409), Table 2: perplexity
   at an evaluation length E divided by the perplexity at the training length L
@@ -11,7 +13,9 @@
   longer than the training length improves accuracy past it.
 
 Each function returns ``TableData`` (``posenc.experiments.summary``) or ``None`` when the
-records lack what it needs. Nothing here is tuned to match: the paper values are
+records lack what it needs (the text tables leave out a corpus whose records lack the
+per-segment NLL of an interval, ``intervals.without_counts``, as the interval tables do).
+Nothing here is tuned to match: the paper values are
 constants for display only. Every function reads ``summary.selected(records)`` (one
 learning rate per task and encoding when the study swept it). The synthetic comparisons
 (Kazemnejad, Ruoss) use only runs that learned their task in distribution
@@ -25,6 +29,7 @@ import statistics
 from typing import Any
 
 from posenc.experiments.config import RANDPOS
+from posenc.experiments.intervals import fmt_interval, ppl_interval, ppl_ratio_interval, without_counts
 from posenc.experiments.summary import (
     LEARNED_BAR,
     Cell,
@@ -34,7 +39,6 @@ from posenc.experiments.summary import (
     is_lm,
     learned,
     mean_ranks,
-    ratio,
     selected,
 )
 
@@ -52,11 +56,14 @@ KAZEMNEJAD_ORDER: tuple[str, ...] = ("none", "t5", "alibi", "rope", "sinusoidal"
 def _press(records: list[dict[str, Any]], key: str) -> list[tuple[str, int, int, list[list[str]]]]:
     """Per language-modelling task with an encoding of ``PRESS_TABLE2``: ``(task, L,
     seeds, rows)``, each row the paper's ratios beside ours, ``key(E) / key(L)`` at 2L, 4L
-    and 8L (mean ± std over seeds), and our ``key`` at L."""
-    out = []
+    and 8L, and our ``key`` at L: perplexities pooled over the seeds with 95% intervals
+    (``intervals.ppl_ratio_interval``: paired over seeds and test segments, the same
+    segments at every length; ``intervals.ppl_interval``)."""
+    segments = {"ppl": "nll_segments", "ppl_sliding": "nll_sliding_segments"}[key]
+    out, skip = [], set(without_counts(records))
     for task, by_enc in group(selected(records)).items():
         first = next(iter(by_enc.values()))
-        if not is_lm(first) or not any(e in by_enc for e in PRESS_TABLE2):
+        if not is_lm(first) or not any(e in by_enc for e in PRESS_TABLE2) or task in skip:
             continue
         L = first[0]["train_length"]
         lengths = {m["length"] for m in first[0]["metrics"]}
@@ -66,8 +73,9 @@ def _press(records: list[dict[str, Any]], key: str) -> list[tuple[str, int, int,
             recs = by_enc.get(enc)
             if not recs:
                 continue
-            ours = {f: Cell.of([ratio(r, f * L, key=key) for r in recs]).fmt(2) for f in factors}
-            at_l = Cell.of([{m["length"]: m[key] for m in r["metrics"]}[L] for r in recs]).fmt(2)
+            by_len = [{m["length"]: (m[segments], m["segment_tokens"]) for m in r["metrics"]} for r in recs]
+            ours = {f: fmt_interval(ppl_ratio_interval([(m[f * L], m[L]) for m in by_len])) for f in factors}
+            at_l = fmt_interval(ppl_interval([m[L] for m in by_len]))
             rows.append([enc, f"{p2:g}", ours.get(2, "-"), f"{p5:g}", ours.get(4, "-"), ours.get(8, "-"), at_l])
         out.append((task, L, max(len(v) for v in by_enc.values()), rows))
     return out
@@ -78,11 +86,12 @@ _PRESS_COLUMNS = ["encoding", "paper ~2L", "ours 2L", "paper ~5L", "ours 4L", "o
 
 def press_table(records: list[dict[str, Any]]) -> list[TableData]:
     """One table per language-modelling task: the paper's ratios next to ours at 2L,
-    4L and 8L (mean ± std over seeds), non-overlapping evaluation as in the paper, and
+    4L and 8L (pooled over seeds, 95% intervals), non-overlapping evaluation as in the paper, and
     our perplexity at L."""
     return [
         TableData(
-            f"Press et al. 2022 Table 2 vs {task} (L={L}, {n} seed{'s' * (n != 1)}): ppl(E) / ppl(L)",
+            f"Press et al. 2022 Table 2 vs {task} (L={L}, {n} seed{'s' * (n != 1)}): ppl(E) / ppl(L), pooled over "
+            "seeds with 95% intervals",
             [*_PRESS_COLUMNS, "ours ppl at L"],
             rows,
         )
@@ -92,7 +101,7 @@ def press_table(records: list[dict[str, Any]]) -> list[TableData]:
 
 def press_sliding_table(records: list[dict[str, Any]]) -> list[TableData]:
     """Press et al. 2022's encodings with sliding-window evaluation, per corpus: the
-    ratio ``ppl_sliding(E) / ppl_sliding(L)`` at 2L, 4L and 8L (mean ± std over seeds)
+    ratio ``ppl_sliding(E) / ppl_sliding(L)`` at 2L, 4L and 8L (pooled, 95% intervals)
     beside the paper's non-overlapping ratios. Their appendix B reads ratios below 1 under
     non-overlapping evaluation as the early-token curse (a longer chunk has a smaller share
     of tokens with little context); sliding windows give every scored token at least
@@ -100,7 +109,8 @@ def press_sliding_table(records: list[dict[str, Any]]) -> list[TableData]:
     return [
         TableData(
             f"Press et al. 2022 Table 2 vs {task} with sliding windows (L={L}, {n} seed{'s' * (n != 1)}): "
-            "ppl_sliding(E) / ppl_sliding(L); the paper's ratios are non-overlapping",
+            "ppl_sliding(E) / ppl_sliding(L), pooled over seeds with 95% intervals; the paper's ratios are "
+            "non-overlapping",
             [*_PRESS_COLUMNS, "ours sliding ppl at L"],
             rows,
         )
@@ -180,29 +190,33 @@ def randpos_table(records: list[dict[str, Any]], key: str = "token_accuracy") ->
     cols.append("(L, 2L] +randpos at 0..s-1")
     cols.append(f"did not learn (exact match 1..L < {LEARNED_BAR})")
     return TableData(
-        f"Ruoss et al. 2023: randomized positions, {key} (+randpos scored at randomized test positions as in the "
-        "paper; gain = +randpos − plain, paired by seed; only seeds on which both runs learned in distribution)",
+        f"Ruoss et al. 2023: randomized positions, {key}, mean ± std over seeds (+randpos scored at randomized "
+        "test positions as in the paper; gain = +randpos − plain, paired by seed; only seeds on which both runs "
+        "learned in distribution)",
         cols,
         rows,
     )
 
 
-def _ppl_or_ratio(record: dict[str, Any], length: int) -> float:
-    """Perplexity at the training length, ``ppl(length) / ppl(L)`` past it."""
-    if length == record["train_length"]:
-        return {m["length"]: m["ppl"] for m in record["metrics"]}[length]
-    return ratio(record, length)
+def _ppl_or_ratio(records: list[dict[str, Any]], length: int) -> str:
+    """Perplexity at the training length, ``ppl(length) / ppl(L)`` past it, pooled over
+    ``records`` (one per seed) with the 95% interval of ``intervals``."""
+    L = records[0]["train_length"]
+    by_len = [{m["length"]: (m["nll_segments"], m["segment_tokens"]) for m in r["metrics"]} for r in records]
+    if length == L:
+        return fmt_interval(ppl_interval([m[L] for m in by_len]))
+    return fmt_interval(ppl_ratio_interval([(m[length], m[L]) for m in by_len]))
 
 
 def randpos_lm_table(records: list[dict[str, Any]]) -> TableData | None:
     """Ruoss et al. 2023's question on language modelling (the paper has only synthetic
     tasks): for every corpus and encoding trained both ways, perplexity at L and the
-    ratio ppl(E) / ppl(L) at every longer E, plain -> randpos (mean ± std over the
-    seeds that both have)."""
-    rows = []
+    ratio ppl(E) / ppl(L) at every longer E, plain -> randpos (non-overlapping, pooled
+    over the seeds that both have, with 95% intervals: ``_ppl_or_ratio``)."""
+    rows, skip = [], set(without_counts(records))
     for task, by_enc in group(selected(records)).items():
         first = next(iter(by_enc.values()))
-        if not is_lm(first):
+        if not is_lm(first) or task in skip:
             continue
         L = first[0]["train_length"]
         longer = [m["length"] for m in first[0]["metrics"] if m["length"] > L]
@@ -216,14 +230,17 @@ def randpos_lm_table(records: list[dict[str, Any]]) -> TableData | None:
                 continue
             row = [task, enc, str(len(seeds))]
             for n in (L, *longer):
-                a = Cell.of([_ppl_or_ratio(plain[s], n) for s in seeds]).fmt(2)
-                b = Cell.of([_ppl_or_ratio(rand[s], n) for s in seeds]).fmt(2)
-                row.append(f"{a} → {b}")
+                row.append(
+                    f"{_ppl_or_ratio([plain[s] for s in seeds], n)} → {_ppl_or_ratio([rand[s] for s in seeds], n)}"
+                )
             rows.append(row)
     if not rows:
         return None
     cols = ["task", "encoding", "seeds", "ppl at L", *(f"{n // L}L ratio" for n in longer)]
-    title = "Ruoss et al. 2023 on text: randomized positions, ppl at L and ppl(E) / ppl(L), plain → +randpos"
+    title = (
+        "Ruoss et al. 2023 on text: randomized positions, ppl at L and ppl(E) / ppl(L), plain → +randpos "
+        "(pooled over seeds with 95% intervals)"
+    )
     return TableData(title, cols, rows)
 
 

@@ -184,8 +184,7 @@ def quote(data: dict[str, Any], spec: str) -> str:
         if kind in ("cell", "mean", "ratio"):
             task, key, rule, stage, n = args
             if kind == "ratio":
-                r = ratio_interval(data, task, key, rule, stage, int(n))
-                return fmt_interval((r["est"], r["lo"], r["hi"]))
+                return fmt_interval(ratio_interval(data, task, key, rule, stage, int(n)))
             recs = list(_seeds(data, task, rule, stage).values())
             cell = interval(recs, key, int(n))
             return fmt_interval(cell) if kind == "cell" else f"{cell[0]:.2f}"

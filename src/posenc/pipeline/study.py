@@ -106,7 +106,7 @@ def write_study_outputs(
     if without_counts(records):
         md += [
             f"No intervals for {', '.join(without_counts(records))}: their records carry no hit counts or segment "
-            "NLLs (written by an earlier posenc).",
+            "NLLs (written by an earlier posenc); the text comparisons with the papers leave them out too.",
             "",
         ]
     compared = published_tables(records)
