@@ -293,6 +293,7 @@ def test_cli_bad_input_is_one_line(tmp_path):
         (["extend", "--rules", "none,ntk2", "--out", out], "unknown rule 'ntk2'"),
         (["extend", "--factors", "2,0", "--out", out], "factor must be >= 1"),
         (["extend", "--finetune-factor", "0", "--out", out], "finetune_factor must be >= 1"),
+        (["extend", "--finetune-lr", "0", "--out", out], "finetune lr must be > 0"),
         (["extend", "--checkpoint", str(tmp_path / "missing.pt"), "--out", out], "does not exist"),
         (["extend", "--checkpoint", str(not_rope), "--out", out], "extend needs a rope model"),
         (["extend", "--preset", "huge", "--out", out], "unknown preset 'huge'"),
@@ -377,3 +378,15 @@ def test_a_tie_is_not_agreement():
     tables = ordering_tables({"records": records})  # by ppl and by ppl_sliding (the same values here)
     assert [t.title.split(" by ")[1].split(":")[0] for t in tables] == ["ppl", "ppl_sliding"]
     assert all("0/1, 1 tied" in " ".join(" ".join(row) for row in t.rows) for t in tables)
+
+
+def test_finetune_settings_override_the_presets_budget():
+    from posenc.experiments.extend import PRESETS, finetune_settings
+
+    preset = PRESETS["quick"][2]
+    assert finetune_settings("quick") == preset
+    tuned = finetune_settings("quick", factor=2, steps=1000, lr=3e-4)
+    assert (tuned.factor, tuned.steps, tuned.lr, tuned.warmup) == (2, 1000, 3e-4, preset.warmup)
+    assert finetune_settings("quick", steps=0) is None
+    with pytest.raises(ValueError, match="finetune lr must be > 0"):
+        finetune_settings("quick", lr=-1e-3)

@@ -410,6 +410,7 @@ def extend(
     factors: str = typer.Option("2,4,8", "--factors", help="evaluation lengths as multiples of L (integers >= 1)"),
     finetune_factor: int = typer.Option(None, "--finetune-factor", help="fine-tune at this multiple of L"),
     finetune_steps: int = typer.Option(None, "--finetune-steps", help="fine-tuning steps per rule (0: no fine-tune)"),
+    finetune_lr: float = typer.Option(None, "--finetune-lr", help="fine-tuning learning rate (default: the preset's)"),
     baselines: str = typer.Option("alibi,t5", "--baselines", help="comma-separated non-RoPE encodings ('' for none)"),
     out: str = typer.Option("runs/extend", "--out", help="output folder"),
     base_dir: str = typer.Option(None, "--base-dir", help="where base runs are trained/reused (default `<out>/base`)"),
@@ -422,7 +423,7 @@ def extend(
     from posenc.pipeline.extension import all_tables, write_extension_outputs
 
     try:
-        finetune = finetune_settings(preset, factor=finetune_factor, steps=finetune_steps)
+        finetune = finetune_settings(preset, factor=finetune_factor, steps=finetune_steps, lr=finetune_lr)
         command = " ".join(["posenc", *map(shlex.quote, sys.argv[1:])]) if "extend" in sys.argv else "posenc extend"
         request = dict(
             rules=tuple(csv(rules)),

@@ -155,9 +155,12 @@ PRESETS: dict[str, tuple[dict[str, dict], tuple[int, ...], Finetune]] = {
 }
 
 
-def finetune_settings(preset: str, *, factor: int | None = None, steps: int | None = None) -> Finetune | None:
-    """The preset's fine-tuning budget with ``factor``/``steps`` overridden; ``steps=0``
-    means no fine-tuning (``None``). Unknown presets and negative steps are refused."""
+def finetune_settings(
+    preset: str, *, factor: int | None = None, steps: int | None = None, lr: float | None = None
+) -> Finetune | None:
+    """The preset's fine-tuning budget with ``factor``/``steps``/``lr`` overridden;
+    ``steps=0`` means no fine-tuning (``None``). Unknown presets, negative steps and a
+    learning rate that is not positive are refused (``Finetune`` checks the values)."""
     if preset not in PRESETS:
         raise ValueError(
             f"unknown preset {preset!r}; available: {sorted(PRESETS)}{did_you_mean(preset, sorted(PRESETS))}"
@@ -167,7 +170,12 @@ def finetune_settings(preset: str, *, factor: int | None = None, steps: int | No
     if steps == 0:
         return None
     base = PRESETS[preset][2]
-    return dataclasses.replace(base, factor=base.factor if factor is None else factor, steps=steps or base.steps)
+    return dataclasses.replace(
+        base,
+        factor=base.factor if factor is None else factor,
+        steps=steps or base.steps,
+        lr=base.lr if lr is None else lr,
+    )
 
 
 def plan_base(
