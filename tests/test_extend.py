@@ -375,6 +375,8 @@ def test_a_tie_is_not_agreement():
     got = {c["claim"][:2]: c for c in orderings({"records": records}, "t")}
     assert (got["1."]["holds"], got["1."]["ties"], got["1."]["verdict"]) == (0, 1, "undecided")
     assert (got["5."]["holds"], got["5."]["ties"], got["5."]["verdict"]) == (0, 1, "undecided")
+    # claim 4: direct extrapolation lost nothing at 2L, so there is no gap to recover
+    assert (got["4."]["holds"], got["4."]["verdict"]) == (0, "undecided") and math.isnan(got["4."]["lo"])
     tables = ordering_tables({"records": records})  # by ppl and by ppl_sliding (the same values here)
     assert [t.title.split(" by ")[1].split(":")[0] for t in tables] == ["ppl", "ppl_sliding"]
     assert all("0/1, 1 tied" in " ".join(" ".join(row) for row in t.rows) for t in tables)

@@ -68,7 +68,6 @@ CLAIMS = {
     6: "6. YaRN extrapolates past its fine-tuning length (factor covering E: better at E than at fine-tuning length)",
     7: "7. PI fine-tuning extends retrieval faster than direct fine-tuning (linear fine-tuned better than none)",
 }
-VERDICTS = ("agrees", "disagrees", "undecided", "not judged")
 
 
 def _counts(key: str, m: dict[str, Any]) -> tuple:
@@ -106,8 +105,7 @@ def judge(
     with np.errstate(divide="ignore", invalid="ignore"):  # a recovery with no gap to recover is nan
         est = float(stat(_pooled(key, terms)[None, :])[0])
         effect = stat(_draws(key, terms))
-    effect = effect[np.isfinite(effect)]
-    if len(effect) < len(terms) or not np.isfinite(est):  # a recovery with no gap to recover
+    if not np.isfinite(effect).all() or not np.isfinite(est):  # some draw has no gap to recover
         return {"est": est, "lo": float("nan"), "hi": float("nan"), "verdict": "undecided"}
     tail = (1.0 - LEVEL) / 2.0
     lo, hi = (float(x) for x in np.quantile(effect, [tail, 1.0 - tail]))
