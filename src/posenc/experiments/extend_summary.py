@@ -24,7 +24,7 @@ import json
 from pathlib import Path
 from typing import Any
 
-from posenc.experiments.intervals import fmt_interval, ppl_interval, rate_interval
+from posenc.experiments.intervals import SEGMENTS, fmt_interval, ppl_interval, rate_interval
 from posenc.experiments.summary import LEARNED_BAR, TableData
 
 FORMAT = 2
@@ -34,7 +34,7 @@ STAGES = ("zero-shot", "fine-tuned", "fine-tuned-covering", "baseline")
 #: Exact match at ``L`` a synthetic record needs to count (``summary.LEARNED_BAR``).
 KEEP_BAR = LEARNED_BAR
 #: Per metric, the counts its interval is computed from.
-COUNTS = {"ppl": "nll_segments", "ppl_sliding": "nll_sliding_segments", "exact_match": "exact_hits"}
+COUNTS = {**SEGMENTS, "exact_match": "exact_hits"}
 
 
 def primary_metric(data: dict[str, Any], task: str) -> str:

@@ -86,6 +86,8 @@ def ppl_ratio_interval(
     return math.exp(pooled[0] - pooled[1]), float(lo), float(hi)
 
 
+#: Per perplexity metric, the metrics entry's per-segment NLLs it is computed from.
+SEGMENTS = {"ppl": "nll_segments", "ppl_sliding": "nll_sliding_segments"}
 #: The counts each kind of metrics entry needs for its interval.
 _COUNTS = {"lm": ("nll_sliding_segments", "segment_tokens"), "synthetic": ("exact_hits", "samples")}
 

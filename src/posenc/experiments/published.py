@@ -29,7 +29,7 @@ import statistics
 from typing import Any
 
 from posenc.experiments.config import RANDPOS
-from posenc.experiments.intervals import fmt_interval, ppl_interval, ppl_ratio_interval, without_counts
+from posenc.experiments.intervals import SEGMENTS, fmt_interval, ppl_interval, ppl_ratio_interval, without_counts
 from posenc.experiments.summary import (
     LEARNED_BAR,
     Cell,
@@ -59,7 +59,7 @@ def _press(records: list[dict[str, Any]], key: str) -> list[tuple[str, int, int,
     and 8L, and our ``key`` at L: perplexities pooled over the seeds with 95% intervals
     (``intervals.ppl_ratio_interval``: paired over seeds and test segments, the same
     segments at every length; ``intervals.ppl_interval``)."""
-    segments = {"ppl": "nll_segments", "ppl_sliding": "nll_sliding_segments"}[key]
+    segments = SEGMENTS[key]
     out, skip = [], set(without_counts(records))
     for task, by_enc in group(selected(records)).items():
         first = next(iter(by_enc.values()))
